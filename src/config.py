@@ -1,0 +1,134 @@
+"""Typed config schemas for every Hydra group, registered in Hydra's ConfigStore.
+
+Each YAML option in conf/<group>/ extends the schema of its group, so a typo in a
+key or a wrong type fails at compose time. Entry points convert the composed
+DictConfig to these dataclasses (`to_object`); code below them sees typed objects.
+
+Usage: from src.config import register_configs, to_object
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cpu"
+    depth: int = 4  # transformer blocks; the one dial widths derive from
+    aspect_ratio: int = 64  # width = depth * aspect_ratio, rounded up to head_dim
+    head_dim: int = 64  # channels per attention head
+    n_kv_head: Optional[int] = None  # key/value heads (GQA); None = same as query heads
+    sequence_len: int = 256  # context length in tokens
+    window_pattern: str = "SSSL"  # per-layer attention window: S = half context, L = full; last layer always L
+    value_embeds: bool = True  # value embeddings on alternating layers (the last always)
+    ve_gate_channels: int = 32  # channels of x read by the value-embedding gate
+    softcap: float = 15.0  # logits soft-cap (tanh); 0 disables
+    activation: str = "relu2"  # MLP activation: relu2 | gelu | silu
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * width
+    rope_base: float = 10000.0
+    x0_init: float = 0.1  # initial value of the per-layer x0 skip scalars
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "muon"  # muon (Muon for matrices + AdamW for the rest) | adamw (AdamW for all)
+    matrix_lr: float = 0.04  # transformer matrices (Muon, or AdamW when name=adamw)
+    embedding_lr: float = 0.6  # token + value embeddings (AdamW)
+    unembedding_lr: float = 0.004  # lm_head (AdamW)
+    scalar_lr: float = 0.5  # per-layer residual / x0 scalars (AdamW)
+    weight_decay: float = 0.2  # matrices only; decays linearly to 0 over the budget
+    adam_betas: List[float] = field(default_factory=lambda: [0.8, 0.95])
+    adam_eps: float = 1e-10
+    momentum_start: float = 0.85  # Muon Nesterov momentum at step 0
+    momentum_end: float = 0.95  # ... reached after momentum_warmup_steps
+    momentum_warmup_steps: int = 300
+    ns_steps: int = 5  # Polar Express orthogonalization iterations
+    muon_beta2: float = 0.95  # NorMuon second-moment EMA
+    warmup_ratio: float = 0.0  # share of the budget spent ramping the LR up
+    warmdown_ratio: float = 0.5  # share of the budget at the end ramping the LR down
+    final_lr_frac: float = 0.0  # LR multiplier reached at the end of warmdown
+
+
+@dataclass
+class BatchConfig:
+    name: str = "cpu"
+    total_tokens: int = 8192  # tokens per optimizer step
+    device_tokens: int = 8192  # tokens per forward/backward (device step); grad accumulation derived
+
+
+@dataclass
+class DeviceConfig:
+    type: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32 (autocast dtype for matmuls)
+    compile: str = "auto"  # auto (cuda only) | true | false
+    peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; None = look up or measure once
+    threads: Optional[int] = None  # torch intra-op threads on CPU; None = torch default
+
+
+@dataclass
+class DataConfig:
+    name: str = "shakespeare"  # shakespeare | text | climbmix | tinystories
+    tokenizer: str = "byte"  # byte | bpe
+    vocab_size: int = 257  # byte: 256 bytes + <|bos|>; bpe: trained vocabulary size
+    cache_dir: str = "~/.cache/overnight"  # prepared shards, tokenizer and manifest live under here
+    paths: List[str] = field(default_factory=list)  # data=text: .txt files or folders
+    val_fraction: float = 0.1  # data=text: share of bytes (whole documents) held out
+    base_url: str = ""  # hub datasets: where the parquet shards are downloaded from
+    train_shards: int = 1  # hub datasets: number of training shards to fetch
+    val_shard: Optional[int] = None  # hub datasets: the pinned validation shard index
+    text_column: str = "text"  # hub datasets: parquet column holding the document text
+    bpe_train_bytes: int = 200_000_000  # cap on text fed to BPE training
+    eval_tokens: Optional[int] = None  # tokens of the val split scored by val_bpb; None = the full split
+    retries: int = 5  # download attempts per file
+    timeout: float = 60.0  # seconds per HTTP request
+
+
+@dataclass
+class BudgetConfig:
+    mode: str = "time"  # time | tokens
+    seconds: float = 120.0  # training seconds (mode=time); warm-up steps are not counted
+    tokens: int = 2_000_000  # training tokens (mode=tokens): a deterministic run
+    warmup_steps: int = 3  # first optimizer steps, not counted (allocator, compile)
+    max_nan_loss: float = 50.0  # a loss above this (or NaN/inf) fails the run fast
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    seed: int = 42
+    dry_run: bool = False  # print the derived model and exit, touching no data
+    eval_batch_tokens: int = 65536  # tokens per evaluation forward pass
+    progress: bool = True  # progress bar over the budget
+
+
+GROUPS = {
+    "model": ModelConfig,
+    "optimizer": OptimizerConfig,
+    "batch": BatchConfig,
+    "device": DeviceConfig,
+    "data": DataConfig,
+    "budget": BudgetConfig,
+}
+
+
+def register_configs() -> None:
+    """Register every group schema (as `<group>/schema`) and the train schema."""
+    cs = ConfigStore.instance()
+    for group, schema in GROUPS.items():
+        cs.store(group=group, name="schema", node=schema)
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+def to_object(cfg: DictConfig, schema: Any = TrainConfig) -> Any:
+    """Convert a composed DictConfig to its dataclass, validating it against `schema`."""
+    merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    return OmegaConf.to_object(merged)

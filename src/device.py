@@ -1,0 +1,145 @@
+"""The one place that decides device, autocast dtype, compilation and peak FLOP/s.
+
+`auto` picks cuda > mps > cpu. On CPU, bf16 autocast is chosen only when a quick
+matmul probe shows the CPU's bf16 units beat fp32 (AMX, AVX512-BF16). Peak FLOP/s for
+MFU comes from the config, a table of known GPUs, or a one-time measurement cached
+under the data cache dir.
+
+Usage: rt = resolve(cfg.device); with rt.autocast(): loss = model(x, y)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from src.config import DeviceConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+GPU_PEAK_BF16 = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                 "4090": 165e12, "3090": 71e12, "B200": 2250e12}
+PROBE_CACHE = Path(os.environ.get("OVERNIGHT_CACHE", "~/.cache/overnight")).expanduser() / "device_probe.json"
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype for matmuls (fp32 = no autocast)
+    compile: bool
+    peak_flops: float  # FLOP/s at `dtype`, for MFU
+    name: str  # human-readable device name
+
+    @property
+    def dtype_name(self) -> str:
+        return {v: k for k, v in DTYPES.items()}[self.dtype]
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+
+    def reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_memory_mb(self) -> float:
+        """Peak memory of the run: CUDA allocator peak, MPS driver allocation, or CPU process max RSS."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20
+        if self.device.type == "mps":
+            return torch.mps.driver_allocated_memory() / 2**20
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss / (2**20 if platform.system() == "Darwin" else 2**10)
+
+
+def pick_device(kind: str) -> torch.device:
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device.type={kind!r}; expected auto, cpu, cuda or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but torch sees no CUDA GPU; use device=auto or device=cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device=mps was asked for but this torch build has no MPS backend; use device=auto or device=cpu")
+    return torch.device(kind)
+
+
+def _matmul_flops(dtype: torch.dtype, n: int = 1024, reps: int = 6) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def cpu_probe() -> dict:
+    """Measured CPU matmul FLOP/s for fp32 and bf16, cached per CPU, thread count and torch version."""
+    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}"
+    try:
+        cached = json.loads(PROBE_CACHE.read_text())
+        if cached.get("key") == key:
+            return cached
+    except (OSError, ValueError):
+        pass
+    probe = {"key": key, "fp32": _matmul_flops(torch.float32), "bf16": _matmul_flops(torch.bfloat16)}
+    try:
+        PROBE_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = PROBE_CACHE.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(probe))
+        tmp.replace(PROBE_CACHE)
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+    return probe
+
+
+def resolve(cfg: DeviceConfig) -> Runtime:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.type)
+    if cfg.dtype not in ("auto", *DTYPES):
+        raise ValueError(f"device.dtype={cfg.dtype!r}; expected auto, bf16, fp16 or fp32")
+    if cfg.compile not in ("auto", "true", "false"):
+        raise ValueError(f"device.compile={cfg.compile!r}; expected auto, true or false")
+    compile_ = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
+    probe = None
+    if device.type == "cpu":
+        probe = cpu_probe() if (cfg.dtype == "auto" or cfg.peak_flops is None) else None
+        dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (
+            torch.bfloat16 if probe["bf16"] > 1.2 * probe["fp32"] else torch.float32)
+        name = platform.processor() or platform.machine() or "cpu"
+    elif device.type == "cuda":
+        dtype = DTYPES["bf16" if cfg.dtype == "auto" and torch.cuda.is_bf16_supported() else
+                       ("fp16" if cfg.dtype == "auto" else cfg.dtype)]
+        name = torch.cuda.get_device_name(device)
+    else:  # mps: bf16 autocast (macOS 14+); fp16 would need a grad scaler
+        dtype = DTYPES["bf16" if cfg.dtype == "auto" else cfg.dtype]
+        name = "mps"
+    peak = cfg.peak_flops
+    if peak is None:
+        if device.type == "cpu":
+            peak = probe["bf16" if dtype == torch.bfloat16 else "fp32"]
+        elif device.type == "cuda":
+            peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 0.0)
+        else:
+            peak = 0.0  # unknown: MFU is reported as 0 unless device.peak_flops is set
+    return Runtime(device=device, dtype=dtype, compile=compile_, peak_flops=float(peak), name=name)

@@ -1,0 +1,229 @@
+"""The GPT: the reference architecture of karpathy/autoresearch, one readable file.
+
+RoPE, QK-norm, weightless RMSNorm, ReLU^2 MLP, untied embeddings, value embeddings on
+alternating layers (gated per head), per-layer residual and x0 scalars, tanh-capped
+logits, and a sliding-window pattern honoured on every device through SDPA masks.
+This file is part of the editable research surface.
+
+Usage: model = GPT(GPTConfig.from_model_config(cfg.model, vocab_size)); loss = model(x, y)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from src.config import ModelConfig
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    n_embd: int
+    head_dim: int
+    sequence_len: int
+    window_pattern: str = "SSSL"
+    value_embeds: bool = True
+    ve_gate_channels: int = 32
+    softcap: float = 15.0
+    activation: str = "relu2"
+    mlp_ratio: int = 4
+    rope_base: float = 10000.0
+    x0_init: float = 0.1
+
+    @classmethod
+    def from_model_config(cls, m: ModelConfig, vocab_size: int) -> "GPTConfig":
+        """Derive widths and heads from the knobs: width = depth * aspect_ratio rounded up to head_dim."""
+        width = math.ceil(m.depth * m.aspect_ratio / m.head_dim) * m.head_dim
+        n_head = width // m.head_dim
+        n_kv_head = m.n_kv_head or n_head
+        if n_head % n_kv_head:
+            raise ValueError(f"model.n_kv_head={n_kv_head} must divide the {n_head} query heads (width {width} / head_dim {m.head_dim})")
+        if m.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation={m.activation!r}; expected one of {sorted(ACTIVATIONS)}")
+        if not m.window_pattern or set(m.window_pattern.upper()) - set("SL"):
+            raise ValueError(f"model.window_pattern={m.window_pattern!r}; expected letters S (half context) and L (full)")
+        return cls(vocab_size=vocab_size, n_layer=m.depth, n_head=n_head, n_kv_head=n_kv_head,
+                   n_embd=width, head_dim=m.head_dim, sequence_len=m.sequence_len,
+                   window_pattern=m.window_pattern.upper(), value_embeds=m.value_embeds,
+                   ve_gate_channels=m.ve_gate_channels, softcap=m.softcap, activation=m.activation,
+                   mlp_ratio=m.mlp_ratio, rope_base=m.rope_base, x0_init=m.x0_init)
+
+    def window_sizes(self) -> list[int]:
+        """Attention window per layer in tokens; the last layer always sees the full context."""
+        sizes = {"L": self.sequence_len, "S": self.sequence_len // 2}
+        out = [sizes[self.window_pattern[i % len(self.window_pattern)]] for i in range(self.n_layer)]
+        out[-1] = self.sequence_len
+        return out
+
+    def has_ve(self, layer: int) -> bool:
+        """Value embeddings on alternating layers, the last one always included."""
+        return self.value_embeds and layer % 2 == (self.n_layer - 1) % 2
+
+
+ACTIVATIONS = {
+    "relu2": lambda x: F.relu(x).square(),
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2  # x: (B, T, H, D); rotate the two halves
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        C = config.n_embd
+        self.c_q = nn.Linear(C, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+        self.ve_gate_channels = config.ve_gate_channels
+        self.ve_gate = nn.Linear(config.ve_gate_channels, self.n_kv_head, bias=False) if config.has_ve(layer) else None
+
+    def forward(self, x, ve, cos_sin, mask):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # mix the value embedding into V through a per-head gate in (0, 2)
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate_channels]))  # (B, T, n_kv_head)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = cos_sin
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if self.n_kv_head != self.n_head:
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_ratio * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.mlp_ratio * config.n_embd, config.n_embd, bias=False)
+        self.act = ACTIVATIONS[config.activation]
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos_sin, mask):
+        x = x + self.attn(norm(x), ve, cos_sin, mask)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.window_sizes = config.window_sizes()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        kv_dim = config.n_kv_head * config.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
+                                           for i in range(config.n_layer) if config.has_ve(i)})
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), config.x0_init))
+        cos, sin = self._rotary(config.sequence_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self._masks: dict = {}
+
+    def _rotary(self, seq_len: int, device=None):
+        hd = self.config.head_dim
+        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        s = 3**0.5 * self.config.n_embd**-0.5  # uniform bound with std 1/sqrt(width)
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)  # every block starts as the identity
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(self.config.x0_init)
+        self.cos, self.sin = self._rotary(self.config.sequence_len, self.wte.weight.device)
+
+    def _mask(self, T: int, window: int, device) -> torch.Tensor | None:
+        """None for plain causal attention, else a boolean (T, T) sliding-window mask (True = attend)."""
+        if window >= T:
+            return None
+        key = (T, window, str(device))
+        if key not in self._masks:
+            i = torch.arange(T, device=device)
+            d = i[:, None] - i[None, :]  # query minus key position
+            self._masks[key] = (d >= 0) & (d < window)
+        return self._masks[key]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        B, T = idx.shape
+        cos_sin = self.cos[:, :T], self.sin[:, :T]
+        x = norm(self.wte(idx))  # (B, T, C)
+        x0 = x
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos_sin, self._mask(T, self.window_sizes[i], idx.device))
+        logits = self.lm_head(norm(x)).float()  # (B, T, vocab)
+        if self.config.softcap > 0:
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
+        return loss.view(B, T) if reduction == "none" else loss
+
+    def param_counts(self) -> dict[str, int]:
+        groups = {
+            "wte": self.wte.weight.numel(),
+            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
+            "lm_head": self.lm_head.weight.numel(),
+            "transformer_matrices": sum(p.numel() for p in self.blocks.parameters()),
+            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
+        }
+        groups["total"] = sum(groups.values())
+        return groups
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention."""
+        c = self.param_counts()
+        dense = c["total"] - c["wte"] - c["value_embeds"] - c["scalars"]
+        T = self.config.sequence_len
+        attn = sum(12 * self.config.n_head * self.config.head_dim * min(w, T) for w in self.window_sizes)
+        return 6 * dense + attn
