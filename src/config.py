@@ -94,6 +94,22 @@ class BudgetConfig:
     tokens: int = 2_000_000  # training tokens (mode=tokens): a deterministic run
     warmup_steps: int = 3  # first optimizer steps, not counted (allocator, compile)
     max_nan_loss: float = 50.0  # a loss above this (or NaN/inf) fails the run fast
+    stall_factor: float = 5.0  # a step slower than stall_factor x the running median step time is a stall
+    stall_window: int = 50  # steps in the running median
+    stall_max_share: float = 0.25  # stalled seconds above this share of the budget mark the run `stalled`
+    wall_factor: float = 3.0  # hard ceiling: training stops after seconds * wall_factor + wall_grace wall seconds
+    wall_grace: float = 60.0
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True  # log the run to MLflow
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlruns/mlflow.db
+    experiment: str = "overnight"  # MLflow experiment name
+    run_name: Optional[str] = None
+    parent_run_id: Optional[str] = None  # nest this run under a parent (sweeps, research sessions)
+    strict: bool = False  # refuse to train when the tracking server cannot be reached
+    flush_every_s: float = 10.0  # buffered per-step metrics are sent at most this often
 
 
 @dataclass
@@ -104,6 +120,7 @@ class TrainConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 42
     dry_run: bool = False  # print the derived model and exit, touching no data
     eval_batch_tokens: int = 65536  # tokens per evaluation forward pass

@@ -89,7 +89,7 @@ def train_loop(model, opt, batches, clock: BudgetClock, cfg: TrainConfig, rt: Ru
     timed = cfg.budget.mode == "time"
     bar = tqdm(total=cfg.budget.seconds if timed else cfg.budget.tokens, unit="s" if timed else "tok",
                desc="train", disable=not cfg.progress, mininterval=1.0 if sys.stderr.isatty() else 10.0,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit} [{elapsed}<{remaining}{postfix}]")
+               unit_scale=not timed)
     model.train()
     while not clock.done:
         t0 = time.perf_counter()
