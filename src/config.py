@@ -8,6 +8,7 @@ Usage: from src.config import register_configs, to_object
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -74,7 +75,8 @@ class DataConfig:
     name: str = "shakespeare"  # shakespeare | text | climbmix | tinystories
     tokenizer: str = "byte"  # byte | bpe
     vocab_size: int = 257  # byte: 256 bytes + <|bos|>; bpe: trained vocabulary size
-    cache_dir: str = "~/.cache/overnight"  # prepared shards, tokenizer and manifest live under here
+    # prepared shards, tokenizer and manifest; $OVERNIGHT_CACHE overrides the default
+    cache_dir: str = field(default_factory=lambda: os.environ.get("OVERNIGHT_CACHE", "~/.cache/overnight"))
     paths: List[str] = field(default_factory=list)  # data=text: .txt files or folders
     val_fraction: float = 0.1  # data=text: share of bytes (whole documents) held out
     base_url: str = ""  # hub datasets: where the parquet shards are downloaded from
