@@ -151,3 +151,92 @@ def to_object(cfg: DictConfig, schema: Any = TrainConfig) -> Any:
     """Convert a composed DictConfig to its dataclass, validating it against `schema`."""
     merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
     return OmegaConf.to_object(merged)
+
+
+# ---------------------------------------------------------------------------- the research loop
+# python -m src.search: conf/search.yaml composes the train groups (the baseline) plus the
+# groups below. Agents extend AgentConfig with their own knobs (one schema per agent module).
+
+
+@dataclass
+class AgentConfig:
+    name: str = "tpe"  # module under src/agents/ (random and tpe share src/agents/tpe.py)
+    seed: int = 0  # the agent's own randomness (which proposals), never the training seed
+
+
+@dataclass
+class OptunaAgentConfig(AgentConfig):
+    sampler: str = "tpe"  # tpe | random
+    n_startup_trials: int = 4  # TPE: random proposals before the density model takes over
+    multivariate: bool = True  # TPE: model the knobs jointly (they interact: LR x batch)
+    tell_baseline: bool = True  # give the baseline's knob values and val_bpb to the sampler as trial 0
+
+
+@dataclass
+class ReplayAgentConfig(AgentConfig):
+    file: str = ""  # YAML (a list, or {proposals: [...]}) or JSONL of proposals; relative to the cwd
+
+
+@dataclass
+class KnobConfig:
+    key: str = ""  # dotted train config key, e.g. optimizer.matrix_lr
+    type: str = "float"  # float | int | choice | same_as
+    low: Optional[float] = None  # float/int: inclusive range
+    high: Optional[float] = None
+    log: bool = False  # float/int: sample on a log scale
+    step: Optional[float] = None  # float/int: grid spacing
+    choices: Optional[List[Any]] = None  # choice: the allowed values
+    same_as: Optional[str] = None  # same_as: copy the value another knob got (batch.device_tokens = total)
+
+
+@dataclass
+class SearchSpaceConfig:
+    name: str = "cpu"
+    knobs: List[KnobConfig] = field(default_factory=list)
+
+
+@dataclass
+class SearchConfig:
+    tag: Optional[str] = None  # session name; None = today's date (nov26, then nov26b, ...)
+    resume: bool = False  # continue the session `tag` (after Ctrl-C, a crash or kill -9)
+    max_experiments: int = 10  # experiments that run (baseline and invalid proposals not counted)
+    max_hours: float = 8.0  # wall-clock limit of this invocation; no experiment starts after it
+    baseline_repeats: int = 2  # baseline runs measuring the noise floor
+    noise_sigmas: float = 2.0  # keep only if val_bpb < best - max(noise_sigmas * sigma, min_delta)
+    min_delta: float = 0.002  # smallest improvement (val_bpb) ever kept, whatever sigma says
+    confirm: bool = False  # re-run a would-be keep; keep only if the mean of both still wins
+    stall_retries: int = 1  # a run marked `stalled` is re-run this many times
+    timeout_factor: float = 3.0  # hard kill after budget.seconds * timeout_factor + timeout_grace_s
+    timeout_grace_s: float = 180.0  # startup, evaluation and slack (seconds)
+    timeout_s: Optional[float] = None  # explicit hard timeout per run; None = the formula (tokens mode: from the baseline)
+    editable: List[str] = field(default_factory=lambda: ["src/model.py", "src/optim.py"])  # files a patch may touch (globs)
+    override_roots: List[str] = field(default_factory=lambda: ["model", "optimizer", "batch"])  # keys a proposal may override
+    max_invalid_in_row: int = 10  # stop when the agent keeps proposing invalid changes
+    preflight: bool = True  # dry-run each candidate (compose + build the model on the meta device) before its run
+    repo: Optional[str] = None  # git checkout the session branches from; None = this project's checkout
+    root: Optional[str] = None  # where sessions live; None = <repo>/outputs/research
+    base: str = "HEAD"  # commit the research branch starts from (uncommitted changes are not included)
+    env_strip: List[str] = field(default_factory=lambda: ["ANTHROPIC_API_KEY", "*_API_KEY", "*TOKEN*", "*SECRET*",
+                                                          "*PASSWORD*"])  # env vars the run never sees
+    env_keep: List[str] = field(default_factory=list)  # exceptions to env_strip (e.g. MLFLOW_TRACKING_TOKEN)
+    progress: bool = True  # progress bar over experiments
+
+
+@dataclass
+class SearchAppConfig(TrainConfig):
+    search: SearchConfig = field(default_factory=SearchConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    search_space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
+
+
+AGENT_SCHEMAS = {"optuna": OptunaAgentConfig, "replay": ReplayAgentConfig}
+
+
+def register_search_configs() -> None:
+    """Register the train schemas plus the research loop's (`search_schema`, `agent/<kind>_schema`, ...)."""
+    register_configs()
+    cs = ConfigStore.instance()
+    for kind, schema in AGENT_SCHEMAS.items():
+        cs.store(group="agent", name=f"{kind}_schema", node=schema)
+    cs.store(group="search_space", name="schema", node=SearchSpaceConfig)
+    cs.store(name="search_schema", node=SearchAppConfig)

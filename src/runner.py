@@ -1,0 +1,188 @@
+"""Runs one experiment: `python -m src.train <overrides>` as a subprocess in the session's worktree.
+
+The run gets its own Hydra output dir (summary.json, run.log, .hydra/), its own process group
+(so a timeout or Ctrl-C stops it and anything it started), and an environment without secrets
+(API keys, tokens, passwords). On Linux it also dies with the search process (PR_SET_PDEATHSIG),
+so a kill -9 of the search leaves no orphan training in the background.
+
+Usage: outcome = Runner(worktree, strip=[...]).run(overrides, run_dir, timeout_s=270)
+"""
+from __future__ import annotations
+
+import ctypes
+import fnmatch
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+FAILED = ("crash", "nan", "timeout", "killed", "stalled", "interrupted")
+DEFAULT_STRIP = ("ANTHROPIC_API_KEY", "*_API_KEY", "*TOKEN*", "*SECRET*", "*PASSWORD*")
+ALWAYS_STRIP = ("MLFLOW_RUN_ID",)  # would attach the child to whatever run the parent has open
+
+
+@dataclass
+class Outcome:
+    status: str  # the run's status: ok | nan | crash | killed | timeout | stalled (train's) | interrupted (ours)
+    run_dir: Path
+    summary: dict = field(default_factory=dict)
+    returncode: Optional[int] = None
+    wall_seconds: float = 0.0
+    log_tail: str = ""  # last lines of the run's output, kept for crashes
+    note: str = ""  # why the runner decided the status (timeout after N s, no summary.json, ...)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def val_bpb(self) -> Optional[float]:
+        v = self.summary.get("val_bpb")
+        return float(v) if isinstance(v, (int, float)) and v == v else None
+
+    @property
+    def error_line(self) -> str:
+        """One line saying why the run failed: the note, the summary's error, or the last traceback line."""
+        if self.note:
+            return self.note
+        if self.summary.get("error"):
+            return str(self.summary["error"]).splitlines()[0][:300]
+        lines = [ln.strip() for ln in self.log_tail.splitlines() if ln.strip()]
+        for ln in reversed(lines):
+            if "Error" in ln or "Exception" in ln or ln.startswith("raise"):
+                return ln[:300]
+        return lines[-1][:300] if lines else f"exit code {self.returncode}"
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C (or SIGTERM) arrived during a run; the run was stopped. Carries its outcome."""
+
+    def __init__(self, outcome: Outcome):
+        super().__init__("interrupted")
+        self.outcome = outcome
+
+
+def clean_env(environ: dict, strip=DEFAULT_STRIP, keep=()) -> dict:
+    """A copy of `environ` without variables whose name matches a strip pattern (case-insensitive)."""
+    pats = [p.upper() for p in (*strip, *ALWAYS_STRIP)]
+    keep = {k.upper() for k in keep}
+    return {k: v for k, v in environ.items()
+            if k.upper() in keep or not any(fnmatch.fnmatchcase(k.upper(), p) for p in pats)}
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec (Linux only)
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def alive(pid: Optional[int]) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(pid: int, grace_s: float = 15.0, proc: Optional[subprocess.Popen] = None) -> None:
+    """SIGINT the process group (train records itself as killed), then SIGKILL whatever is left.
+
+    proc: the Popen when the run is our child (reaped here); None for an orphan of a killed search.
+    """
+    def gone() -> bool:
+        return proc.poll() is not None if proc is not None else not alive(pid)
+
+    try:
+        os.killpg(pid, signal.SIGINT)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and not gone():
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # a stuck leader, or anything it left in the group
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc is not None:
+        proc.wait()
+
+
+def read_summary(run_dir: Path) -> dict:
+    try:
+        s = json.loads((run_dir / "summary.json").read_text())
+        return s if isinstance(s, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def tail(path: Path, n_bytes: int = 4000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - n_bytes))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class Runner:
+    def __init__(self, cwd: Path, strip=DEFAULT_STRIP, keep=(), command: Optional[list[str]] = None,
+                 stop_grace_s: float = 15.0):
+        self.cwd = Path(cwd)
+        self.env = clean_env(dict(os.environ), strip, keep)
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.command = command or [sys.executable, "-m", "src.train"]
+        self.stop_grace_s = stop_grace_s
+
+    def run(self, overrides: list[str], run_dir: Path, timeout_s: float,
+            on_start: Optional[Callable[[int], None]] = None) -> Outcome:
+        """Run to completion, timeout or Ctrl-C (raises RunInterrupted after stopping the run)."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [*self.command, *overrides, f"hydra.run.dir={run_dir}"]
+        (run_dir / "command.txt").write_text(f"cd {shlex.quote(str(self.cwd))} && {shlex.join(cmd)}\n")
+        log_path = run_dir / "run.log"
+        t0 = time.monotonic()
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        note = ""
+        try:
+            if on_start is not None:
+                on_start(proc.pid)
+            try:
+                rc = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                stop_group(proc.pid, self.stop_grace_s, proc)
+                rc = proc.returncode
+                note = f"timeout: killed after {timeout_s:.0f} s (search.timeout_factor/timeout_grace_s/timeout_s)"
+        except KeyboardInterrupt:
+            stop_group(proc.pid, self.stop_grace_s, proc)
+            out = self._outcome(run_dir, proc.returncode, t0, "interrupted by the user (Ctrl-C / SIGTERM)")
+            out.status = "interrupted"
+            raise RunInterrupted(out) from None
+        out = self._outcome(run_dir, rc, t0, note)
+        if note:
+            out.status = "timeout"
+        return out
+
+    def _outcome(self, run_dir: Path, rc: Optional[int], t0: float, note: str) -> Outcome:
+        summary = read_summary(run_dir)
+        status = str(summary.get("status") or "")
+        if not status:
+            status = "crash"
+            note = note or (f"exit code {rc} without summary.json" if rc != 0 else "exited 0 but wrote no summary.json")
+        return Outcome(status=status, run_dir=run_dir, summary=summary, returncode=rc,
+                       wall_seconds=time.monotonic() - t0, log_tail=tail(run_dir / "run.log"), note=note)

@@ -1,0 +1,334 @@
+"""A research session: its tag, directory, lock, persisted state and git worktree.
+
+A session lives in <root>/<tag>/ (root defaults to <repo>/outputs/research): results.tsv (the
+ledger), state.json (written via temp + rename), proposals/, runs/ and worktree/, a git worktree
+on branch research/<tag>. The user's own checkout and branch are never touched: every commit,
+reset and checkout happens in the worktree. The branch tip is always the best commit, except
+while a candidate is being run on top of it.
+
+Usage: session = Session.open(cfg.search, base_overrides); ...; session.close()
+"""
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import json
+import os
+import re
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parent.parent
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+BOT = {"GIT_AUTHOR_NAME": "overnight", "GIT_AUTHOR_EMAIL": "overnight@localhost",
+       "GIT_COMMITTER_NAME": "overnight", "GIT_COMMITTER_EMAIL": "overnight@localhost"}
+
+
+class SessionError(RuntimeError):
+    """Something about the session (repo, tag, lock, disk) that the user must fix; the message says how."""
+
+
+def disk_error(e: OSError, what: str) -> SessionError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SessionError(f"disk full while writing {what}: free some space, then resume the session "
+                            "(search.resume=true); nothing recorded so far is lost")
+    return SessionError(f"could not write {what}: {e}")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write `path` via a temp file + fsync + rename: readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise disk_error(e, str(path)) from e
+
+
+class Git:
+    """git -C <cwd> ..., raising SessionError with git's own message on failure."""
+
+    def __init__(self, cwd: Path):
+        self.cwd = Path(cwd)
+        self.env = None
+
+    def __call__(self, *args: str, input: Optional[str] = None, check: bool = True) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=self.cwd, input=input, capture_output=True, text=True,
+                                 env=self.env, timeout=120)
+        except FileNotFoundError:
+            raise SessionError("git is not installed or not on PATH; the research loop keeps its history in git") from None
+        if check and out.returncode != 0:
+            raise SessionError(f"git {' '.join(args)} failed in {self.cwd}: {(out.stderr or out.stdout).strip()}")
+        return out.stdout.strip() if check else out
+
+    def ok(self, *args: str) -> bool:
+        return self(*args, check=False).returncode == 0
+
+
+def repo_root(path: Path) -> Path:
+    if not Path(path).is_dir():
+        raise SessionError(f"search.repo={path} is not a directory; point it at a git checkout of this project")
+    out = Git(path)("rev-parse", "--show-toplevel", check=False)
+    if out.returncode != 0:
+        raise SessionError(f"{path} is not a git checkout ({out.stderr.strip()}); the research loop records every "
+                           "experiment as a commit on a branch: run it inside a clone of the project (git clone ...) "
+                           "or set search.repo=<checkout>")
+    return Path(out.stdout.strip())
+
+
+def default_tag(today: Optional[dt.date] = None) -> str:
+    today = today or dt.date.today()
+    return today.strftime("%b%d").lower().replace(" ", "")  # nov26
+
+
+@dataclass
+class InFlight:
+    """The experiment being run right now, persisted before it starts so a resume can finish it."""
+    exp: str  # ledger id (base-1, exp-004)
+    attempt: int  # 1, then 2... after a stalled run or a resume
+    commit: str  # candidate commit (or the base commit for baseline runs)
+    run_dir: str
+    pid: Optional[int] = None  # the train process (its own process group)
+    started: float = 0.0
+
+
+@dataclass
+class SessionState:
+    tag: str
+    repo: str
+    branch: str
+    base_commit: str
+    created: str
+    base_overrides: list[str] = field(default_factory=list)  # the session's train overrides (fixed)
+    parent_run_id: Optional[str] = None  # MLflow parent run of the session
+    in_flight: Optional[InFlight] = None
+    invocations: int = 0  # how many times the session was started or resumed
+    tracking_uri: Optional[str] = None  # MLflow store of the session (the report logs to it)
+    tracking_experiment: str = "overnight"
+    agent: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SessionState":
+        d = json.loads(text)
+        if d.get("in_flight"):
+            d["in_flight"] = InFlight(**d["in_flight"])
+        return cls(**d)
+
+
+class Session:
+    def __init__(self, dir: Path, state: SessionState, lock_fd: int):
+        self.dir = dir
+        self.state = state
+        self._lock_fd = lock_fd
+        self.worktree = dir / "worktree"
+        self.git = Git(self.worktree)
+        self.repo_git = Git(Path(state.repo))
+        if not Git(Path(state.repo))("config", "user.email", check=False).stdout.strip():
+            self.git.env = {**os.environ, **BOT}  # commits need an identity; the user has none configured
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def tag(self) -> str:
+        return self.state.tag
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.dir / "results.tsv"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.dir / "runs"
+
+    @property
+    def proposals_dir(self) -> Path:
+        return self.dir / "proposals"
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.worktree / "conf"
+
+    @property
+    def preset_name(self) -> str:
+        """The committed experiment preset holding the kept overrides: conf/experiment/<tag>_best.yaml."""
+        return re.sub(r"[^A-Za-z0-9_]", "_", self.tag) + "_best"
+
+    @property
+    def preset_path(self) -> Path:
+        return self.conf_dir / "experiment" / f"{self.preset_name}.yaml"
+
+    # ------------------------------------------------------------------ open / close
+    @classmethod
+    def open(cls, tag: Optional[str], resume: bool, base_overrides: list[str], repo: Optional[str] = None,
+             root: Optional[str] = None, base: str = "HEAD") -> "Session":
+        """Create session `tag` (or today's), or reopen it when `resume`; takes the session's lock."""
+        repo_path = repo_root(Path(repo).expanduser() if repo else REPO)
+        root_path = Path(root).expanduser() if root else repo_path / "outputs" / "research"
+        if tag is not None and not TAG_RE.match(tag):
+            raise SessionError(f"search.tag={tag!r} is not a valid session name; use letters, digits, '_', '-', '.' "
+                               "(it names a directory and the branch research/<tag>)")
+        if resume:
+            if tag is None:
+                raise SessionError("search.resume=true needs search.tag=<tag> of the session to continue; sessions: "
+                                   + (", ".join(list_sessions(root_path)) or "none"))
+            d = root_path / tag
+            if not (d / "state.json").exists():
+                raise SessionError(f"no session {tag!r} to resume under {root_path} (no state.json); sessions: "
+                                   + (", ".join(list_sessions(root_path)) or "none"))
+            return cls._reopen(d)
+        repo_git = Git(repo_path)
+        if tag is None:
+            tag = _free_tag(default_tag(), root_path, repo_git)
+        d = root_path / tag
+        if (d / "state.json").exists():
+            raise SessionError(f"session {tag!r} already exists in {d}; continue it with search.tag={tag} "
+                               "search.resume=true, or pick a new search.tag")
+        if repo_git.ok("rev-parse", "--verify", "--quiet", f"refs/heads/research/{tag}"):
+            raise SessionError(f"branch research/{tag} already exists in {repo_path} but has no session directory; "
+                               f"pick another search.tag, or delete the branch (git branch -D research/{tag})")
+        base_out = repo_git("rev-parse", "--verify", "--quiet", f"{base}^{{commit}}", check=False)
+        if base_out.returncode != 0:
+            raise SessionError(f"search.base={base!r} is not a commit in {repo_path}; commit your work first "
+                               "(the session branches from a commit) or set search.base=<sha|branch>")
+        base_commit = base_out.stdout.strip()
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise disk_error(e, str(d)) from e
+        lock_fd = _lock(d)
+        try:
+            dirty = repo_git("status", "--porcelain", "--untracked-files=no", "--", "src", "conf")
+            state = SessionState(tag=tag, repo=str(repo_path), branch=f"research/{tag}", base_commit=base_commit,
+                                 created=dt.datetime.now().isoformat(timespec="seconds"),
+                                 base_overrides=list(base_overrides))
+            repo_git("worktree", "add", "-b", state.branch, str(d / "worktree"), base_commit)
+            (d / "runs").mkdir(exist_ok=True)
+            (d / "proposals").mkdir(exist_ok=True)
+            s = cls(d, state, lock_fd)
+            s.dirty_warning = dirty
+            s.save()
+            return s
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @classmethod
+    def _reopen(cls, d: Path) -> "Session":
+        lock_fd = _lock(d)
+        try:
+            state = SessionState.from_json((d / "state.json").read_text())
+            s = cls(d, state, lock_fd)
+            s.dirty_warning = ""
+            repo_git = Git(Path(state.repo))
+            if not (s.worktree / ".git").exists():  # the worktree was deleted: re-attach the branch
+                repo_git("worktree", "prune")
+                repo_git("worktree", "add", str(s.worktree), state.branch)
+            (d / "runs").mkdir(exist_ok=True)
+            (d / "proposals").mkdir(exist_ok=True)
+            return s
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    def save(self) -> None:
+        atomic_write(self.dir / "state.json", self.state.to_json())
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                os.ftruncate(self._lock_fd, 0)
+            except OSError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ------------------------------------------------------------------ git in the worktree
+    def head(self) -> str:
+        return self.git("rev-parse", "HEAD")
+
+    def reset(self, commit: str) -> None:
+        """Put the branch and the worktree exactly at `commit` (the best): discards a candidate."""
+        self.git("reset", "--hard", "--quiet", commit)
+        self.git("clean", "-fdq")
+
+    def check_patch(self, patch: str) -> Optional[str]:
+        """None if the patch applies cleanly to the worktree's HEAD, else git's reason."""
+        out = self.git("apply", "--check", "--recount", "--whitespace=nowarn", "-", input=_nl(patch), check=False)
+        return None if out.returncode == 0 else (out.stderr or out.stdout).strip()
+
+    def commit_candidate(self, message: str, patch: Optional[str], preset: Optional[str]) -> str:
+        """Apply the patch and write the preset on top of HEAD, commit, return the new sha."""
+        if patch:
+            self.git("apply", "--index", "--recount", "--whitespace=nowarn", "-", input=_nl(patch))
+        path = self.preset_path
+        if preset is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(preset)
+            self.git("add", "--", str(path.relative_to(self.worktree)))
+        elif path.exists():
+            self.git("rm", "-q", "--", str(path.relative_to(self.worktree)))
+        if self.git("status", "--porcelain", "--untracked-files=no") == "":
+            raise SessionError("the candidate commit would be empty")
+        self.git("commit", "-q", "-m", message)
+        return self.head()
+
+    def keep_ref(self, exp: str, commit: str) -> None:
+        """refs/research/<tag>/<exp>: every candidate stays inspectable (and safe from gc) after a reset."""
+        self.git("update-ref", f"refs/research/{self.tag}/{exp}", commit)
+
+    def diff(self, a: str, b: str) -> str:
+        return self.git("diff", a, b)
+
+
+def _nl(text: str) -> str:
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _free_tag(tag: str, root: Path, git: Git) -> str:
+    """today's tag, or the first of nov26b, nov26c, ... not taken by a session dir or a branch."""
+    for suffix in [""] + [chr(c) for c in range(ord("b"), ord("z") + 1)]:
+        t = tag + suffix
+        if not (root / t).exists() and not git.ok("rev-parse", "--verify", "--quiet", f"refs/heads/research/{t}"):
+            return t
+    return f"{tag}-{int(time.time())}"
+
+
+def list_sessions(root: Path) -> list[str]:
+    """Session tags under root, oldest first."""
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if (p / "state.json").exists()]
+    return [p.name for p in sorted(dirs, key=lambda p: (p / "state.json").stat().st_ctime)]
+
+
+def _lock(d: Path) -> int:
+    """Hold <dir>/session.lock (flock, released by the kernel even on kill -9); refuse a second live session."""
+    path = d / "session.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise disk_error(e, str(path)) from e
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no flock (Windows): best effort, no lock
+        pass
+    except OSError:
+        other = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise SessionError(f"session {d.name!r} is already running ({other or 'pid unknown'}); wait for it to "
+                           "finish, stop it (Ctrl-C or kill -INT <pid>), or pick another search.tag") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} since {dt.datetime.now().isoformat(timespec='seconds')}\n".encode(), 0)
+    return fd
