@@ -240,3 +240,46 @@ def register_search_configs() -> None:
         cs.store(group="agent", name=f"{kind}_schema", node=schema)
     cs.store(group="search_space", name="schema", node=SearchSpaceConfig)
     cs.store(name="search_schema", node=SearchAppConfig)
+
+
+# ---------------------------------------------------------------------------- agent=claude
+# src/agents/claude.py; options in conf/agent/claude.yaml. The API key is never a config value: it is
+# read from the environment variable named by api_key_env.
+from omegaconf import MISSING  # noqa: E402  (kept with the block it serves)
+
+
+@dataclass
+class ClaudePrice:
+    """USD per million tokens; the cost caps are only as right as these (see anthropic.com/pricing)."""
+    input: float = MISSING  # uncached input
+    output: float = MISSING
+    cache_write: float = MISSING  # input written to the 5-minute prompt cache (1.25 x input)
+    cache_read: float = MISSING  # input read from the cache (0.1 x input)
+
+
+@dataclass
+class ClaudeAgentConfig(AgentConfig):
+    name: str = "claude"
+    model: str = "claude-sonnet-4-6"  # must have an entry in `prices` (or be a dated snapshot of one)
+    max_tokens: int = 16000  # output tokens per reply (thinking included, on models that think)
+    force_tool: bool = True  # tool_choice forces propose_experiment; off for the session if the model refuses it
+    base_url: Optional[str] = None  # None: $ANTHROPIC_BASE_URL, else the SDK's default (api.anthropic.com)
+    api_key_env: str = "ANTHROPIC_API_KEY"  # the environment variable holding the key (never the key itself)
+    timeout_s: float = 600.0  # per HTTP request
+    max_retries: int = 4  # the SDK's own retries, with backoff, on 408/409/429/5xx and connection errors
+    patience_s: float = 900.0  # then keep retrying a failing API this long (waits from retry_wait_s, doubling) before pausing
+    retry_wait_s: float = 30.0
+    attempts: int = 3  # replies per proposal (end_turn without the tool, max_tokens, refusal, malformed input) before pausing
+    fix_attempts: int = 2  # invalid proposals in a row the model is asked to correct before being told to move on
+    context_tokens: int = 60000  # prompt budget (prefix + conversation); the oldest turns and history rows are condensed
+    chars_per_token: float = 3.0  # prompt sizes are estimated from characters before sending (code is ~3 chars/token)
+    log_tail_chars: int = 3000  # of the last failed run's log shown to the model
+    program: str = "program.md"  # the research strategy; relative: the current directory, else the session's worktree
+    cache: bool = True  # prompt caching (cache_control) on the static prefix
+    preflight: bool = True  # before the baseline: check key, API and model with a free count_tokens request
+    max_cost_usd: float = 5.0  # session cap (all invocations); no request that could cross it is sent
+    max_session_tokens: Optional[int] = None  # session cap on input + output + cache tokens; None: none
+    prices: dict[str, ClaudePrice] = field(default_factory=dict)  # model (or prefix of a dated name) -> price
+
+
+AGENT_SCHEMAS["claude"] = ClaudeAgentConfig

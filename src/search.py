@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from src.agents import Agent, Best, SearchState, build_agent
+from src.agents import Agent, AgentStop, Best, SearchState, build_agent
 from src.config import SearchAppConfig, TrainConfig
 from src.decision import NoiseFloor, decide
 from src.ledger import Experiment, Ledger, SessionRuns
@@ -74,6 +74,9 @@ class Search:
     # ================================================================== set-up
     def open(self) -> None:
         s = self.s
+        # the agent first, checked (agent=claude: key, API): a missing key costs no session and no run
+        self.agent: Agent = build_agent(self.cfg.agent, self.cfg.search_space)
+        self.agent.preflight()
         self.session = Session.open(s.tag, s.resume, self.base_overrides, s.repo, s.root, s.base)
         st = self.session.state
         self._log_to_file()
@@ -113,7 +116,6 @@ class Search:
             self.runs.enabled = False
         self.session.save()
         self.runner = Runner(self.session.worktree, s.env_strip, s.env_keep)
-        self.agent: Agent = build_agent(self.cfg.agent, self.cfg.search_space)
         self._best_cfg_cache: dict = {}
 
     def _log_to_file(self) -> None:
@@ -262,7 +264,12 @@ class Search:
                     self.stop_reason = f"search.max_hours={self.s.max_hours} reached"
                     return
                 state = self.state(rows)
-                proposal = self.agent.propose(state)
+                try:
+                    proposal = self.agent.propose(state)
+                except AgentStop as err:  # a cost cap, an API down for long: stop cleanly, resumable
+                    log.warning("%s", err)
+                    self.stop_reason = f"paused: {err}"
+                    return
                 if proposal is None:
                     self.stop_reason = f"agent {self.cfg.agent.name} has nothing more to propose"
                     return
@@ -273,6 +280,10 @@ class Search:
             e = self.execute(exp, proposal, rows, attempt)
             rows = self.rows()
             self.agent.observe(e, self.state(rows))
+            try:  # the agent's session totals (agent=claude: tokens, cost) on the parent run
+                self.runs.log_parent(len(rows), self.agent.usage())
+            except Exception as err:
+                log.warning("MLflow: could not log the agent's usage: %s", err)
             if e.ran:
                 bar.update(1)
             best = self.best(rows)
@@ -382,7 +393,8 @@ class Search:
         preset = preset_yaml(config, GROUPS, header) if config else None
         msg = (f"{exp}: {p.description}\n\n" + (f"Hypothesis: {p.hypothesis}\n" if p.hypothesis else "")
                + (f"Overrides: {' '.join(p.overrides)}\n" if p.overrides else "")
-               + f"Session: research/{sess.tag} (src.search, agent {self.cfg.agent.name})\n")
+               + f"Session: research/{sess.tag} (src.search, agent {self.cfg.agent.name})\n"
+               + (f"Agent: {p.meta['commit_note']}\n" if p.meta.get("commit_note") else ""))  # agent=claude: tokens, cost
         commit = sess.commit_candidate(msg, p.patch, preset)
         sess.keep_ref(exp, commit)
         if self.s.preflight:
@@ -522,6 +534,8 @@ class Search:
         if out is not None and (out.run_dir / "run.log").exists():
             files["run.log"] = out.run_dir / "run.log"
         self.runs.record(e, step, run_id, summary, arts, files, created)
+        for k, v in ((e.proposal.meta.get("metrics") if e.proposal else None) or {}).items():  # agent=claude: tokens, cost
+            self.runs.client.log_metric(run_id, k, float(v), step=step)
         best = self.best(self.rows())
         self.runs.log_parent(step, {"search/val_bpb": e.val_bpb, "search/best_val_bpb": best.val_bpb},
                              {"search.best_commit": best.commit, "search.best_exp": best.exp})
@@ -614,7 +628,7 @@ def _hydra_main():
         signal.signal(signal.SIGTERM, _sigterm)
         try:
             out = run(cfg, base)
-        except SessionError as e:
+        except (SessionError, AgentStop) as e:
             log.error("%s", e)
             sys.exit(2)
         except KeyboardInterrupt:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from src.agents.base import Agent, Best, SearchState
+from src.agents.base import Agent, AgentStop, Best, SearchState
 
 MODULES = {"tpe": "src.agents.tpe", "random": "src.agents.tpe", "replay": "src.agents.replay"}
 
@@ -28,4 +28,4 @@ def build_agent(cfg, space) -> Agent:
     return mod.build(cfg, space)
 
 
-__all__ = ["Agent", "Best", "SearchState", "build_agent"]
+__all__ = ["Agent", "AgentStop", "Best", "SearchState", "build_agent"]

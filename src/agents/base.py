@@ -57,8 +57,21 @@ class SearchState:
         return self.history[-1] if self.history else None
 
 
+class AgentStop(RuntimeError):
+    """The agent cannot go on (no API key, API unreachable for long, a cost cap reached). Raised by build,
+    preflight() or propose(); the loop stops cleanly, the session stays resumable, and the message says
+    what to do. (Added for agent=claude.)"""
+
+
 class Agent(ABC):
     name = "agent"
+
+    def preflight(self) -> None:
+        """Before the session opens and the baseline runs: check the agent can work (key, API); raise AgentStop."""
+
+    def usage(self) -> dict[str, float]:
+        """Session totals to log on the parent MLflow run after each experiment (agent=claude: tokens, cost)."""
+        return {}
 
     def restore(self, history: list[Experiment], state: SearchState) -> None:
         """Resume: learn from the rows of an earlier invocation (default: nothing to learn)."""
