@@ -62,7 +62,13 @@ class Experiment:
 
     @property
     def ran(self) -> bool:
+        """A training run happened (or was started) for this row."""
         return self.status not in ("invalid",)
+
+    @property
+    def counts(self) -> bool:
+        """Counts toward search.max_experiments: a finished experiment (not invalid, not interrupted)."""
+        return self.exp.startswith("exp-") and self.status in ("keep", "discard", "crash")
 
     def to_row(self) -> str:
         cells = []

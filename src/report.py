@@ -114,7 +114,7 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
     (d / "best_overrides.yaml").write_text(overrides + ("\n" if overrides else "") if overrides else
                                            "# no overrides kept: the best is the baseline config\n")
     files += [d / "best.diff", d / "best_overrides.yaml"]
-    n_ran = sum(1 for e in rows if e.exp.startswith("exp-") and e.status != "invalid")
+    n_ran = sum(1 for e in rows if e.counts)
     title = f"research/{state.tag}: {n_ran} experiments, {len(kept)} kept"
     if rows:
         files.append(progress_plot(rows, d / "progress.png", title))

@@ -49,15 +49,15 @@ class Outcome:
     @property
     def error_line(self) -> str:
         """One line saying why the run failed: the note, the summary's error, or the last traceback line."""
-        if self.note:
+        if self.note and self.status in ("timeout", "interrupted"):
             return self.note
         if self.summary.get("error"):
             return str(self.summary["error"]).splitlines()[0][:300]
         lines = [ln.strip() for ln in self.log_tail.splitlines() if ln.strip()]
         for ln in reversed(lines):
-            if "Error" in ln or "Exception" in ln or ln.startswith("raise"):
-                return ln[:300]
-        return lines[-1][:300] if lines else f"exit code {self.returncode}"
+            if "Error" in ln or "Exception" in ln:
+                return ln[:300] + (f" [{self.note}]" if self.note else "")
+        return self.note or (lines[-1][:300] if lines else f"exit code {self.returncode}")
 
 
 class RunInterrupted(Exception):

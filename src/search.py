@@ -64,8 +64,9 @@ class Pending:
 
 
 class Search:
-    def __init__(self, cfg: SearchAppConfig, base_overrides: list[str]):
+    def __init__(self, cfg: SearchAppConfig, base_overrides: list[str], train_command: Optional[list[str]] = None):
         self.cfg = cfg
+        self.train_command = train_command  # None: python -m src.train (tests substitute a stand-in)
         self.s = cfg.search
         self.base_overrides = list(base_overrides)
         self.session: Optional[Session] = None
@@ -115,7 +116,7 @@ class Search:
             log.warning("MLflow at %s is not usable (%s): the session continues without tracking", uri, e)
             self.runs.enabled = False
         self.session.save()
-        self.runner = Runner(self.session.worktree, s.env_strip, s.env_keep)
+        self.runner = Runner(self.session.worktree, s.env_strip, s.env_keep, command=self.train_command)
         self._best_cfg_cache: dict = {}
 
     def _log_to_file(self) -> None:
@@ -157,7 +158,7 @@ class Search:
     def state(self, rows: list[Experiment]) -> SearchState:
         best = self.best(rows)
         noise = self.noise(rows)
-        n_run = sum(1 for e in rows if e.exp.startswith("exp-") and e.ran)
+        n_run = sum(1 for e in rows if e.counts)
         return SearchState(tag=self.session.tag, best=best, margin=noise.margin(self.s.noise_sigmas, self.s.min_delta),
                            sigma=noise.sigma, history=rows, editable=list(self.s.editable),
                            override_roots=list(self.s.override_roots), pinned=list(self.pinned),
@@ -213,7 +214,7 @@ class Search:
         self.agent.restore(rows, self.state(rows))
         log.info("session %s: branch %s, dir %s, %d rows so far", self.session.tag, self.session.state.branch,
                  self.session.dir, len(rows))
-        n_run = sum(1 for e in rows if e.exp.startswith("exp-") and e.ran)
+        n_run = sum(1 for e in rows if e.counts)
         bar = tqdm(total=self.s.max_experiments, initial=min(n_run, self.s.max_experiments), unit="exp",
                    desc=f"search {self.session.tag}", disable=None if self.s.progress else True,
                    dynamic_ncols=True)  # None: shown on a terminal only
@@ -255,7 +256,7 @@ class Search:
         invalid_streak = 0
         while True:
             rows = self.rows()
-            n_run = sum(1 for e in rows if e.exp.startswith("exp-") and e.ran)
+            n_run = sum(1 for e in rows if e.counts)
             if pending is None:
                 if n_run >= self.s.max_experiments:
                     self.stop_reason = f"search.max_experiments={self.s.max_experiments} reached"
@@ -284,7 +285,7 @@ class Search:
                 self.runs.log_parent(len(rows), self.agent.usage())
             except Exception as err:
                 log.warning("MLflow: could not log the agent's usage: %s", err)
-            if e.ran:
+            if e.counts:
                 bar.update(1)
             best = self.best(rows)
             bar.set_postfix(best=f"{best.val_bpb:.4f}", last=e.status, refresh=True)
@@ -483,7 +484,7 @@ class Search:
         s = out.summary
         e.memory_gb = s["peak_vram_mb"] / 1024 if isinstance(s.get("peak_vram_mb"), (int, float)) else None
         e.training_seconds = s.get("training_seconds")
-        e.stall_seconds = s.get("stall_seconds")
+        e.stall_seconds = s.get("stall_seconds", s.get("stalled_seconds"))
         e.num_steps = s.get("num_steps")
         e.wall_seconds = out.wall_seconds or s.get("total_seconds")
 
@@ -604,9 +605,9 @@ def _is_train(pid: int, run_dir: str) -> bool:
     return "src.train" in cmd and (not run_dir or run_dir in cmd)
 
 
-def run(cfg: SearchAppConfig, base_overrides: list[str]) -> dict:
+def run(cfg: SearchAppConfig, base_overrides: list[str], train_command: Optional[list[str]] = None) -> dict:
     """Run (or resume) a research session; returns its summary. Plain Python: tests call it directly."""
-    return Search(cfg, base_overrides).run()
+    return Search(cfg, base_overrides, train_command).run()
 
 
 def _sigterm(signum, frame):

@@ -11,6 +11,7 @@ Usage: python -m src.search agent=tpe search_space=cpu    (agent=random for the 
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Optional
 
 from src.agents.base import Agent, SearchState
@@ -38,8 +39,10 @@ class OptunaAgent(Agent):
         self.space = space
         self.dists = distributions(space)
         if cfg.sampler == "tpe":
-            sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials,
-                                                 multivariate=cfg.multivariate, warn_independent_sampling=False)
+            with warnings.catch_warnings():  # multivariate is "experimental" in Optuna 4, and the better default
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials,
+                                                     multivariate=cfg.multivariate)
         else:
             sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
         self.study = optuna.create_study(direction="minimize", sampler=sampler)

@@ -1,0 +1,78 @@
+"""A stand-in for `python -m src.train` in the search loop's fast tests: the same CLI contract
+(Hydra-style overrides in, <hydra.run.dir>/summary.json out, exit 0 iff status ok), no torch.
+
+val_bpb is a deterministic function of the effective overrides (the command line plus the
+committed preset named by +experiment=): 3.0, lower for batch.total_tokens 4096 (-0.2) or 2048
+(-0.1), plus 0.5 * ln(matrix_lr / 0.06)^2 (best at 0.06), plus FAKE_NOISE * a hash of the run
+dir in [-0.5, 0.5]. Fault drills, by override: model.activation=crash (traceback, exit 1),
+model.activation=sleep (sleeps 600 s), model.activation=stall (status stalled while the file
+$FAKE_STALL_FILE does not exist yet; creates it). dry_run=true prints and exits 0.
+Env var names it saw are written to summary.json (`env`), for the env-stripping tests.
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    ovs = {}
+    experiments = []
+    for a in sys.argv[1:]:
+        k, _, v = a.partition("=")
+        v = v.strip("'")
+        if k.lstrip("+") == "experiment":
+            experiments += v.strip("[]").split(",")
+        else:
+            ovs[k] = v
+    eff = {}
+    for name in experiments:
+        import yaml
+
+        def flat(d, prefix=""):
+            for kk, vv in d.items():
+                if kk == "defaults":
+                    continue
+                if isinstance(vv, dict):
+                    flat(vv, f"{prefix}{kk}.")
+                else:
+                    eff[f"{prefix}{kk}"] = str(vv)
+
+        flat(yaml.safe_load(Path("conf/experiment", name + ".yaml").read_text()) or {})
+    eff.update(ovs)
+    if eff.get("dry_run") == "true":
+        print("dry run ok")
+        return 0
+    out = Path(ovs["hydra.run.dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    act = eff.get("model.activation", "relu2")
+    print(f"fake train: {sorted(eff.items())}", flush=True)
+    if act == "crash":
+        raise RuntimeError("boom: the patched model does not run")
+    if act == "sleep":
+        time.sleep(600)
+    status = "ok"
+    if act == "stall":
+        flag = Path(os.environ["FAKE_STALL_FILE"])
+        if not flag.exists():
+            flag.write_text("stalled once")
+            status = "stalled"
+    bpb = 3.0 + {"4096": -0.2, "2048": -0.1}.get(eff.get("batch.total_tokens", "8192"), 0.0)
+    bpb += 0.5 * math.log(float(eff.get("optimizer.matrix_lr", "0.04")) / 0.06) ** 2
+    noise = float(os.environ.get("FAKE_NOISE", "0"))
+    if noise:
+        h = int(hashlib.sha256(out.name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF - 0.5
+        bpb += noise * h
+    summary = {"status": status, "val_bpb": bpb, "training_seconds": 1.0, "total_seconds": 1.2,
+               "peak_vram_mb": 512.0, "num_steps": 10, "stalled_seconds": 3.0 if status == "stalled" else 0.0,
+               "depth": 4, "env": sorted(os.environ)}
+    (out / "summary.json").write_text(json.dumps(summary))
+    print(f"---\nval_bpb: {bpb:.6f}\nstatus: {status}", flush=True)
+    return 0 if status == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
