@@ -59,6 +59,12 @@ class Experiment:
     finished: str = ""
     proposal: Optional[Proposal] = field(default=None, repr=False)  # from proposals/<exp>.json
     config: list[str] = field(default_factory=list, repr=False)  # research overrides in effect (kept + this)
+    values: list[float] = field(default_factory=list, repr=False)  # full-precision val_bpb of each run behind it
+
+    @property
+    def score(self) -> Optional[float]:
+        """val_bpb at full precision (the mean of its runs), else the TSV's 6 decimals."""
+        return sum(self.values) / len(self.values) if self.values else self.val_bpb
 
     @property
     def ran(self) -> bool:
@@ -135,6 +141,7 @@ class Ledger:
             if rec:
                 e.commit = rec.get("commit") or e.commit
                 e.config = list(rec.get("config") or [])
+                e.values = [float(v) for v in rec.get("values") or []]
                 if rec.get("proposal"):
                     e.proposal = Proposal.from_dict(rec["proposal"])
             out.append(e)

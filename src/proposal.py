@@ -178,13 +178,12 @@ def compose_train(conf_dir: Path, overrides: list[str]):
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.singleton import Singleton
 
     from src.config import register_configs, to_object
 
     register_configs()
-    gh = GlobalHydra.instance()
-    saved = gh.hydra if gh.is_initialized() else None
-    gh.clear()
+    saved = Singleton._instances.pop(GlobalHydra, None)  # a running app's Hydra, put back below
     try:
         with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
             dcfg = compose(config_name="train", overrides=list(overrides))
@@ -193,9 +192,10 @@ def compose_train(conf_dir: Path, overrides: list[str]):
         raise InvalidProposal(f"the overrides do not compose against the config schemas: {_compose_error(e)}. "
                               "Use keys and options that exist in src/config.py and conf/<group>/") from None
     finally:
-        gh.clear()
         if saved is not None:
-            gh.initialize(saved)
+            Singleton._instances[GlobalHydra] = saved
+        else:
+            Singleton._instances.pop(GlobalHydra, None)
 
 
 def _compose_error(e: Exception) -> str:

@@ -93,7 +93,7 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
     ledger = Ledger(d)
     rows = ledger.rows() if rows is None else rows
     base = [e.val_bpb for e in rows if e.status == "baseline" and e.val_bpb is not None]
-    groups = [base] + [(ledger.load(e.exp) or {}).get("values") or [] for e in rows]
+    groups = [base] + [e.values for e in rows if e.status != "baseline"]
     noise = NoiseFloor.pooled(groups)
     margins = [e.margin for e in rows if e.margin is not None]
     margin = margins[-1] if margins else None

@@ -75,6 +75,11 @@ class Search:
     # ================================================================== set-up
     def open(self) -> None:
         s = self.s
+        if s.noise_sigmas < 0 or s.min_delta < 0 or s.baseline_repeats < 1 or s.max_experiments < 0:
+            raise SessionError(f"search.noise_sigmas={s.noise_sigmas}, search.min_delta={s.min_delta}, "
+                               f"search.baseline_repeats={s.baseline_repeats}, search.max_experiments="
+                               f"{s.max_experiments}: expected noise_sigmas >= 0, min_delta >= 0, baseline_repeats "
+                               ">= 1 (2 or more to measure the noise floor), max_experiments >= 0")
         # the agent first, checked (agent=claude: key, API): a missing key costs no session and no run
         self.agent: Agent = build_agent(self.cfg.agent, self.cfg.search_space)
         self.agent.preflight()
@@ -131,19 +136,16 @@ class Search:
         return self.ledger.rows()
 
     def best(self, rows: list[Experiment]) -> Best:
-        base = [e.val_bpb for e in rows if e.status == "baseline" and e.val_bpb is not None]
+        base = [e.score for e in rows if e.status == "baseline" and e.score is not None]
         best = Best("baseline", self.session.state.base_commit, sum(base) / len(base) if base else math.inf, [])
         for e in rows:
             if e.status == "keep":
-                best = Best(e.exp, e.commit, e.val_bpb, list(e.config))
+                best = Best(e.exp, e.commit, e.score, list(e.config))
         return best
 
     def noise(self, rows: list[Experiment]) -> NoiseFloor:
-        groups = [[e.val_bpb for e in rows if e.status == "baseline" and e.val_bpb is not None]]
-        for e in rows:
-            rec = self.ledger.load(e.exp) or {}
-            if len(rec.get("values") or []) > 1:
-                groups.append(rec["values"])
+        groups = [[e.score for e in rows if e.status == "baseline" and e.score is not None]]
+        groups += [e.values for e in rows if e.status != "baseline" and len(e.values) > 1]
         return NoiseFloor.pooled(groups)
 
     def margin(self, rows: list[Experiment]) -> float:
