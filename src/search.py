@@ -634,6 +634,10 @@ def _hydra_main():
         except (SessionError, AgentStop) as e:
             log.error("%s", e)
             sys.exit(2)
+        except ValueError as e:  # a malformed search space, replay file or agent option
+            log.debug("details", exc_info=True)
+            log.error("%s", e)
+            sys.exit(2)
         except KeyboardInterrupt:
             sys.exit(130)
         print(f"session {out['tag']}: best val_bpb {out['best_val_bpb']:.6f} ({out['best_exp']}, commit "

@@ -100,3 +100,8 @@ def test_preset_reproduces_the_overrides(tmp_path):
     assert text.startswith("# @package _global_\n# test preset\n# line two\n")
     (conf / "experiment" / "t_best.yaml").write_text(text)
     assert compose_train(conf, ["device=cpu", "+experiment=t_best"]) == compose_train(conf, ["device=cpu", *ovs])
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_preset_composes(preset):
+    assert isinstance(compose_train(CONF, [f"+experiment={preset}"]), TrainConfig)

@@ -143,3 +143,21 @@ def test_ctrl_c_then_kill_9_mid_experiment_then_resume(tmp_path):
     tagged = [r.data.tags["search.exp"] for r in children if "search.exp" in r.data.tags]
     assert sorted(tagged) == [r["exp"] for r in rows]  # one tagged child per row, no duplicate
     assert all(r.info.status != "RUNNING" for r in children)
+
+
+def test_bad_input_is_refused_before_anything_runs(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    p = run_cli("src.search", f"search.repo={plain}", f"hydra.run.dir={tmp_path / 'h1'}", check=False)
+    assert p.returncode == 2 and "not a git checkout" in p.stderr + p.stdout
+    repo = make_repo(tmp_path)
+    p = run_cli("src.search", f"search.repo={repo}", "model.depht=3", f"hydra.run.dir={tmp_path / 'h2'}", check=False)
+    assert p.returncode != 0 and "depht" in p.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {description: x, overides: [model.depth=3]}\n")
+    p = run_cli("src.search", f"search.repo={repo}", "agent=replay", f"agent.file={bad}",
+                f"hydra.run.dir={tmp_path / 'h3'}", check=False)
+    assert p.returncode == 2 and "unknown proposal field" in p.stdout + p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    assert not (repo / "outputs" / "research").exists()  # no session, no branch
+    assert "research/" not in git(repo, "branch", "--list")
