@@ -12,7 +12,6 @@ Run: python -m pytest tests/test_claude_agent.py -q
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from src.ledger import Experiment
 from src.proposal import Proposal
 from tests.conftest import REPO
 from tests.messages_server import MessagesServer, error, max_tokens, refusal, text, tool_use
+from tests.search_support import crash_patch, make_patch, make_repo, read_tsv, session_children
 
 KEY = "sk-ant-test-7d1c2b9e-never-store-me"
 PRICE = ClaudePrice(input=3.0, output=15.0, cache_write=3.75, cache_read=0.30)
@@ -431,13 +431,17 @@ def test_a_long_history_is_condensed_to_the_token_budget(server, key, tmp_path):
         st = "keep" if i in (40, 200) else "crash" if i % 7 == 0 else "discard"
         hist.append(row(f"exp-{i:03d}", st, 2.4 + i / 1e4, 0.01, desc=f"a fairly long description of idea {i} " * 3,
                         reason="RuntimeError: a long reason " * 10 if st == "crash" else ""))
-    server.fallback = good(1)
+    big = "--- a/src/model.py\n+++ b/src/model.py\n" + "".join(f"+# line {i} of a long patch\n" for i in range(300))
+    server.fallback = tool_use({"description": "a long patch", "hypothesis": "h", "patch": big})
     agent = ClaudeAgent(make_cfg(server, context_tokens=20_000))
-    for i in range(6):  # several turns: older ones are dropped to stay in budget
+    for i in range(6):  # several turns of ~3k tokens each: the oldest are dropped to stay in budget
         p = agent.propose(make_state(wt, hist))
         e = outcome(p, f"exp-{301 + i}", "discard", 2.6, 0.1)
         agent.observe(e, make_state(wt, hist))
     req = server.messages_requests()[-1]["body"]
+    assert 1 <= sum(m["role"] == "assistant" for m in req["messages"]) < 5  # older turns dropped ...
+    first = req["messages"][0]["content"]  # ... and the outcome of a dropped tool call became plain text
+    assert first[0]["type"] == "text" and first[0]["text"].startswith("(Outcome of an earlier proposal) DISCARDED")
     size = len(json.dumps([req["system"], req["tools"], req["messages"]]))
     assert size / 3.0 <= 20_000  # the estimate the agent budgets with
     state = last_user(server.messages_requests()[-1])[-1]["text"]
@@ -459,34 +463,26 @@ TINY_SEARCH = ["device=cpu", "model.depth=2", "budget.mode=tokens", "budget.toke
                "search.preflight=false", "search.progress=false"]
 
 
-def _patch(path: str, old: str, new: str) -> str:
-    """A git-format diff of `path` at HEAD with `old` replaced by `new`."""
-    src = subprocess.run(["git", "show", f"HEAD:{path}"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert old in src, f"{old!r} not in {path} at HEAD"
-    dst = src.replace(old, new, 1)
-    return "".join(difflib.unified_diff(src.splitlines(True), dst.splitlines(True), f"a/{path}", f"b/{path}"))
-
-
 def _search(args: list[str], env: dict, tmp: Path, name: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "src.search", *args, f"hydra.run.dir={tmp / 'hydra' / name}"],
                           cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_cli_session_pauses_at_its_cost_cap_resumes_and_leaks_no_key(tmp_path, isolated_env):
-    repo = tmp_path / "repo"  # a clone: the session's branch and worktree stay out of the real checkout
-    subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True)
-    crash = _patch("src/model.py", "def norm(x: torch.Tensor) -> torch.Tensor:\n",
-                   "def norm(x: torch.Tensor) -> torch.Tensor:\n    raise RuntimeError('deliberate crash')\n")
+    repo = make_repo(tmp_path)  # a copy: the session's branch and worktree stay out of the real checkout
+    floor = make_patch(repo, "src/optim.py", lambda t: t.replace(
+        "    return cooldown + (1 - cooldown) * cfg.final_lr_frac\n",
+        "    return max(cooldown + (1 - cooldown) * cfg.final_lr_frac, 0.05)\n"))
+    assert floor
     u = {"input_tokens": 100_000, "output_tokens": 1_000, "cache_creation_input_tokens": 0,
          "cache_read_input_tokens": 0}  # $0.315 a reply at $3/$15
     replies = [
         {"description": "higher matrix LR", "hypothesis": "H1: more steps at a higher LR",
          "overrides": ["optimizer.matrix_lr=0.06"]},
         {"description": "linear cooldown to a floor of 5%", "hypothesis": "H2: a non-zero floor keeps learning",
-         "patch": _patch("src/optim.py", "    return cooldown + (1 - cooldown) * cfg.final_lr_frac\n",
-                         "    return max(cooldown + (1 - cooldown) * cfg.final_lr_frac, 0.05)\n")},
+         "patch": floor},
         {"description": "typo'd key", "hypothesis": "H3: invalid on purpose", "overrides": ["optimizer.matrx_lr=0.1"]},
-        {"description": "crash in norm", "hypothesis": "H4: crashes on purpose", "patch": crash},
+        {"description": "a model that crashes", "hypothesis": "H4: crashes on purpose", "patch": crash_patch(repo)},
         {"description": "lower embedding LR", "hypothesis": "H5: the embedding LR is too high",
          "overrides": ["optimizer.embedding_lr=0.3"]},
         {"description": "warmdown 0.3", "hypothesis": "H6: warm down later", "overrides": ["optimizer.warmdown_ratio=0.3"]},
@@ -511,9 +507,7 @@ def test_cli_session_pauses_at_its_cost_cap_resumes_and_leaks_no_key(tmp_path, i
         assert all(r["headers"].get("authorization") == f"Bearer {KEY}" for r in srv.requests)
 
     sdir = root / "cc"
-    lines = (sdir / "results.tsv").read_text().splitlines()
-    head = lines[0].split("\t")
-    rows = [dict(zip(head, ln.split("\t"))) for ln in lines[1:]]
+    rows = read_tsv(sdir / "results.tsv")
     assert [r["exp"] for r in rows] == ["base-1"] + [f"exp-00{i}" for i in range(1, 7)]
     assert rows[0]["status"] == "baseline" and rows[3]["status"] == "invalid" and rows[4]["status"] == "crash"
     assert {rows[i]["status"] for i in (1, 2, 5, 6)} <= {"keep", "discard"}, [r["status"] for r in rows]
@@ -532,11 +526,9 @@ def test_cli_session_pauses_at_its_cost_cap_resumes_and_leaks_no_key(tmp_path, i
     # MLflow: a child per experiment with the hypothesis and token metrics; the session's totals on the parent
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("overnight")
-    parent = client.search_runs([exp.experiment_id], "tags.`search.tag` = 'cc'")[0]
-    kids = {r.data.tags.get("search.exp"): r for r in client.search_runs(
-        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'") if r.data.tags.get("search.exp")}
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    parent = MlflowClient(tracking_uri=uri).get_run(json.loads((sdir / "state.json").read_text())["parent_run_id"])
+    kids = {r.data.tags.get("search.exp"): r for r in session_children(uri, parent.info.run_id)}
     for i, rep in enumerate(replies, 1):
         k = kids[f"exp-00{i}"]
         assert k.data.tags["search.hypothesis"] == rep["hypothesis"]
@@ -545,8 +537,11 @@ def test_cli_session_pauses_at_its_cost_cap_resumes_and_leaks_no_key(tmp_path, i
     assert parent.data.metrics["agent/cost_usd"] == pytest.approx(6 * 0.315)
     assert parent.data.metrics["agent/calls"] == 6
     # the key is nowhere on disk: session, Hydra dirs, MLflow db and artifacts (bytes, not just text)
-    needle = KEY.encode()
-    leaks = [p for d in (root, tmp_path / "hydra", mlruns, repo) for p in d.rglob("*")
-             if p.is_file() and needle in p.read_bytes()]
-    assert not leaks, leaks
-    assert any(p.name == "mlflow.db" for p in mlruns.rglob("*"))  # the grep did see the store
+    def holding_key(*dirs: Path) -> list[Path]:
+        return [p for d in dirs for p in d.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
+
+    assert not holding_key(root, tmp_path / "hydra", mlruns, repo)
+    assert any(p.name == "mlflow.db" for p in mlruns.rglob("*"))  # the scan did read the store's db
+    (tmp_path / "canary").mkdir()
+    (tmp_path / "canary" / "x.db").write_bytes(b"\0\1" + KEY.encode() + b"\0")
+    assert holding_key(tmp_path / "canary")  # and would have found a leak

@@ -406,7 +406,7 @@ class ClaudeAgent(Agent):
         if room < 2000:
             log.warning("agent.context_tokens=%d leaves %d tokens for the state after the prefix (~%d tokens: "
                         "program.md, the editable files, the config); raise it", budget, room, fixed)
-        history_chars = max(1500, int(room * cpt * 0.75))
+        history_chars = max(1500, int(room * cpt * 0.5))  # at most half the room: the rest keeps recent turns
         st = state_text(state, self.spent.cost_usd, cfg.max_cost_usd, history_chars,
                         self.session_dir / "runs", cfg.log_tail_chars)
         # the newest episodes that fit (the latest always), oldest dropped first
