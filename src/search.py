@@ -100,6 +100,9 @@ class Search:
         try:
             self.base_config = compose_train(self.session.conf_dir, self.base_overrides)
         except InvalidProposal as e:
+            if not s.resume:  # leave no half-made session (branch, worktree) behind to trip the next attempt
+                self.session.discard()
+                self.session = None
             raise SessionError(f"the session's train overrides {self.base_overrides} do not compose in the worktree "
                                f"(commit {st.base_commit[:7]}): {e}") from None
         uri = resolve_uri(self.cfg.tracking.uri)
@@ -207,7 +210,12 @@ class Search:
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        self.open()
+        try:
+            self.open()
+        except BaseException:
+            if self.session is not None:
+                self.session.close()
+            raise
         self.t0 = time.time()
         self.deadline = self.t0 + self.s.max_hours * 3600
         rows = self.rows()

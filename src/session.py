@@ -252,6 +252,15 @@ class Session:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def discard(self) -> None:
+        """Undo a session that never ran anything: its worktree, branch and directory."""
+        import shutil
+
+        self.close()
+        self.repo_git("worktree", "remove", "--force", str(self.worktree), check=False)
+        self.repo_git("branch", "-D", self.state.branch, check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     # ------------------------------------------------------------------ git in the worktree
     def head(self) -> str:
         return self.git("rev-parse", "HEAD")

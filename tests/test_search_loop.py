@@ -203,7 +203,7 @@ def test_refusals_before_anything_runs(lab, tmp_path):
     git(lab["repo"], "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "drop model=small")
     with pytest.raises(SessionError, match="do not compose in the worktree"):
         start(lab, "model=small", tag="u", proposals=proposals)
-    assert not (sdir(lab, "u") / "results.tsv").exists()
+    assert not sdir(lab, "u").exists() and "research/u" not in git(lab["repo"], "branch", "--list")
 
 
 def test_invalid_streak_stops_the_session(lab):
