@@ -421,6 +421,19 @@ def test_prices_match_models_and_their_dated_snapshots():
     assert u.cost_usd == pytest.approx(18.0) and u.tokens == 2_000_000
 
 
+def test_conf_agent_claude_composes_with_a_price_for_its_model():
+    from tests.search_support import compose_search
+
+    cfg = compose_search(["agent=claude"]).agent
+    assert isinstance(cfg, ClaudeAgentConfig) and price_for(cfg.model, cfg.prices).output > 0
+    assert cfg.force_tool and cfg.cache and cfg.preflight and cfg.max_cost_usd > 0
+    added = compose_search(["agent=claude", "agent.model=my-model",
+                            "+agent.prices={my-model: {input: 1, output: 5, cache_write: 1.25, cache_read: 0.1}}"]).agent
+    assert price_for(added.model, added.prices) == ClaudePrice(1, 5, 1.25, 0.1)
+    with pytest.raises(Exception, match="inptu"):
+        compose_search(["agent=claude", "+agent.prices={m: {inptu: 1}}"])
+
+
 # ---------------------------------------------------------------------------- the context budget
 
 
