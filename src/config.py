@@ -99,8 +99,9 @@ class BudgetConfig:
     stall_factor: float = 5.0  # a step slower than stall_factor x the running median step time is a stall
     stall_window: int = 50  # steps in the running median
     stall_max_share: float = 0.25  # stalled seconds above this share of the budget mark the run `stalled`
-    wall_factor: float = 3.0  # hard ceiling: training stops after seconds * wall_factor + wall_grace wall seconds
-    wall_grace: float = 60.0
+    wall_factor: float = 3.0  # hard ceiling (mode=time): training stops after seconds * wall_factor + wall_grace wall seconds
+    wall_grace: float = 60.0  # ... and a step stuck that much past the ceiling ends the process (status timeout)
+    max_wall_seconds: Optional[float] = None  # explicit ceiling for either mode; None = the formula above (time), none (tokens)
 
 
 @dataclass
@@ -112,6 +113,7 @@ class TrackingConfig:
     parent_run_id: Optional[str] = None  # nest this run under a parent (sweeps, research sessions)
     strict: bool = False  # refuse to train when the tracking server cannot be reached
     flush_every_s: float = 10.0  # buffered per-step metrics are sent at most this often
+    timeout_s: float = 5.0  # seconds to wait for a tracking server's health check
 
 
 @dataclass

@@ -2,27 +2,39 @@
 
 compose config -> resolve device/dtype -> build model + optimizer -> warm up (not
 counted) -> train until the budget is spent -> evaluate val_bpb -> print the summary
-block and write summary.json in the run's Hydra output dir.
+block and write summary.json in the run's Hydra output dir -> end the MLflow run.
+
+Every run is an MLflow run (src/tracking.py); a sweep (-m) is one parent run with a child
+per job. SIGTERM/SIGINT, NaN, a crash or the hard wall-clock ceiling still leave a
+summary.json and a FAILED run with the reason in its `status` tag.
 
 Usage: python -m src.train [model=small] [budget.seconds=60] [dry_run=true] ...
+       python -m src.train -m optimizer.matrix_lr=0.02,0.04 [hydra/launcher=joblib]
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import math
+import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from src.budget import BudgetClock
+from src.budget import STALL_ENV, BudgetClock, inject_stalls
 from src.config import TrainConfig
 from src.device import Runtime, resolve
 from src.model import GPT, GPTConfig
 from src.optim import build_optimizer
 from src.provenance import provenance
+from src.tracking import Tracker, TrackingError, flatten, job_run_name
 
 log = logging.getLogger("src.train")
 REPO = Path(__file__).resolve().parent.parent
@@ -115,6 +127,72 @@ def train_loop(model, opt, batches, clock: BudgetClock, cfg: TrainConfig, rt: Ru
         if on_step is not None:
             on_step(clock.step, dict(loss=loss_f, lr_mult=lrm, step_time=dt, tokens_per_sec=clock.tokens_per_step / dt))
     bar.close()
+    if clock.progress < 1.0:  # done without the budget spent: the wall-clock ceiling
+        raise RunFailed("timeout", f"hard wall-clock ceiling of {clock.deadline:.0f} s hit after "
+                                   f"{clock.training_seconds:.1f} counted training seconds and {clock.stalls} stalls "
+                                   f"({clock.stalled_seconds:.0f} s): the device is stalling; re-run the experiment")
+
+
+@contextlib.contextmanager
+def killed_by_signals():
+    """SIGTERM/SIGINT raise RunFailed('killed') in the main thread, so the run is recorded before exiting."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise RunFailed("killed", f"killed by {signal.Signals(signum).name}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_params(cfg: TrainConfig, model: GPT, rt: Runtime, accum: int, B: int, prov: dict) -> dict:
+    """MLflow params: the resolved config as dotted keys plus what code derived from it."""
+    derived = {"num_params": model.param_counts()["total"], "grad_accum_steps": accum, "device_batch_size": B,
+               "device": str(rt.device), "device_name": rt.name, "dtype": rt.dtype_name, "compile": rt.compile,
+               "peak_flops": rt.peak_flops, "flops_per_token": model.flops_per_token()}
+    return {**flatten(cfg), **flatten(derived, "derived."), "git.sha": prov["git_sha"],
+            "git.dirty": prov["git_dirty"], "host": prov["host"], **flatten(prov["versions"], "version.")}
+
+
+def run_texts(cfg: TrainConfig, prov: dict, out_dir: Path | None) -> dict[str, str]:
+    """Text artifacts: the resolved config, the command-line overrides and, if dirty, the git diff."""
+    from omegaconf import OmegaConf
+
+    texts = {"config.yaml": OmegaConf.to_yaml(OmegaConf.structured(cfg))}
+    overrides = out_dir / ".hydra" / "overrides.yaml" if out_dir else None
+    if overrides and overrides.exists():
+        texts["overrides.yaml"] = overrides.read_text()
+    if prov.get("git_dirty"):
+        try:
+            diff = subprocess.run(["git", "-C", str(REPO), "diff", "HEAD"], capture_output=True, text=True,
+                                  timeout=30).stdout
+            texts["git.diff"] = diff[:1_000_000]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return texts
+
+
+def fill_summary(summary: dict, cfg: TrainConfig, rt: Runtime, clock: BudgetClock | None, model: GPT | None,
+                 t_start: float) -> None:
+    """The summary's numbers, from as far as the run got (no clock or model: it failed before training)."""
+    train_s = clock.training_seconds if clock else 0.0
+    flops = model.flops_per_token() * clock.tokens if clock and model else 0.0
+    summary.setdefault("val_bpb", float("nan"))
+    summary.update(
+        training_seconds=train_s, total_seconds=time.time() - t_start, peak_vram_mb=rt.peak_memory_mb(),
+        mfu_percent=100 * flops / (train_s * rt.peak_flops) if train_s > 0 and rt.peak_flops > 0 else 0.0,
+        total_tokens_M=clock.tokens / 1e6 if clock else 0.0, num_steps=clock.step if clock else 0,
+        num_params_M=model.param_counts()["total"] / 1e6 if model else 0.0,
+        depth=cfg.model.depth, tokens_per_sec=clock.tokens_per_sec if clock else 0.0,
+        **quantiles(clock.step_times if clock else []),
+        stalls=clock.stalls if clock else 0, stalled_seconds=clock.stalled_seconds if clock else 0.0,
+        train_wall_seconds=clock.wall_seconds if clock else 0.0, stalled_steps=clock.stalled_steps if clock else [])
 
 
 def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
@@ -133,48 +211,106 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
         return {"status": "dry_run", "num_params": counts["total"], "num_params_M": counts["total"] / 1e6,
                 "flops_per_token": model.flops_per_token(), "depth": cfg.model.depth}
 
-    from src.data import load_prepared, train_batches, val_tokens
-    from src.evaluate import evaluate_bpb
-
-    data = load_prepared(cfg.data)
-    if data.vocab_size != vocab:
-        raise ValueError(f"data.vocab_size={vocab} but the prepared tokenizer in {data.dir} has {data.vocab_size}; "
-                         f"set data.vocab_size={data.vocab_size} or re-run prepare.py with the same data options")
-    model = GPT(GPTConfig.from_model_config(cfg.model, vocab)).to(rt.device)
-    model.init_weights()
-    log.info("%s", describe(model, cfg, accum))
-    log.info("device %s (%s), dtype %s, compile %s", rt.device, rt.name, rt.dtype_name, rt.compile)
-    opt = build_optimizer(model, cfg.optimizer)
-    fwd = torch.compile(model, dynamic=False) if rt.compile else model
-    counts = model.param_counts()
+    tracker = Tracker(cfg.tracking, out_dir, tags={"mlflow.source.name": "src.train", "output_dir": str(out_dir or "")})
+    prov = provenance(REPO)
     summary = {"status": "ok", "device": str(rt.device), "device_name": rt.name, "dtype": rt.dtype_name,
                "seed": cfg.seed, "grad_accum_steps": accum, "device_batch_size": B,
-               **{k: v for k, v in provenance(REPO).items() if k != "versions"}}
-    clock = BudgetClock(cfg.budget, cfg.batch.total_tokens)
-    rt.reset_peak_memory()
+               **{k: v for k, v in prov.items() if k != "versions"}, "mlflow_run_id": None}
+    parts: dict = {}  # model and clock, once they exist
+    lock, result = threading.Lock(), {}
+
+    def finish(status: str | None = None, error: str | None = None) -> dict:
+        """Fill in the numbers, print the block, write summary.json, end the MLflow run; once only."""
+        with lock:
+            if result:
+                return result
+            if status:
+                summary.update(status=status, error=error, val_bpb=float("nan"))
+            clock = parts.get("clock")
+            fill_summary(summary, cfg, rt, clock, parts.get("model"), t_start)
+            print(format_summary(summary), flush=True)
+            path = out_dir / "summary.json" if out_dir is not None else None
+            if path is not None:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(summary, indent=2, default=str))
+            logs = sorted(out_dir.glob("*.log")) if out_dir is not None else []
+            tracker.finish(summary["status"], summary, files=[p for p in [path, *logs] if p],
+                           texts=run_texts(cfg, prov, out_dir), step_times=clock.step_times if clock else None,
+                           stalled_steps=clock.stalled_steps if clock else None,
+                           first_step=cfg.budget.warmup_steps + 1)
+            print(tracker.report(), flush=True)
+            if tracker.not_logged and path is not None:
+                summary["tracking_error"] = "not logged to MLflow: " + "; ".join(tracker.not_logged)
+                path.write_text(json.dumps(summary, indent=2, default=str))
+            result.update(summary)
+            return summary
+
+    def on_stuck():  # the watchdog: a step still running long after the ceiling (a hung device)
+        finish("timeout", f"a training step was still running {parts['clock'].elapsed():.0f} s after training "
+                          "began, past the hard wall-clock ceiling: the device hung; re-run the experiment")
+        sys.stderr.write("run ended by the wall-clock watchdog (status timeout)\n")
+        sys.stderr.flush()
+        os._exit(3)
+
+    def tracking_ready():  # mlflow was imported and the run created while the model was built and warmed up
+        tracker.wait_ready()  # a store that cannot be opened stops the run here, before counted training
+        summary.update(mlflow_run_id=tracker.run_id, tracking_uri=tracker.uri)
+        tracker.log_params(run_params(cfg, parts["model"], rt, accum, B, prov))
+        tracker.set_tags({"mlflow.source.git.commit": prov["git_sha"]})
+
+    def on_step(step: int, values: dict) -> None:
+        if step == cfg.budget.warmup_steps:
+            tracking_ready()
+        tracker.log_step(step, values)
+
     try:
-        train_loop(fwd, opt, train_batches(data, B, cfg.model.sequence_len, cfg.seed, rt.device),
-                   clock, cfg, rt, accum)
-        val = val_tokens(data, cfg.data.eval_tokens)
-        eval_bs = max(1, cfg.eval_batch_tokens // cfg.model.sequence_len)
-        summary["val_bpb"] = evaluate_bpb(model, val, torch.from_numpy(data.token_bytes), cfg.model.sequence_len,
-                                          eval_bs, rt.device, rt.autocast, progress=cfg.progress)
+        with killed_by_signals():
+            tracker.start()  # checks the store now; imports mlflow and opens it in the background, overlapped
+            from src.data import load_prepared, train_batches, val_tokens
+            from src.evaluate import evaluate_bpb
+
+            data = load_prepared(cfg.data)
+            if data.vocab_size != vocab:
+                raise ValueError(f"data.vocab_size={vocab} but the prepared tokenizer in {data.dir} has "
+                                 f"{data.vocab_size}; set data.vocab_size={data.vocab_size} or re-run prepare.py "
+                                 "with the same data options")
+            model = parts["model"] = GPT(GPTConfig.from_model_config(cfg.model, vocab)).to(rt.device)
+            model.init_weights()
+            log.info("%s", describe(model, cfg, accum))
+            log.info("device %s (%s), dtype %s, compile %s", rt.device, rt.name, rt.dtype_name, rt.compile)
+            opt = build_optimizer(model, cfg.optimizer)
+            fwd = torch.compile(model, dynamic=False) if rt.compile else model
+            if tracker.enabled and cfg.budget.warmup_steps == 0:
+                tracking_ready()
+            batches = train_batches(data, B, cfg.model.sequence_len, cfg.seed, rt.device)
+            if os.environ.get(STALL_ENV):  # fault drill for tests; the loop itself stays untouched
+                batches = inject_stalls(batches, accum, os.environ[STALL_ENV])
+            rt.reset_peak_memory()
+            clock = parts["clock"] = BudgetClock(cfg.budget, cfg.batch.total_tokens)
+            watchdog = threading.Timer(clock.deadline + cfg.budget.wall_grace, on_stuck) if clock.deadline else None
+            if watchdog:
+                watchdog.daemon = True
+                watchdog.start()
+            try:
+                train_loop(fwd, opt, batches, clock, cfg, rt, accum, on_step if tracker.enabled else None)
+            finally:
+                if watchdog:
+                    watchdog.cancel()
+            if clock.stalled:
+                summary.update(status="stalled", error=(
+                    f"{clock.stalls} stalls took {clock.stalled_seconds:.1f} s, more than budget.stall_max_share="
+                    f"{cfg.budget.stall_max_share} of the budget: the score is suspect; re-run the experiment"))
+            val = val_tokens(data, cfg.data.eval_tokens)
+            eval_bs = max(1, cfg.eval_batch_tokens // cfg.model.sequence_len)
+            summary["val_bpb"] = evaluate_bpb(model, val, torch.from_numpy(data.token_bytes), cfg.model.sequence_len,
+                                              eval_bs, rt.device, rt.autocast, progress=cfg.progress)
     except RunFailed as e:
         log.error("run failed (%s): %s", e.status, e)
-        summary.update(status=e.status, error=str(e), val_bpb=float("nan"))
-    train_s = clock.training_seconds
-    flops = model.flops_per_token() * clock.tokens
-    summary.update(
-        training_seconds=train_s, total_seconds=time.time() - t_start, peak_vram_mb=rt.peak_memory_mb(),
-        mfu_percent=100 * flops / (train_s * rt.peak_flops) if train_s > 0 and rt.peak_flops > 0 else 0.0,
-        total_tokens_M=clock.tokens / 1e6, num_steps=clock.step, num_params_M=counts["total"] / 1e6,
-        depth=cfg.model.depth, tokens_per_sec=clock.tokens_per_sec,
-        **quantiles(clock.step_times))
-    print(format_summary(summary), flush=True)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+        return finish(e.status, str(e))
+    except BaseException as e:  # a crash: record it, then let it propagate
+        finish("crash", f"{type(e).__name__}: {e}")
+        raise
+    return finish()
 
 
 def _hydra_main():
@@ -190,12 +326,25 @@ def _hydra_main():
     def main(dcfg) -> float:
         cfg = to_object(dcfg)
         hc = HydraConfig.get()
-        summary = run(cfg, Path(hc.runtime.output_dir))
-        if hc.mode == RunMode.RUN and summary["status"] not in ("ok", "dry_run"):
+        if hc.mode == RunMode.MULTIRUN:  # name each job of a sweep by what it changes
+            cfg.tracking.run_name = cfg.tracking.run_name or job_run_name(list(hc.overrides.task))
+        try:
+            summary = run(cfg, Path(hc.runtime.output_dir))
+        except TrackingError as e:
+            sys.exit(f"error: {e}")
+        except Exception:
+            if hc.mode == RunMode.RUN:
+                raise
+            log.exception("job %s crashed (recorded in its summary.json and MLflow); the sweep goes on", hc.job.num)
+            return float("nan")
+        if summary["status"] == "killed" or (hc.mode == RunMode.RUN and summary["status"] not in ("ok", "dry_run")):
             sys.exit(1)
         return summary.get("val_bpb", float("nan"))
 
-    main()
+    try:
+        main()
+    finally:
+        gc.freeze()  # the run is over: spare the exit-time GC scan of torch's and mlflow's objects (~1-2 s)
 
 
 if __name__ == "__main__":
