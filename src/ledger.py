@@ -24,6 +24,7 @@ from typing import Optional
 
 from src.proposal import Proposal
 from src.session import atomic_write, disk_error
+from src.tracking import artifact_location
 
 log = logging.getLogger("src.ledger")
 
@@ -188,13 +189,6 @@ class Ledger:
 
 
 # ---------------------------------------------------------------------------- MLflow
-
-
-def artifact_location(uri: str) -> Optional[str]:
-    """Artifacts beside a sqlite db (<db dir>/artifacts); None lets a server decide."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
-    return None
 
 
 class SessionRuns:

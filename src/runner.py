@@ -84,6 +84,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec (Linu
 
 
 def alive(pid: Optional[int]) -> bool:
+    """Is the process running (a zombie waiting to be reaped is not)?"""
     if not pid:
         return False
     try:
@@ -92,7 +93,11 @@ def alive(pid: Optional[int]) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] != "Z"
+    except (OSError, ValueError, IndexError):
+        return True
 
 
 def stop_group(pid: int, grace_s: float = 15.0, proc: Optional[subprocess.Popen] = None) -> None:
