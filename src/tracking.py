@@ -13,9 +13,9 @@ tracking server is one too with `tracking.strict=true`, otherwise the run trains
 one parent run per Hydra multirun and prints the sweep's results, best first.
 
 Usage:
-    tracker = Tracker(cfg.tracking, out_dir).start()   # opens the store in the background
-    tracker.wait_ready()                                # raises TrackingError on a bad store
-    tracker.log_params(params(cfg, derived)); tracker.log_step(step, {"loss": 2.1, ...})
+    tracker = Tracker(cfg.tracking, out_dir).start()  # checks the store, opens it in the background
+    tracker.wait_ready()                               # after warm-up; TrackingError for a bad store
+    tracker.log_params(flatten(cfg)); tracker.log_step(step, {"loss": 2.1, ...})  # -> train/loss
     tracker.finish("ok", summary, files=[...], step_times=clock.step_times)
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from src.config import TrackingConfig
+from src.config import TrackingConfig, to_object
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
@@ -400,8 +400,11 @@ def sweep_table(sweep_dir: Path) -> list[dict]:
     common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
     for r in rows:  # what the sweep varied, for the table
         r["changes"] = " ".join(o for o in r["overrides"].split() if o not in common)
-    bpb = lambda s: s.get("val_bpb") if isinstance(s.get("val_bpb"), (int, float)) and math.isfinite(s["val_bpb"]) else math.inf
-    return sorted(rows, key=lambda s: (s.get("status") != "ok", bpb(s)))
+    def rank(s: dict) -> tuple:
+        bpb = s.get("val_bpb")
+        return s.get("status") != "ok", bpb if isinstance(bpb, (int, float)) and math.isfinite(bpb) else math.inf
+
+    return sorted(rows, key=rank)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -449,9 +452,6 @@ class SweepCallback(Callback):
         return {"tracker": None}
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        from src.config import TrackingConfig
-        from src.config import to_object
-
         tcfg = to_object(config.tracking, TrackingConfig) if "tracking" in config else TrackingConfig()
         if not tcfg.enabled:
             return
@@ -482,13 +482,14 @@ class SweepCallback(Callback):
         rows = sweep_table(sweep_dir)
         table = format_table(rows)
         print(f"\nsweep results ({len(rows)} jobs, best first) in {sweep_dir}:\n{table}", flush=True)
-        if self.tracker is None or not self.tracker.active:
-            return
         os.environ.pop(PARENT_ENV, None)
         os.environ.pop(SWEEP_KEYS_ENV, None)
+        if self.tracker is None or not self.tracker.active:
+            return
         best = rows[0] if rows and rows[0].get("status") == "ok" else {}
         summary = {"val_bpb": best.get("val_bpb", float("nan")), "jobs": len(rows),
                    "jobs_ok": sum(r.get("status") == "ok" for r in rows)}
-        self.tracker.set_tags({"best_run_id": best.get("mlflow_run_id", ""), "best_overrides": best.get("overrides", "")})
+        self.tracker.set_tags({"best_run_id": best.get("mlflow_run_id", ""),
+                               "best_overrides": best.get("overrides", "")})
         self.tracker.finish("ok" if best else "crash", summary, texts={"sweep_results.txt": table + "\n"})
         print(self.tracker.report(), flush=True)

@@ -254,3 +254,21 @@ def test_a_tracker_that_is_off_touches_nothing(tmp_path):
     assert not (tmp_path / "x").exists() and "disabled" in t.report()
     with pytest.raises(TrackingError, match="cannot open the MLflow store"):
         Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}")).start()  # a directory, not a db file
+
+
+def test_statuses_map_to_finished_or_failed_with_the_reason_as_a_tag(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ended = {}
+    for status in ("ok", "stalled", "nan", "crash", "timeout"):
+        t = Tracker(TrackingConfig(uri=uri, run_name=status)).start()
+        t.wait_ready()
+        t.log_step(1, {"loss": 3.0})
+        t.finish(status, {"val_bpb": 2.0, "num_steps": 1, "error": None if status == "ok" else f"why {status}"})
+        run = MlflowClient(uri).get_run(t.run_id)
+        ended[status] = (run.info.status, run.data.tags["status"], run.data.tags.get("error"))
+        assert [m.step for m in MlflowClient(uri).get_metric_history(t.run_id, "train/loss")] == [1]
+    assert ended == {"ok": ("FINISHED", "ok", None), "stalled": ("FINISHED", "stalled", "why stalled"),
+                     "nan": ("FAILED", "nan", "why nan"), "crash": ("FAILED", "crash", "why crash"),
+                     "timeout": ("FAILED", "timeout", "why timeout")}
