@@ -239,12 +239,7 @@ class Tracker:
             self._ready.set()
         if self._client is None:
             return
-        try:  # warm the figure's imports while the model trains, not after
-            import matplotlib.backends.backend_agg  # noqa: F401
-            import matplotlib.figure  # noqa: F401
-        except ImportError:
-            pass
-        while not self._stop.wait(self.cfg.flush_every_s):
+        while not self._stop.wait(self.cfg.flush_every_s):  # nothing heavier here: it would share the GIL
             self._flush()
 
     def _open(self) -> None:
