@@ -127,7 +127,7 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 42
     dry_run: bool = False  # print the derived model and exit, touching no data
-    eval_batch_tokens: int = 65536  # tokens per evaluation forward pass
+    eval_batch_tokens: Optional[int] = None  # tokens per evaluation forward pass; None = the device's default
     progress: bool = True  # progress bar over the budget
 
 

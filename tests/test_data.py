@@ -100,7 +100,14 @@ def test_prepared_dir_names(tmp_path):
     b = prepared_dir(DataConfig(name="text", paths=["b"], cache_dir=base)).name
     c = prepared_dir(DataConfig(name="text", paths=["a"], val_fraction=0.2, cache_dir=base)).name
     assert a.startswith("text-byte-") and len(a) == len("text-byte-") + 8 and len({a, b, c}) == 3
+
+
+
+def test_cache_dir_default_and_env(monkeypatch):
+    monkeypatch.delenv("OVERNIGHT_CACHE", raising=False)
     assert str(prepared_dir(DataConfig())).startswith(str(Path("~/.cache/overnight").expanduser()))
+    monkeypatch.setenv("OVERNIGHT_CACHE", "/somewhere/else")
+    assert prepared_dir(DataConfig()) == Path("/somewhere/else/shakespeare-byte")
 
 
 def test_load_prepared_missing_names_the_command(tmp_path):
