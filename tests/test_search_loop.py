@@ -212,3 +212,13 @@ def test_invalid_streak_stops_the_session(lab):
     rows = read_tsv(sdir(lab) / "results.tsv")
     assert [r["status"] for r in rows] == ["baseline", "invalid", "invalid"]
     assert "invalid proposals in a row" in out["stop_reason"]
+
+
+def test_resume_with_another_agent_warns_and_names_the_original(lab, caplog):
+    start(lab, "agent=tpe", "agent.n_startup_trials=1", "search.max_experiments=1", "search.baseline_repeats=1")
+    proposals = [{"description": "smaller batch", "overrides": ["batch.total_tokens=4096", "batch.device_tokens=4096"]}]
+    with caplog.at_level("WARNING", logger="src.search"):
+        start(lab, "search.max_experiments=2", "search.baseline_repeats=1", "search.resume=true", proposals=proposals)
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "was run by agent=tpe" in msg and "continues it with agent=replay" in msg
+    assert "search.resume=true agent=tpe" in msg
