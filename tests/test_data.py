@@ -4,7 +4,6 @@ Usage: python -m pytest tests/test_data.py -q
 """
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -12,15 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # so `prepare` (repo root) imports without an installed package
-    sys.path.insert(0, str(ROOT))
 
-import prepare as prep  # noqa: E402
-from src.config import DataConfig  # noqa: E402
-from src.data import (DataNotPreparedError, PrepareError, load_prepared, prepared_dir, train_batches,  # noqa: E402
+import prepare as prep
+from src.config import DataConfig
+from src.data import (DataNotPreparedError, PrepareError, load_prepared, prepared_dir, train_batches,
                       val_tokens, verify_checksums)
-from src.tokenizer import BOS, ByteTokenizer, TokenizerError, load_tokenizer, train_bpe  # noqa: E402
+from src.tokenizer import BOS, ByteTokenizer, TokenizerError, load_tokenizer, train_bpe
 
 WORDS = ("the quick brown fox jumps over lazy dog alpha beta gamma delta héllo wörld 中文 naïve café "
          "to be or not that is question whether tis nobler mind suffer slings arrows").split()

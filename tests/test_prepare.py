@@ -21,12 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # so `prepare` (repo root) imports without an installed package
-    sys.path.insert(0, str(ROOT))
 
-import prepare as prep  # noqa: E402
-from src.config import DataConfig  # noqa: E402
-from src.data import DataNotPreparedError, PrepareError, load_prepared, prepared_dir  # noqa: E402
+import prepare as prep
+from src.config import DataConfig
+from src.data import DataNotPreparedError, PrepareError, load_prepared, prepared_dir
 
 WORDS = "to be or not that is the question whether tis nobler in mind suffer slings arrows héllo 中文".split()
 
