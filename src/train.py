@@ -319,6 +319,7 @@ def _hydra_main():
     from hydra.types import RunMode
 
     from src.config import register_configs, to_object
+    from src.data import PrepareError
 
     register_configs()
 
@@ -332,6 +333,10 @@ def _hydra_main():
             summary = run(cfg, Path(hc.runtime.output_dir))
         except TrackingError as e:
             sys.exit(f"error: {e}")
+        except PrepareError as e:  # e.g. data not prepared: the message names the prepare.py command
+            if hc.mode == RunMode.RUN:
+                sys.exit(f"error: {e}")
+            raise
         except Exception:
             if hc.mode == RunMode.RUN:
                 raise
