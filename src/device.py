@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 from src.config import DeviceConfig
+from src.paths import cache_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_PEAK_BF16 = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
                  "4090": 165e12, "3090": 71e12, "B200": 2250e12}
-PROBE_CACHE = Path(os.environ.get("OVERNIGHT_CACHE", "~/.cache/overnight")).expanduser() / "device_probe.json"
+PROBE_CACHE = cache_dir() / "device_probe.json"
 
 
 @dataclass

@@ -10,7 +10,7 @@ Usage: model = GPT(GPTConfig.from_model_config(cfg.model, vocab_size)); loss = m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -20,22 +20,15 @@ from src.config import ModelConfig
 
 
 @dataclass
-class GPTConfig:
-    vocab_size: int
-    n_layer: int
-    n_head: int
-    n_kv_head: int
-    n_embd: int
-    head_dim: int
-    sequence_len: int
-    window_pattern: str = "SSSL"
-    value_embeds: bool = True
-    ve_gate_channels: int = 32
-    softcap: float = 15.0
-    activation: str = "relu2"
-    mlp_ratio: int = 4
-    rope_base: float = 10000.0
-    x0_init: float = 0.1
+class GPTConfig(ModelConfig):
+    """The model knobs (ModelConfig, conf/model/) plus what code derives from them."""
+    vocab_size: int = 0  # from the prepared tokenizer
+    n_head: int = 0  # query heads = width / head_dim
+    n_embd: int = 0  # width = depth * aspect_ratio, rounded up to head_dim
+
+    @property
+    def n_layer(self) -> int:
+        return self.depth
 
     @classmethod
     def from_model_config(cls, m: ModelConfig, vocab_size: int) -> "GPTConfig":
@@ -49,11 +42,9 @@ class GPTConfig:
             raise ValueError(f"model.activation={m.activation!r}; expected one of {sorted(ACTIVATIONS)}")
         if not m.window_pattern or set(m.window_pattern.upper()) - set("SL"):
             raise ValueError(f"model.window_pattern={m.window_pattern!r}; expected letters S (half context) and L (full)")
-        return cls(vocab_size=vocab_size, n_layer=m.depth, n_head=n_head, n_kv_head=n_kv_head,
-                   n_embd=width, head_dim=m.head_dim, sequence_len=m.sequence_len,
-                   window_pattern=m.window_pattern.upper(), value_embeds=m.value_embeds,
-                   ve_gate_channels=m.ve_gate_channels, softcap=m.softcap, activation=m.activation,
-                   mlp_ratio=m.mlp_ratio, rope_base=m.rope_base, x0_init=m.x0_init)
+        knobs = {f.name: getattr(m, f.name) for f in fields(ModelConfig)}
+        knobs.update(n_kv_head=n_kv_head, window_pattern=m.window_pattern.upper())
+        return cls(**knobs, vocab_size=vocab_size, n_head=n_head, n_embd=width)
 
     def window_sizes(self) -> list[int]:
         """Attention window per layer in tokens; the last layer always sees the full context."""

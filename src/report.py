@@ -1,163 +1,21 @@
-"""The report of a research session: leaderboard, progress plot, best diff and overrides.
+"""The report of a research session: python -m src.report [tag] (the report itself is src/lab/report.py).
 
-Written into the session directory (report.md, progress.png, best.diff, best_overrides.yaml) and
-logged to the session's MLflow parent run. The plot follows the reference: val_bpb per
-experiment, discarded ones faint, kept ones highlighted and labelled, the running best as a step.
+Writes report.md, progress.png, best.diff and best_overrides.yaml into the session directory,
+prints report.md and logs the files to the session's MLflow parent run.
 
 Usage: python -m src.report [tag] [--root outputs/research] [--no-mlflow]
 """
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 from typing import Optional
 
-from src.decision import NoiseFloor
-from src.ledger import Experiment, Ledger, SessionRuns
-from src.session import REPO, Git, SessionError, SessionState, list_sessions
-
-
-def _fmt(v: Optional[float], spec: str = ".6f") -> str:
-    return "-" if v is None or not math.isfinite(v) else format(v, spec)
-
-
-def leaderboard(rows: list[Experiment]) -> list[Experiment]:
-    """Rows with a val_bpb, best first (baseline repeats and experiments alike)."""
-    scored = [e for e in rows if e.val_bpb is not None and e.status in ("baseline", "keep", "discard")]
-    return sorted(scored, key=lambda e: e.val_bpb)
-
-
-def progress_plot(rows: list[Experiment], path: Path, title: str) -> Path:
-    """val_bpb per experiment (x = ledger order of runs), kept highlighted, running best as a step line."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    ran = [e for e in rows if e.status != "invalid"]
-    fig = Figure(figsize=(11, 5.5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    xs = list(range(len(ran)))
-    vals = [e.val_bpb for e in ran]
-    finite = [v for v in vals if v is not None and math.isfinite(v)]
-    best, best_xs, best_ys = math.inf, [], []
-    base = [e.val_bpb for e in ran if e.status == "baseline" and e.val_bpb is not None]
-    if base:
-        best = sum(base) / len(base)
-    for x, e in zip(xs, ran):
-        v = e.val_bpb
-        if e.status == "baseline" and v is not None:
-            ax.scatter(x, v, s=36, color="#1f77b4", zorder=3, label="baseline" if "baseline" not in
-                       [t.get_label() for t in ax.collections] else None)
-        elif e.status == "keep":
-            best = v
-            ax.scatter(x, v, s=60, color="#2ca02c", edgecolor="black", linewidth=0.6, zorder=4,
-                       label="kept" if "kept" not in [t.get_label() for t in ax.collections] else None)
-            ax.annotate(e.description[:40], (x, v), textcoords="offset points", xytext=(6, 6), fontsize=7,
-                        color="#2ca02c", rotation=20)
-        elif e.status == "discard" and v is not None:
-            ax.scatter(x, v, s=22, color="#bbbbbb", zorder=2,
-                       label="discarded" if "discarded" not in [t.get_label() for t in ax.collections] else None)
-        best_xs.append(x)
-        best_ys.append(best if math.isfinite(best) else float("nan"))
-    if finite:  # crashes and interruptions sit on the top edge as red crosses
-        lo, hi = min(finite), max(finite)
-        pad = max(hi - lo, 1e-3) * 0.08
-        top = hi + pad
-        for x, e in zip(xs, ran):
-            if e.status in ("crash", "interrupted"):
-                ax.scatter(x, top, marker="x", s=40, color="#d62728", zorder=3,
-                           label="crash / interrupted" if "crash / interrupted" not in
-                           [t.get_label() for t in ax.collections] else None)
-        ax.set_ylim(lo - pad, top + pad)
-    ax.step(best_xs, best_ys, where="post", color="#2ca02c", linewidth=1.6, alpha=0.8, label="running best")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("experiment (ledger order; invalid proposals not shown)")
-    ax.set_ylabel("val_bpb (lower is better)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
-def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlflow: bool = False) -> list[Path]:
-    """Write report.md, progress.png, best.diff and best_overrides.yaml; optionally log them to MLflow."""
-    d = Path(session_dir)
-    state = SessionState.from_json((d / "state.json").read_text())
-    ledger = Ledger(d)
-    rows = ledger.rows() if rows is None else rows
-    base = [e.val_bpb for e in rows if e.status == "baseline" and e.val_bpb is not None]
-    groups = [base] + [e.values for e in rows if e.status != "baseline"]
-    noise = NoiseFloor.pooled(groups)
-    margins = [e.margin for e in rows if e.margin is not None]
-    margin = margins[-1] if margins else None
-    base_mean = sum(base) / len(base) if base else None
-    kept = [e for e in rows if e.status == "keep"]
-    best = kept[-1] if kept else None
-    best_commit = best.commit if best else state.base_commit
-    best_val = best.val_bpb if best else base_mean
-    wt = Git(d / "worktree")
-    preset = f"conf/experiment/{_preset_name(state.tag)}.yaml"
-    try:
-        diff = wt("diff", state.base_commit, best_commit) if best else ""
-        overrides = wt("show", f"{best_commit}:{preset}") if best and wt.ok("cat-file", "-e", f"{best_commit}:{preset}") else ""
-    except SessionError:
-        diff, overrides = "", ""
-    files = []
-    (d / "best.diff").write_text(diff + ("\n" if diff else ""))
-    (d / "best_overrides.yaml").write_text(overrides + ("\n" if overrides else "") if overrides else
-                                           "# no overrides kept: the best is the baseline config\n")
-    files += [d / "best.diff", d / "best_overrides.yaml"]
-    n_ran = sum(1 for e in rows if e.counts)
-    title = f"research/{state.tag}: {n_ran} experiments, {len(kept)} kept"
-    if rows:
-        files.append(progress_plot(rows, d / "progress.png", title))
-    repro = " ".join(state.base_overrides + ([f"+experiment={_preset_name(state.tag)}"] if overrides else []))
-    lines = [f"# Research session `{state.tag}`", "",
-             f"- branch `{state.branch}` (from `{state.base_commit[:7]}`), best commit `{best_commit[:7]}`"
-             f" ({best.exp if best else 'baseline'})",
-             f"- baseline val_bpb {_fmt(base_mean)} (mean of {len(base)}), best {_fmt(best_val)}"
-             + (f", improvement {_fmt(base_mean - best_val, '.4f')}" if best and base_mean else ""),
-             f"- noise floor: sigma {_fmt(noise.sigma, '.4f')} ({noise.dof} dof); keep margin {_fmt(margin, '.4f')}",
-             f"- experiments run: {n_ran}, kept {len(kept)}, discarded {sum(e.status == 'discard' for e in rows)}, "
-             f"crashed {sum(e.status == 'crash' for e in rows)}, invalid {sum(e.status == 'invalid' for e in rows)}, "
-             f"interrupted {sum(e.status == 'interrupted' for e in rows)}",
-             f"- reproduce the best: `git checkout {best_commit[:12]} && python -m src.train {repro}`", "",
-             "## Leaderboard (best first)", "",
-             "| rank | exp | val_bpb | delta vs baseline | status | commit | description |",
-             "|---:|---|---:|---:|---|---|---|"]
-    for i, e in enumerate(leaderboard(rows), 1):
-        dv = e.val_bpb - base_mean if base_mean is not None else None
-        lines.append(f"| {i} | {e.exp} | {_fmt(e.val_bpb)} | {_fmt(dv, '+.4f')} | {e.status} | `{e.commit[:7]}` | "
-                     f"{e.description.replace('|', '/')[:100]} |")
-    bad = [e for e in rows if e.status in ("invalid", "crash", "interrupted")]
-    if bad:
-        lines += ["", "## Invalid, crashed and interrupted", "", "| exp | status | reason | description |",
-                  "|---|---|---|---|"]
-        lines += [f"| {e.exp} | {e.status} ({e.run_status}) | {e.reason.replace('|', '/')[:200]} | "
-                  f"{e.description.replace('|', '/')[:80]} |" for e in bad]
-    lines += ["", "## Best overrides", "", "```yaml", overrides.strip() or "# none", "```", "",
-              "## Best diff (vs the session's base commit)", "", "```diff", diff.strip() or "# no change", "```", "",
-              "![progress](progress.png)", ""]
-    (d / "report.md").write_text("\n".join(lines))
-    files.insert(0, d / "report.md")
-    if mlflow and state.parent_run_id and state.tracking_uri:
-        runs = SessionRuns(state.tracking_uri, state.tracking_experiment)
-        runs.parent_id = state.parent_run_id
-        runs.log_parent_files(files)
-    return files
-
-
-def _preset_name(tag: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_]", "_", tag) + "_best"
+from src.lab.ledger import Ledger
+from src.lab.report import write_report
+from src.lab.session import list_sessions
+from src.paths import REPO
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -4,13 +4,12 @@ A `Tracker` is one MLflow run. Its background thread imports mlflow, opens the s
 creates the run while the model is built (~2 s, overlapped), then sends the per-step
 metrics buffered by `log_step` in `log_batch` calls every `tracking.flush_every_s`.
 `finish` sends the rest, the final metrics and the artifacts (resolved config, run log,
-summary.json, step-time histogram) and ends the run FINISHED or FAILED, with the reason in
-the `status` tag (ok, stalled, nan, crash, killed, timeout).
+summary.json, step-time histogram) and ends the run FINISHED or FAILED (src/status.py), with
+the reason in the `status` tag (ok, stalled, nan, crash, killed, timeout).
 
 Faults: a store that cannot be opened is a `TrackingError` before training; an unreachable
 tracking server is one too with `tracking.strict=true`, otherwise the run trains unlogged and
-`not_logged` says what is missing. `SweepCallback` (conf/train.yaml, hydra.callbacks) makes
-one parent run per Hydra multirun and prints the sweep's results, best first.
+`not_logged` says what is missing. Sweeps (one parent run per multirun) are src/sweep.py.
 
 Usage:
     tracker = Tracker(cfg.tracking, out_dir).start()  # checks the store, opens it in the background
@@ -20,10 +19,7 @@ Usage:
 """
 from __future__ import annotations
 
-import atexit
-import json
 import logging
-import math
 import os
 import threading
 import time
@@ -33,15 +29,15 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from src.config import TrackingConfig, to_object
+from src.config import TrackingConfig
+from src.paths import REPO
+from src.status import mlflow_status
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT_STORE = REPO / "mlruns"
-PARENT_ENV = "OVERNIGHT_PARENT_RUN_ID"  # set by SweepCallback so every job of a sweep nests under one run
-SWEEP_KEYS_ENV = "OVERNIGHT_SWEEP_KEYS"  # ... and the keys the sweep varies, which name its jobs' runs
-FAILED_STATUSES = ("nan", "crash", "killed", "timeout")  # -> MLflow status FAILED; ok and stalled -> FINISHED
+PARENT_ENV = "OVERNIGHT_PARENT_RUN_ID"  # set by src.sweep.SweepCallback so every job of a sweep nests under one run
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+MAX_TAG_LEN = 5000  # ... and the length we keep of a tag value
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every sqlite database file
 
 
@@ -83,6 +79,21 @@ def check_server(uri: str, timeout: float) -> None:
     with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
         if resp.status != 200:
             raise OSError(f"health check answered HTTP {resp.status}")
+
+
+def ensure_experiment(client, name: str, uri: str):
+    """The MLflow experiment `name`, created (artifacts beside a sqlite store) if missing; race-free
+    when several processes (train runs, the search) create it at once."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            client.create_experiment(name, artifact_location=artifact_location(uri))
+        except MlflowException:  # another process created it first
+            pass
+        exp = client.get_experiment_by_name(name)
+    return exp
 
 
 def _head(path: Path, n: int = 16) -> bytes:
@@ -172,6 +183,11 @@ class Tracker:
         self._last_error = ""
 
     @property
+    def finished(self) -> bool:
+        """`finish` was called (the run is ended, or was never logged)."""
+        return self._finished
+
+    @property
     def active(self) -> bool:
         """Runs are being logged (enabled, store open)."""
         return self.enabled and self._client is not None and self.run_id is not None
@@ -246,16 +262,9 @@ class Tracker:
         if is_remote(self.uri):
             check_server(self.uri, self.cfg.timeout_s)
         from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
 
         client = MlflowClient(tracking_uri=self.uri)
-        exp = client.get_experiment_by_name(self.cfg.experiment)
-        if exp is None:
-            try:
-                client.create_experiment(self.cfg.experiment, artifact_location=artifact_location(self.uri))
-            except MlflowException:  # another process created it first
-                pass
-            exp = client.get_experiment_by_name(self.cfg.experiment)
+        exp = ensure_experiment(client, self.cfg.experiment, self.uri)
         if exp.lifecycle_stage != "active":
             raise TrackingError(f"experiment {self.cfg.experiment!r} is deleted; restore it "
                                 "(mlflow experiments restore) or pick another tracking.experiment")
@@ -315,7 +324,7 @@ class Tracker:
             return
         from mlflow.entities import RunTag
 
-        if not self._call("log_batch", self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()]):
+        if not self._call("log_batch", self.run_id, tags=[RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in tags.items()]):
             self._unlogged(f"tags {sorted(tags)} ({self._last_error})")
 
     def finish(self, status: str, summary: dict, files: Iterable[Path] = (), texts: dict[str, str] | None = None,
@@ -366,7 +375,7 @@ class Tracker:
         if summary.get("error"):
             tags["error"] = summary["error"]
         self.set_tags(tags)
-        if not self._call("set_terminated", self.run_id, "FAILED" if status in FAILED_STATUSES else "FINISHED"):
+        if not self._call("set_terminated", self.run_id, mlflow_status(status)):
             self._unlogged(f"the run's end status ({self._last_error})")
 
     def report(self) -> str:
@@ -378,113 +387,3 @@ class Tracker:
         if self.run_id is None:
             return f"MLflow: NOT logged: the store {self.uri} was not opened ({self._open_error or 'not started'})"
         return f"MLflow: run {self.run_id} logged to {self.uri}"
-
-
-# --- sweeps ----------------------------------------------------------------------------------
-
-def sweep_table(sweep_dir: Path) -> list[dict]:
-    """The sweep's jobs (their summary.json and overrides), best val_bpb first, failures last."""
-    rows = []
-    for path in sorted(sweep_dir.rglob("summary.json")):
-        s = json.loads(path.read_text())
-        ov = path.parent / ".hydra" / "overrides.yaml"
-        s["overrides"] = " ".join(l[2:].strip() for l in ov.read_text().splitlines() if l.startswith("- ")) \
-            if ov.exists() else ""
-        s["job"] = path.parent.relative_to(sweep_dir).as_posix()
-        rows.append(s)
-    common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
-    for r in rows:  # what the sweep varied, for the table
-        r["changes"] = " ".join(o for o in r["overrides"].split() if o not in common)
-    def rank(s: dict) -> tuple:
-        bpb = s.get("val_bpb")
-        return s.get("status") != "ok", bpb if isinstance(bpb, (int, float)) and math.isfinite(bpb) else math.inf
-
-    return sorted(rows, key=rank)
-
-
-def format_table(rows: list[dict]) -> str:
-    cols = [("job", "job", "{}"), ("val_bpb", "val_bpb", "{:.6f}"), ("status", "status", "{}"),
-            ("steps", "num_steps", "{}"), ("tok/s", "tokens_per_sec", "{:.0f}"), ("p50 s", "step_time_p50", "{:.3f}"),
-            ("p99 s", "step_time_p99", "{:.3f}"), ("stalls", "stalls", "{}"), ("overrides", "changes", "{}")]
-    cells = [[h for h, _, _ in cols]]
-    for r in rows:
-        cells.append([fmt.format(r[k]) if r.get(k) is not None else "-" for _, k, fmt in cols])
-    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
-
-
-def swept_keys(overrides: list[str]) -> list[str]:
-    """The keys a multirun varies: those of its sweep overrides (`a=1,2`, `x=range(3)`, `group=a,b`)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return [o.get_key_element() for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()]
-
-
-def job_run_name(job_overrides: list[str]) -> str | None:
-    """A sweep job's run name: its values of the swept keys (`optimizer.matrix_lr=0.02,batch=small`)."""
-    keys = set(filter(None, os.environ.get(SWEEP_KEYS_ENV, "").split(",")))
-    name = ",".join(o for o in job_overrides if o.split("=", 1)[0] in keys)
-    return name[:250] or None
-
-
-try:
-    from hydra.experimental.callback import Callback
-except ImportError:  # hydra is a dependency; keep the module importable without it
-    Callback = object
-
-
-class SweepCallback(Callback):
-    """Hydra callback: one MLflow parent run per multirun, its jobs nested under it, a results table at the end.
-
-    The parent's id reaches the jobs through $OVERNIGHT_PARENT_RUN_ID, which the basic launcher's
-    in-process jobs and the joblib launcher's worker processes both inherit.
-    """
-
-    def __init__(self) -> None:
-        self.tracker: Tracker | None = None
-
-    def __getstate__(self) -> dict:  # joblib pickles callbacks for its workers; the parent run stays here
-        return {"tracker": None}
-
-    def on_multirun_start(self, config, **kwargs) -> None:
-        tcfg = to_object(config.tracking, TrackingConfig) if "tracking" in config else TrackingConfig()
-        if not tcfg.enabled:
-            return
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        tcfg.run_name = tcfg.run_name or f"sweep {sweep_dir.parent.name}/{sweep_dir.name}"
-        overrides = " ".join(config.hydra.overrides.task)
-        os.environ[SWEEP_KEYS_ENV] = ",".join(swept_keys(list(config.hydra.overrides.task)))
-        self.tracker = Tracker(tcfg, tags={"sweep": "true", "sweep_dir": str(config.hydra.sweep.dir),
-                                           "sweep_overrides": overrides})
-        self.tracker.start()
-        try:
-            self.tracker.wait_ready()
-        except TrackingError as e:
-            log.error("%s", e)
-            raise
-        if self.tracker.active:
-            os.environ[PARENT_ENV] = self.tracker.run_id
-            print(f"MLflow: sweep parent run {self.tracker.run_id} ({tcfg.run_name})", flush=True)
-            atexit.register(self._abandoned)
-
-    def _abandoned(self) -> None:
-        """The sweep ended without on_multirun_end (Ctrl-C, a crashed job): mark the parent killed."""
-        if self.tracker is not None and not self.tracker._finished:
-            self.tracker.finish("killed", {"error": "the sweep stopped before all jobs finished"})
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        rows = sweep_table(sweep_dir)
-        table = format_table(rows)
-        print(f"\nsweep results ({len(rows)} jobs, best first) in {sweep_dir}:\n{table}", flush=True)
-        os.environ.pop(PARENT_ENV, None)
-        os.environ.pop(SWEEP_KEYS_ENV, None)
-        if self.tracker is None or not self.tracker.active:
-            return
-        best = rows[0] if rows and rows[0].get("status") == "ok" else {}
-        summary = {"val_bpb": best.get("val_bpb", float("nan")), "jobs": len(rows),
-                   "jobs_ok": sum(r.get("status") == "ok" for r in rows)}
-        self.tracker.set_tags({"best_run_id": best.get("mlflow_run_id", ""),
-                               "best_overrides": best.get("overrides", "")})
-        self.tracker.finish("ok" if best else "crash", summary, texts={"sweep_results.txt": table + "\n"})
-        print(self.tracker.report(), flush=True)

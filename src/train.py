@@ -33,11 +33,12 @@ from src.config import TrainConfig
 from src.device import Runtime, resolve
 from src.model import GPT, GPTConfig
 from src.optim import build_optimizer
+from src.paths import REPO
 from src.provenance import provenance
-from src.tracking import Tracker, TrackingError, flatten, job_run_name
+from src.sweep import job_run_name
+from src.tracking import Tracker, TrackingError, flatten
 
 log = logging.getLogger("src.train")
-REPO = Path(__file__).resolve().parent.parent
 SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
                 "total_tokens_M", "num_steps", "num_params_M", "depth")
 

@@ -43,7 +43,8 @@ def compose_search(overrides: list[str]):
     """The typed SearchAppConfig, composed like `python -m src.search <overrides>`."""
     from hydra import compose, initialize_config_dir
 
-    from src.config import SearchAppConfig, register_search_configs, to_object
+    from src.config import to_object
+    from src.lab.config import SearchAppConfig, register_search_configs
 
     register_search_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

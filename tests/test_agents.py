@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.agents import Best, SearchState, build_agent
-from src.agents.replay import ReplayAgent, load_proposals
-from src.agents.space import SpaceError, check_space, distributions, to_overrides
-from src.config import KnobConfig, OptunaAgentConfig, ReplayAgentConfig, SearchSpaceConfig
-from src.ledger import Experiment
-from src.proposal import Proposal, check_overrides, compose_train
+from src.lab.agents import Best, SearchState, build_agent
+from src.lab.agents.replay import ReplayAgent, load_proposals
+from src.lab.agents.space import SpaceError, check_space, distributions, to_overrides
+from src.lab.config import KnobConfig, OptunaAgentConfig, ReplayAgentConfig, SearchSpaceConfig
+from src.lab.ledger import Experiment
+from src.lab.proposal import Proposal, check_overrides, compose_train
 from tests.search_support import REPO, compose_search
 
 CONF = REPO / "conf"

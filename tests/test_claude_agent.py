@@ -22,12 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from src.agents.base import AgentStop, Best, SearchState
-from src.agents.claude import USAGE_FILE, ClaudeAgent, Usage, price_for
-from src.agents.claude_context import TOOL_NAME, history_table
-from src.config import ClaudeAgentConfig, ClaudePrice, TrainConfig
-from src.ledger import Experiment
-from src.proposal import Proposal
+from src.lab.agents.base import AgentStop, Best, SearchState
+from src.lab.agents.claude import USAGE_FILE, ClaudeAgent, Usage, price_for
+from src.lab.agents.claude_context import TOOL_NAME, history_table
+from src.config import TrainConfig
+from src.lab.config import ClaudeAgentConfig, ClaudePrice
+from src.lab.ledger import Experiment
+from src.lab.proposal import Proposal
 from tests.conftest import REPO
 from tests.messages_server import MessagesServer, error, max_tokens, refusal, text, tool_use
 from tests.search_support import crash_patch, make_patch, make_repo, read_tsv, session_children

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from src.decision import NoiseFloor, decide
+from src.lab.decision import NoiseFloor, decide
 
 
 def test_pooled_sigma_over_groups_of_repeats():

@@ -10,9 +10,10 @@ import os
 
 import pytest
 
-from src.ledger import COLUMNS, Experiment, Ledger, SessionRuns
-from src.proposal import Proposal
-from src.session import SessionError, atomic_write
+from src.lab.ledger import COLUMNS, Experiment, Ledger
+from src.lab.runs import SessionRuns
+from src.lab.proposal import Proposal
+from src.lab.session import SessionError, atomic_write
 
 
 def exp(i: int, **kw) -> Experiment:
@@ -35,7 +36,7 @@ def test_rows_round_trip_with_the_reference_columns_first(tmp_path):
     rows = led.rows()
     assert [r.exp for r in rows] == ["exp-001", "exp-002"]
     assert rows[0].description == "tabs and newlines" and rows[0].val_bpb is None
-    assert rows[0].proposal == p and rows[0].config == ["optimizer.matrix_lr=0.03"] and rows[0].commit == "b" * 40
+    assert rows[0].proposal == p and rows[0].overrides_in_effect == ["optimizer.matrix_lr=0.03"] and rows[0].commit == "b" * 40
     assert rows[1].commit == "aaaaaaa" and rows[1].num_steps == 12 and rows[1].val_bpb == pytest.approx(2.52)
 
 

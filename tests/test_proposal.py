@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from src.config import TrainConfig, register_configs
-from src.proposal import (InvalidProposal, Proposal, check_overrides, check_patch_paths, compose_train,
+from src.lab.proposal import (InvalidProposal, Proposal, check_overrides, check_patch_paths, compose_train,
                           merge_overrides, patch_paths, preset_yaml)
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

@@ -12,9 +12,10 @@ import os
 
 import yaml
 
-from src.ledger import Experiment
-from src.report import leaderboard, main
-from src.search import Search, train_overrides
+from src.lab.ledger import Experiment
+from src.lab.report import leaderboard
+from src.report import main
+from src.lab.loop import Search, train_overrides
 from tests.search_support import comment_patch, compose_search, fake_command, make_repo
 
 

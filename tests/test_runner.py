@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from src.runner import RunInterrupted, Runner, alive, clean_env
+from src.lab.runner import RunInterrupted, Runner, alive, clean_env
 from tests.search_support import fake_command
 
 

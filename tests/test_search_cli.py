@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.runner import alive
+from src.lab.runner import alive
 from tests.conftest import REPO, run_cli
 from tests.search_support import TINY_TRAIN, crash_patch, comment_patch, git, make_repo, read_tsv, session_children
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.search import Search, train_overrides
-from src.session import Session, SessionError
+from src.lab.loop import Search, train_overrides
+from src.lab.session import Session, SessionError
 from tests.search_support import (comment_patch, compose_search, fake_command, git, make_repo, read_tsv,
                                   session_children)
 
@@ -137,7 +137,7 @@ def test_noise_margin_and_confirmation(lab, monkeypatch):
     assert rows[4]["status"] == "keep" and "confirmation re-run" in rows[4]["reason"]
     rec = json.loads((sdir(lab) / "proposals" / "exp-002.json").read_text())
     assert len(rec["values"]) == 2 and float(rows[4]["val_bpb"]) == pytest.approx(sum(rec["values"]) / 2, abs=1e-6)
-    assert s.noise(s.rows()).dof == 3  # 2 from the baseline triple + 1 from the confirmation pair
+    assert s.lab.standings().noise.dof == 3  # 2 from the baseline triple + 1 from the confirmation pair
 
 
 def test_tpe_proposes_inside_the_space_and_resumes_its_history(lab):

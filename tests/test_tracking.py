@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from src.config import TrackingConfig
-from src.tracking import (Tracker, TrackingError, artifact_location, final_metrics, flatten, format_table,
-                          resolve_uri, sweep_table)
+from src.sweep import format_table, sweep_table
+from src.tracking import Tracker, TrackingError, artifact_location, final_metrics, flatten, resolve_uri
 from tests.conftest import REPO, TINY, run_cli
 
 FAST = [*TINY, "device.threads=1"]  # one thread: steady step times on a shared 2-core machine

@@ -16,16 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from src.ledger import Experiment
-from src.proposal import Proposal
-
-
-@dataclass
-class Best:
-    exp: str  # the ledger row that set it (base-* for the baseline)
-    commit: str  # full sha: the branch tip
-    val_bpb: float  # mean of the runs behind it
-    config: list[str] = field(default_factory=list)  # research overrides in effect (conf/experiment/<tag>_best.yaml)
+from src.lab.ledger import Experiment
+from src.lab.proposal import Proposal
+from src.lab.standings import Best, baseline_mean
 
 
 @dataclass
@@ -41,7 +34,7 @@ class SearchState:
     base_overrides: list[str]  # the session's train overrides (device, budget, ...)
     worktree: Path  # the code at the best commit; read it, never write it
     base_config: Any  # typed TrainConfig of the baseline
-    best_config: Any  # typed TrainConfig of the best (baseline + best.config)
+    best_config: Any  # typed TrainConfig of the best (baseline + best.overrides)
     experiments_left: int
     seconds_left: float
 
@@ -51,6 +44,11 @@ class SearchState:
         if self.worktree.resolve() not in p.parents:
             raise ValueError(f"{path} is outside the repository")
         return p.read_text()
+
+    @property
+    def baseline(self) -> Optional[float]:
+        """Mean val_bpb of the baseline runs (None before one succeeded)."""
+        return baseline_mean(self.history)
 
     @property
     def last(self) -> Optional[Experiment]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from src.config import KnobConfig, SearchSpaceConfig, TrainConfig
-from src.proposal import get_dotted
+from src.config import TrainConfig
+from src.lab.config import KnobConfig, SearchSpaceConfig
+from src.lab.proposal import get_dotted
 
 
 class SpaceError(ValueError):

@@ -234,7 +234,7 @@ def state_text(state, spent_usd: float, cap_usd: float, history_chars: int, runs
         f"A proposal is kept only if its val_bpb < {_fmt(threshold)}.",
         f"Budget: {budget_line(state.best_config)}.",
         f"Overrides in effect at the best (on top of the session's baseline): "
-        f"{' '.join(b.config) if b.config else '(none: the best is the baseline config)'}",
+        f"{' '.join(b.overrides) if b.overrides else '(none: the best is the baseline config)'}",
         f"Session command line (fixed): {' '.join(state.base_overrides) or '(defaults)'}",
         f"Agent spend so far: ${spent_usd:.2f} of the ${cap_usd:.2f} cap (agent.max_cost_usd).",
         "",

@@ -14,13 +14,13 @@ import logging
 import warnings
 from typing import Optional
 
-from src.agents.base import Agent, SearchState
-from src.agents.space import check_space, distributions, format_value, resolve, to_overrides, values_of
-from src.config import OptunaAgentConfig, SearchSpaceConfig
-from src.ledger import Experiment
-from src.proposal import Proposal
+from src.lab.agents.base import Agent, SearchState
+from src.lab.agents.space import check_space, distributions, format_value, resolve, to_overrides, values_of
+from src.lab.config import OptunaAgentConfig, SearchSpaceConfig
+from src.lab.ledger import Experiment
+from src.lab.proposal import Proposal
 
-log = logging.getLogger("src.agents.tpe")
+log = logging.getLogger("src.lab.agents.tpe")
 
 
 def build(cfg: OptunaAgentConfig, space: SearchSpaceConfig) -> "OptunaAgent":
@@ -67,12 +67,11 @@ class OptunaAgent(Agent):
     def _tell_baseline(self, state: SearchState) -> None:
         if self._baseline_told or not self.cfg.tell_baseline:
             return
-        vals = [e.val_bpb for e in state.history if e.status == "baseline" and e.val_bpb is not None]
-        if not vals:
+        if state.baseline is None:
             return
         try:
             point = values_of(state.base_config, self.space)
-            self._tell_point(point, sum(vals) / len(vals), "baseline")
+            self._tell_point(point, state.baseline, "baseline")
         except (ValueError, TypeError):
             pass
         self._baseline_told = True

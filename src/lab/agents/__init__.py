@@ -1,7 +1,7 @@
 """Agents: what proposes the next experiment. All speak `Proposal` through the `Agent` interface.
 
-Offline: `tpe` and `random` (Optuna ask/tell over conf/search_space/*.yaml, src/agents/tpe.py) and
-`replay` (a file of proposals, src/agents/replay.py). A new agent is a module src/agents/<name>.py
+Offline: `tpe` and `random` (Optuna ask/tell over conf/search_space/*.yaml, src/lab/agents/tpe.py) and
+`replay` (a file of proposals, src/lab/agents/replay.py). A new agent is a module src/lab/agents/<name>.py
 with `build(cfg, space) -> Agent`, a schema extending AgentConfig and conf/agent/<name>.yaml: the
 loop needs no change.
 
@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import importlib
 
-from src.agents.base import Agent, AgentStop, Best, SearchState
+from src.lab.agents.base import Agent, AgentStop, SearchState
+from src.lab.standings import Best
 
-MODULES = {"tpe": "src.agents.tpe", "random": "src.agents.tpe", "replay": "src.agents.replay"}
+MODULES = {"tpe": "src.lab.agents.tpe", "random": "src.lab.agents.tpe", "replay": "src.lab.agents.replay"}
 
 
 def build_agent(cfg, space) -> Agent:
-    module = MODULES.get(cfg.name, f"src.agents.{cfg.name}")
+    module = MODULES.get(cfg.name, f"src.lab.agents.{cfg.name}")
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:

@@ -5,7 +5,7 @@ The run gets its own Hydra output dir (summary.json, run.log, .hydra/), its own 
 (API keys, tokens, passwords). On Linux it also dies with the search process (PR_SET_PDEATHSIG),
 so a kill -9 of the search leaves no orphan training in the background.
 
-Usage: outcome = Runner(worktree, strip=[...]).run(overrides, run_dir, timeout_s=270)
+Usage: outcome = Runner(worktree, strip=cfg.search.env_strip).run(overrides, run_dir, timeout_s=270)
 """
 from __future__ import annotations
 
@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-FAILED = ("crash", "nan", "timeout", "killed", "stalled", "interrupted")
-DEFAULT_STRIP = ("ANTHROPIC_API_KEY", "*_API_KEY", "*TOKEN*", "*SECRET*", "*PASSWORD*")
+from src.lab.config import ENV_STRIP
+from src.status import INTERRUPTED, OK
+
 ALWAYS_STRIP = ("MLFLOW_RUN_ID",)  # would attach the child to whatever run the parent has open
 
 
 @dataclass
 class Outcome:
-    status: str  # the run's status: ok | nan | crash | killed | timeout | stalled (train's) | interrupted (ours)
+    status: str  # train's status (src.status.RUN_STATUSES), or interrupted / timeout / crash as the runner saw it
     run_dir: Path
     summary: dict = field(default_factory=dict)
     returncode: Optional[int] = None
@@ -39,7 +40,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == OK
 
     @property
     def val_bpb(self) -> Optional[float]:
@@ -49,7 +50,7 @@ class Outcome:
     @property
     def error_line(self) -> str:
         """One line saying why the run failed: the note, the summary's error, or the last traceback line."""
-        if self.note and self.status in ("timeout", "interrupted"):
+        if self.note and self.status in ("timeout", INTERRUPTED):
             return self.note
         if self.summary.get("error"):
             return str(self.summary["error"]).splitlines()[0][:300]
@@ -68,7 +69,7 @@ class RunInterrupted(Exception):
         self.outcome = outcome
 
 
-def clean_env(environ: dict, strip=DEFAULT_STRIP, keep=()) -> dict:
+def clean_env(environ: dict, strip=ENV_STRIP, keep=()) -> dict:
     """A copy of `environ` without variables whose name matches a strip pattern (case-insensitive)."""
     pats = [p.upper() for p in (*strip, *ALWAYS_STRIP)]
     keep = {k.upper() for k in keep}
@@ -142,7 +143,7 @@ def tail(path: Path, n_bytes: int = 4000) -> str:
 
 
 class Runner:
-    def __init__(self, cwd: Path, strip=DEFAULT_STRIP, keep=(), command: Optional[list[str]] = None,
+    def __init__(self, cwd: Path, strip=ENV_STRIP, keep=(), command: Optional[list[str]] = None,
                  stop_grace_s: float = 15.0):
         self.cwd = Path(cwd)
         self.env = clean_env(dict(os.environ), strip, keep)
@@ -176,7 +177,7 @@ class Runner:
         except KeyboardInterrupt:
             stop_group(proc.pid, self.stop_grace_s, proc)
             out = self._outcome(run_dir, proc.returncode, t0, "interrupted by the user (Ctrl-C / SIGTERM)")
-            out.status = "interrupted"
+            out.status = INTERRUPTED
             raise RunInterrupted(out) from None
         out = self._outcome(run_dir, rc, t0, note)
         if note:
@@ -191,3 +192,17 @@ class Runner:
             note = note or (f"exit code {rc} without summary.json" if rc != 0 else "exited 0 but wrote no summary.json")
         return Outcome(status=status, run_dir=run_dir, summary=summary, returncode=rc,
                        wall_seconds=time.monotonic() - t0, log_tail=tail(run_dir / "run.log"), note=note)
+
+
+def attempt_name(exp: str, attempt: int) -> str:
+    """The run name (and run dir) of an experiment's attempt: exp-004, then exp-004-a2, ..."""
+    return exp if attempt <= 1 else f"{exp}-a{attempt}"
+
+
+def is_train_process(pid: int, run_dir: str) -> bool:
+    """Is pid the train process of run_dir (and not some unrelated process that reused the pid)?"""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # no /proc (macOS)
+        cmd = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True).stdout
+    return "src.train" in cmd and (not run_dir or run_dir in cmd)

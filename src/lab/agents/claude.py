@@ -35,14 +35,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from src.agents.base import Agent, AgentStop, SearchState
-from src.agents.claude_context import (FIELDS, TOOL, TOOL_NAME, estimate_tokens, outcome_text, state_text,
+from src.lab.agents.base import Agent, AgentStop, SearchState
+from src.lab.agents.claude_context import (FIELDS, TOOL, TOOL_NAME, estimate_tokens, outcome_text, state_text,
                                        system_text)
-from src.config import ClaudeAgentConfig, ClaudePrice
-from src.ledger import Experiment
-from src.proposal import InvalidProposal, Proposal
+from src.lab.config import ClaudeAgentConfig, ClaudePrice
+from src.lab.ledger import Experiment
+from src.lab.proposal import InvalidProposal, Proposal
 
-log = logging.getLogger("src.agents.claude")
+log = logging.getLogger("src.lab.agents.claude")
 OFFLINE = ("agent=tpe or agent=random (Optuna over search_space=...), or agent=replay "
            "agent.file=<proposals.yaml>")
 USAGE_FILE = "agent_usage.json"
@@ -527,7 +527,7 @@ class ClaudeAgent(Agent):
         """The session's spend, next to its ledger (temp file + rename)."""
         if self.usage_path is None:
             return
-        from src.session import atomic_write
+        from src.lab.session import atomic_write
 
         atomic_write(self.usage_path, json.dumps({"agent": "claude", "model": self.cfg.model,
                                                    "proposals": self.proposals, "session": self.spent.to_dict(),

@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from src.agents.base import Agent, SearchState
-from src.config import ReplayAgentConfig, SearchSpaceConfig
-from src.ledger import Experiment
-from src.proposal import InvalidProposal, Proposal
+from src.lab.agents.base import Agent, SearchState
+from src.lab.config import ReplayAgentConfig, SearchSpaceConfig
+from src.lab.ledger import Experiment
+from src.lab.proposal import InvalidProposal, Proposal
 
 
 def build(cfg: ReplayAgentConfig, space: SearchSpaceConfig) -> "ReplayAgent":

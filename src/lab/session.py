@@ -6,7 +6,7 @@ on branch research/<tag>. The user's own checkout and branch are never touched: 
 reset and checkout happens in the worktree. The branch tip is always the best commit, except
 while a candidate is being run on top of it.
 
-Usage: session = Session.open(cfg.search, base_overrides); ...; session.close()
+Usage: session = Session.open(tag, resume, base_overrides, repo, root, base); ...; session.close()
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parent.parent
+from src.paths import REPO
+
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 BOT = {"GIT_AUTHOR_NAME": "overnight", "GIT_AUTHOR_EMAIL": "overnight@localhost",
        "GIT_COMMITTER_NAME": "overnight", "GIT_COMMITTER_EMAIL": "overnight@localhost"}
@@ -114,6 +115,7 @@ class SessionState:
     tracking_uri: Optional[str] = None  # MLflow store of the session (the report logs to it)
     tracking_experiment: str = "overnight"
     agent: str = ""
+    search: dict = field(default_factory=dict)  # the search knobs the session was started with (SearchConfig)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -134,6 +136,7 @@ class Session:
         self.worktree = dir / "worktree"
         self.git = Git(self.worktree)
         self.repo_git = Git(Path(state.repo))
+        self.dirty_warning = ""  # a new session: uncommitted changes in src/ or conf/ it does not include
         if not Git(Path(state.repo))("config", "user.email", check=False).stdout.strip():
             self.git.env = {**os.environ, **BOT}  # commits need an identity; the user has none configured
 
@@ -143,16 +146,8 @@ class Session:
         return self.state.tag
 
     @property
-    def ledger_path(self) -> Path:
-        return self.dir / "results.tsv"
-
-    @property
     def runs_dir(self) -> Path:
         return self.dir / "runs"
-
-    @property
-    def proposals_dir(self) -> Path:
-        return self.dir / "proposals"
 
     @property
     def conf_dir(self) -> Path:
@@ -160,8 +155,7 @@ class Session:
 
     @property
     def preset_name(self) -> str:
-        """The committed experiment preset holding the kept overrides: conf/experiment/<tag>_best.yaml."""
-        return re.sub(r"[^A-Za-z0-9_]", "_", self.tag) + "_best"
+        return preset_name(self.tag)
 
     @property
     def preset_path(self) -> Path:
@@ -228,7 +222,6 @@ class Session:
         try:
             state = SessionState.from_json((d / "state.json").read_text())
             s = cls(d, state, lock_fd)
-            s.dirty_warning = ""
             repo_git = Git(Path(state.repo))
             if not (s.worktree / ".git").exists():  # the worktree was deleted: re-attach the branch
                 repo_git("worktree", "prune")
@@ -295,8 +288,11 @@ class Session:
         """refs/research/<tag>/<exp>: every candidate stays inspectable (and safe from gc) after a reset."""
         self.git("update-ref", f"refs/research/{self.tag}/{exp}", commit)
 
-    def diff(self, a: str, b: str) -> str:
-        return self.git("diff", a, b)
+
+
+def preset_name(tag: str) -> str:
+    """The committed experiment preset holding a session's kept overrides: conf/experiment/<tag>_best.yaml."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", tag) + "_best"
 
 
 def _nl(text: str) -> str:

@@ -1,0 +1,65 @@
+"""What an open research session holds: its config, session, ledger, MLflow runs, runner and baseline.
+
+Built once by the loop (src/lab/loop.py) when the session opens; the pieces that stage, run and
+record experiments (src/lab/candidate.py, experiment.py, resume.py) read it, so none of them
+recomputes a fact another already holds.
+
+Usage: lab = Lab(cfg, session, ledger, runs, runner, base_overrides, base_config); lab.standings()
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from src.config import TrainConfig
+from src.lab.agents.base import SearchState
+from src.lab.config import SearchAppConfig
+from src.lab.ledger import Experiment, Ledger
+from src.lab.proposal import compose_train, override_key
+from src.lab.runner import Runner
+from src.lab.runs import SessionRuns
+from src.lab.session import Session
+from src.lab.standings import Best, Standings
+
+
+@dataclass
+class Lab:
+    cfg: SearchAppConfig
+    session: Session
+    ledger: Ledger
+    runs: SessionRuns
+    runner: Runner
+    base_overrides: list[str]  # the session's train overrides (device, budget, ...), fixed for its life
+    base_config: TrainConfig  # the baseline, composed in the worktree
+    deadline: float = float("inf")  # no experiment starts after this time.time()
+    _best_config: dict = field(default_factory=dict, repr=False)  # best.overrides -> composed TrainConfig
+
+    @property
+    def pinned(self) -> list[str]:
+        """Keys the session's command line fixed: no proposal may change them."""
+        return [override_key(o).lstrip("+~") for o in self.base_overrides]
+
+    def rows(self) -> list[Experiment]:
+        return self.ledger.rows()
+
+    def standings(self, rows: Optional[list[Experiment]] = None) -> Standings:
+        s = self.cfg.search
+        return Standings.of(self.rows() if rows is None else rows, self.session.state.base_commit,
+                            s.noise_sigmas, s.min_delta)
+
+    def best_config(self, best: Best) -> TrainConfig:
+        """The typed config of the best (baseline + its kept overrides), composed once per best."""
+        key = tuple(best.overrides)
+        if key not in self._best_config:
+            self._best_config = {key: compose_train(self.session.conf_dir, self.base_overrides + best.overrides)}
+        return self._best_config[key]
+
+    def state(self, rows: list[Experiment], seconds_left: float) -> SearchState:
+        """What the agent sees before its next proposal."""
+        s, st = self.cfg.search, self.standings(rows)
+        return SearchState(tag=self.session.tag, best=st.best, margin=st.margin, sigma=st.noise.sigma, history=rows,
+                           editable=list(s.editable), override_roots=list(s.override_roots), pinned=self.pinned,
+                           base_overrides=list(self.base_overrides), worktree=self.session.worktree,
+                           base_config=self.base_config, best_config=self.best_config(st.best),
+                           experiments_left=max(0, s.max_experiments - st.experiments_run),
+                           seconds_left=max(0.0, seconds_left))

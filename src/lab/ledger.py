@@ -1,0 +1,174 @@
+"""The record of a session: results.tsv, one row per experiment (its MLflow runs: src/lab/runs.py).
+
+results.tsv starts with the reference's columns (commit, val_bpb, memory_gb, status, description)
+and adds ours. Rows are appended with one write + fsync, so a crash or kill -9 leaves every
+earlier row intact; a torn last line (disk full mid-write) is cut off on the next read. Each
+proposal is saved beside it (proposals/<exp>.json, plus .diff) before its run starts.
+
+Usage: ledger = Ledger(session_dir); ledger.save(exp, proposal, overrides); ledger.append(row); ledger.rows()
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+from src.lab.proposal import Proposal
+from src.lab.session import atomic_write, disk_error
+from src.status import COUNTED
+
+log = logging.getLogger("src.lab.ledger")
+
+COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description", "exp", "hypothesis", "kind", "delta",
+           "margin", "best_val_bpb", "run_status", "training_seconds", "stall_seconds", "num_steps",
+           "wall_seconds", "attempts", "overrides", "reason", "mlflow_run_id", "finished")
+
+
+@dataclass
+class Experiment:
+    exp: str  # base-1, base-2, exp-001, ...
+    status: str  # the decision: one of src.status.DECISIONS
+    description: str
+    commit: str = ""  # the commit that ran (full sha; the TSV shows 7 characters)
+    val_bpb: Optional[float] = None
+    memory_gb: Optional[float] = None
+    hypothesis: str = ""
+    kind: str = ""  # baseline | overrides | patch | patch+overrides
+    delta: Optional[float] = None  # val_bpb - best before this experiment (negative = better)
+    margin: Optional[float] = None  # the noise margin it had to beat
+    best_val_bpb: Optional[float] = None  # the best after this row
+    run_status: str = ""  # train's status (ok, nan, crash, timeout, stalled, killed) or interrupted / -
+    training_seconds: Optional[float] = None
+    stall_seconds: Optional[float] = None
+    num_steps: Optional[int] = None
+    wall_seconds: Optional[float] = None
+    attempts: int = 0
+    overrides: str = ""  # the proposal's overrides, space-separated
+    reason: str = ""  # why invalid / why it failed / confirmation figures
+    mlflow_run_id: str = ""
+    finished: str = ""
+    proposal: Optional[Proposal] = field(default=None, repr=False)  # from proposals/<exp>.json
+    overrides_in_effect: list[str] = field(default_factory=list, repr=False)  # research overrides: the kept ones + this
+    values: list[float] = field(default_factory=list, repr=False)  # full-precision val_bpb of each run behind it
+
+    @property
+    def score(self) -> Optional[float]:
+        """val_bpb at full precision (the mean of its runs), else the TSV's 6 decimals."""
+        return sum(self.values) / len(self.values) if self.values else self.val_bpb
+
+    @property
+    def counted(self) -> bool:
+        """Counts toward search.max_experiments: a finished experiment (not invalid, not interrupted)."""
+        return self.exp.startswith("exp-") and self.status in COUNTED
+
+    def to_row(self) -> str:
+        cells = []
+        for c in COLUMNS:
+            v = getattr(self, c)
+            if c == "commit":
+                v = (v or "")[:7]
+            if v is None:
+                v = ""
+            elif isinstance(v, float):
+                v = "" if not math.isfinite(v) else (f"{v:.6f}" if c in ("val_bpb", "delta", "margin", "best_val_bpb")
+                                                      else f"{v:.1f}" if c == "memory_gb" else f"{v:.2f}")
+            cells.append(" ".join(str(v).split()))  # no tabs or newlines inside a cell
+        return "\t".join(cells) + "\n"
+
+    @classmethod
+    def from_row(cls, cells: dict) -> "Experiment":
+        kw = {}
+        for f in fields(cls):
+            if f.name not in cells:
+                continue
+            v = cells[f.name]
+            if f.name in ("val_bpb", "memory_gb", "delta", "margin", "best_val_bpb", "training_seconds",
+                          "stall_seconds", "wall_seconds"):
+                v = float(v) if v not in ("", None) else None
+            elif f.name in ("num_steps", "attempts"):
+                v = int(float(v)) if v not in ("", None) else (0 if f.name == "attempts" else None)
+            kw[f.name] = v
+        return cls(**kw)
+
+
+class Ledger:
+    def __init__(self, session_dir: Path):
+        self.path = Path(session_dir) / "results.tsv"
+        self.proposals = Path(session_dir) / "proposals"
+
+    def rows(self) -> list[Experiment]:
+        """Every recorded experiment, in order, with its proposal and overrides in effect joined in."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):  # a torn append (disk full, power loss): drop the partial line
+            keep = data[: data.rfind(b"\n") + 1]
+            log.warning("results.tsv ended in a partial row; removing it (%d bytes)", len(data) - len(keep))
+            with open(self.path, "r+b") as f:
+                f.truncate(len(keep))
+                os.fsync(f.fileno())
+            data = keep
+        lines = data.decode("utf-8").splitlines()
+        if not lines:
+            return []
+        header = lines[0].split("\t")
+        out = []
+        for line in lines[1:]:
+            if not line.strip():
+                continue
+            cells = dict(zip(header, line.split("\t")))
+            e = Experiment.from_row(cells)
+            rec = self.load(e.exp)
+            if rec:
+                e.commit = rec.get("commit") or e.commit
+                e.overrides_in_effect = list(rec.get("config") or [])  # the file keeps its original key
+                e.values = [float(v) for v in rec.get("values") or []]
+                if rec.get("proposal"):
+                    e.proposal = Proposal.from_dict(rec["proposal"])
+            out.append(e)
+        return out
+
+    def append(self, e: Experiment) -> None:
+        """Append one row: a single write, then fsync; on failure the file is left as it was."""
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        text = ("\t".join(COLUMNS) + "\n" if new else "") + e.to_row()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise disk_error(err, str(self.path)) from err
+        size = os.fstat(fd).st_size
+        try:
+            data = text.encode("utf-8")
+            if os.write(fd, data) != len(data):
+                raise OSError(28, "short write")
+            os.fsync(fd)
+        except OSError as err:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise disk_error(err, f"{self.path} (row {e.exp})") from err
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ proposals/<exp>.json
+    def save(self, exp: str, proposal: Optional[Proposal], overrides: list[str], commit: str = "",
+             values: Optional[list[float]] = None) -> None:
+        """Persist what an experiment is (before it runs): proposal, research overrides in effect, commit;
+        after it ran, the full-precision val_bpb of its runs (`values`)."""
+        self.proposals.mkdir(parents=True, exist_ok=True)
+        rec = {"exp": exp, "proposal": proposal.to_dict() if proposal else None, "config": list(overrides),
+               "commit": commit, **({"values": list(values)} if values else {})}
+        atomic_write(self.proposals / f"{exp}.json", json.dumps(rec, indent=2))
+        if proposal is not None and proposal.patch:
+            atomic_write(self.proposals / f"{exp}.diff", proposal.patch)
+
+    def load(self, exp: str) -> Optional[dict]:
+        try:
+            return json.loads((self.proposals / f"{exp}.json").read_text())
+        except (OSError, ValueError):
+            return None

@@ -1,0 +1,278 @@
+"""The research loop: propose -> check -> commit -> run -> keep or discard -> record -> repeat.
+
+A session (src/lab/session.py) branches research/<tag> off the current commit in a worktree under
+outputs/research/<tag>/, runs the baseline `search.baseline_repeats` times to measure the noise
+floor, then asks the agent for proposals until `search.max_experiments` have run, the agent has
+nothing left, `search.max_hours` pass or Ctrl-C. Each proposal becomes one experiment
+(src/lab/experiment.py): checked, committed on the branch, run as `python -m src.train` in the
+worktree and kept only if it beats the best by more than the noise margin (src/lab/standings.py);
+otherwise the branch is reset to the best. Every experiment is one row of results.tsv and one
+nested MLflow run. Resume continues exactly where it stopped, kill -9 included (src/lab/resume.py).
+
+Usage: summary = Search(cfg, base_overrides).run()     (python -m src.search is the CLI)
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict
+from typing import Optional
+
+from src.lab.agents import Agent, AgentStop, build_agent
+from src.lab.config import SearchAppConfig, check_search
+from src.lab.context import Lab
+from src.lab.experiment import Experiments
+from src.lab.ledger import Ledger
+from src.lab.proposal import InvalidProposal, compose_train, override_key
+from src.lab.resume import Pending, reconcile
+from src.lab.runner import Runner
+from src.lab.runs import SessionRuns
+from src.lab.session import Session, SessionError
+from src.tracking import resolve_uri
+
+log = logging.getLogger(__name__)
+SEARCH_ROOTS = ("search", "agent", "search_space", "hydra")  # command-line keys that do not set the baseline
+
+
+def train_overrides(task_overrides: list[str]) -> list[str]:
+    """The train part of the search's command line (what sets the baseline): search/agent/hydra keys dropped."""
+    return [o for o in task_overrides
+            if override_key(o).lstrip("+~").split(".")[0].split("@")[0] not in SEARCH_ROOTS]
+
+
+class Search:
+    def __init__(self, cfg: SearchAppConfig, base_overrides: list[str], train_command: Optional[list[str]] = None):
+        self.cfg = cfg
+        self.train_command = train_command  # None: python -m src.train (tests substitute a stand-in)
+        self.base_overrides = list(base_overrides)
+        self.agent: Optional[Agent] = None
+        self.lab: Optional[Lab] = None
+        self.session: Optional[Session] = None
+        self.stop_reason = ""
+        self._log_handler: Optional[logging.Handler] = None
+
+    # ------------------------------------------------------------------ open
+    def open(self) -> None:
+        s = self.cfg.search
+        try:
+            check_search(s)
+        except ValueError as e:
+            raise SessionError(str(e)) from None
+        # the agent first, checked (agent=claude: key, API): a missing key costs no session and no run
+        self.agent = build_agent(self.cfg.agent, self.cfg.search_space)
+        self.agent.preflight()
+        self.session = sess = Session.open(s.tag, s.resume, self.base_overrides, s.repo, s.root, s.base)
+        st = sess.state
+        self._log_to_file()
+        if s.resume:
+            self._restore_overrides(st)
+        if sess.dirty_warning:
+            log.warning("uncommitted changes in src/ or conf/ of %s are NOT part of session %s (it branches from "
+                        "commit %s):\n%s", st.repo, st.tag, st.base_commit[:7], sess.dirty_warning)
+        st.invocations += 1
+        if not st.search:
+            st.search = asdict(s)
+        try:
+            base_config = compose_train(sess.conf_dir, self.base_overrides)
+        except InvalidProposal as e:
+            if not s.resume:  # leave no half-made session (branch, worktree) behind to trip the next attempt
+                sess.discard()
+                self.session = None
+            raise SessionError(f"the session's train overrides {self.base_overrides} do not compose in the worktree "
+                               f"(commit {st.base_commit[:7]}): {e}") from None
+        runs = self._open_runs(st)
+        sess.save()
+        runner = Runner(sess.worktree, s.env_strip, s.env_keep, command=self.train_command)
+        self.lab = Lab(self.cfg, sess, Ledger(sess.dir), runs, runner, self.base_overrides, base_config)
+
+    def _restore_overrides(self, st) -> None:
+        """A resume keeps the session's train overrides, and warns when the agent differs from the original."""
+        if self.base_overrides and self.base_overrides != st.base_overrides:
+            log.warning("resume: the session's train overrides are fixed at %s; ignoring %s from this command",
+                        st.base_overrides, self.base_overrides)
+        self.base_overrides = list(st.base_overrides)
+        if st.agent and st.agent != self.cfg.agent.name:
+            log.warning("resume: session %s was run by agent=%s; this invocation continues it with agent=%s "
+                        "(to keep the original: python -m src.search search.tag=%s search.resume=true agent=%s)",
+                        st.tag, st.agent, self.cfg.agent.name, st.tag, st.agent)
+
+    def _open_runs(self, st) -> SessionRuns:
+        """The session's MLflow parent run (created, or reopened on resume); tracking off if the store fails."""
+        s, t = self.cfg.search, self.cfg.tracking
+        uri = resolve_uri(t.uri)
+        runs = SessionRuns(uri, t.experiment, t.enabled)
+        st.tracking_uri, st.tracking_experiment, st.agent = uri, t.experiment, self.cfg.agent.name
+        params = {"agent": self.cfg.agent.name, "search_space": self.cfg.search_space.name,
+                  "base_overrides": " ".join(self.base_overrides) or "(none)", "base_commit": st.base_commit,
+                  "baseline_repeats": s.baseline_repeats, "noise_sigmas": s.noise_sigmas,
+                  "min_delta": s.min_delta, "confirm": s.confirm, "editable": " ".join(s.editable)}
+        try:
+            st.parent_run_id = runs.open_parent(st.parent_run_id, st.tag, params,
+                                                {"search.branch": st.branch, "search.dir": str(self.session.dir)})
+        except Exception as e:  # an unreachable tracking server must not cost the night
+            if t.strict:
+                raise SessionError(f"MLflow at {uri} is not usable ({e}); fix it or drop tracking.strict") from None
+            log.warning("MLflow at %s is not usable (%s): the session continues without tracking", uri, e)
+            runs.enabled = False
+        return runs
+
+    def _log_to_file(self) -> None:
+        h = logging.FileHandler(self.session.dir / "search.log")
+        h.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger("src").addHandler(h)
+        logging.getLogger("src").setLevel(logging.INFO)
+        self._log_handler = h
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict:
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        try:
+            self.open()
+        except BaseException:
+            if self.session is not None:
+                self.session.close()
+            raise
+        lab = self.lab
+        lab.deadline = time.time() + self.cfg.search.max_hours * 3600
+        pending = reconcile(lab)
+        rows = lab.rows()
+        self.agent.restore(rows, lab.state(rows, lab.deadline - time.time()))
+        log.info("session %s: branch %s, dir %s, %d rows so far", self.session.tag, self.session.state.branch,
+                 self.session.dir, len(rows))
+        total = self.cfg.search.max_experiments
+        bar = tqdm(total=total, initial=min(lab.standings(rows).experiments_run, total), unit="exp",
+                   desc=f"search {self.session.tag}", disable=None if self.cfg.search.progress else True,
+                   dynamic_ncols=True)  # None: shown on a terminal only
+        status = "FINISHED"
+        try:
+            with logging_redirect_tqdm():
+                pending = self.baseline(pending)
+                self.loop(pending, bar)
+        except KeyboardInterrupt:
+            status = "KILLED"
+            self.stop_reason = "interrupted (Ctrl-C)"
+            raise
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            bar.close()
+            self.finish(status)
+        return self.summary()
+
+    def baseline(self, pending: Optional[Pending]) -> Optional[Pending]:
+        """Run the baseline until `baseline_repeats` runs succeeded (the noise floor needs >= 2)."""
+        lab = self.lab
+        while True:
+            rows = lab.rows()
+            if lab.standings(rows).count("baseline") >= self.cfg.search.baseline_repeats:
+                return pending
+            if pending is not None and pending.proposal is None:
+                exp, attempt, pending = pending.exp, pending.attempt, None
+            else:
+                exp, attempt = f"base-{sum(1 for e in rows if e.exp.startswith('base-')) + 1}", 0
+            e = Experiments(lab).execute(exp, None, rows, attempt)
+            if e.status != "baseline":
+                raise SessionError(f"the baseline run {exp} failed ({e.run_status}: {e.reason}); see "
+                                   f"{self.session.runs_dir / exp / 'run.log'}. Fix the session's train overrides or "
+                                   f"the code, then resume (search.tag={self.session.tag} search.resume=true)")
+
+    def loop(self, pending: Optional[Pending], bar) -> None:
+        lab, s = self.lab, self.cfg.search
+        experiments = Experiments(lab)
+        invalid_streak = 0
+        while True:
+            rows = lab.rows()
+            if pending is None:
+                proposal = self._next_proposal(rows)
+                if proposal is None:
+                    return
+                exp, attempt = f"exp-{sum(1 for e in rows if e.exp.startswith('exp-')) + 1:03d}", 0
+            else:
+                exp, proposal, attempt, pending = pending.exp, pending.proposal, pending.attempt, None
+            e = experiments.execute(exp, proposal, rows, attempt)
+            rows = lab.rows()
+            self.agent.observe(e, lab.state(rows, lab.deadline - time.time()))
+            try:  # the agent's session totals (agent=claude: tokens, cost) on the parent run
+                lab.runs.log_parent(len(rows), self.agent.usage())
+            except Exception as err:
+                log.warning("MLflow: could not log the agent's usage: %s", err)
+            if e.counted:
+                bar.update(1)
+            bar.set_postfix(best=f"{lab.standings(rows).best.val_bpb:.4f}", last=e.status, refresh=True)
+            invalid_streak = invalid_streak + 1 if e.status == "invalid" else 0
+            if invalid_streak >= s.max_invalid_in_row:
+                self.stop_reason = (f"{invalid_streak} invalid proposals in a row (search.max_invalid_in_row); "
+                                    "see the `reason` column of results.tsv")
+                return
+
+    def _next_proposal(self, rows):
+        """The agent's next proposal, or None (with the stop reason set) when the session should stop."""
+        lab, s = self.lab, self.cfg.search
+        if lab.standings(rows).experiments_run >= s.max_experiments:
+            self.stop_reason = f"search.max_experiments={s.max_experiments} reached"
+            return None
+        if time.time() >= lab.deadline:
+            self.stop_reason = f"search.max_hours={s.max_hours} reached"
+            return None
+        try:
+            proposal = self.agent.propose(lab.state(rows, lab.deadline - time.time()))
+        except AgentStop as err:  # a cost cap, an API down for long: stop cleanly, resumable
+            log.warning("%s", err)
+            self.stop_reason = f"paused: {err}"
+            return None
+        if proposal is None:
+            self.stop_reason = f"agent {self.cfg.agent.name} has nothing more to propose"
+        return proposal
+
+    # ------------------------------------------------------------------ finish
+    def finish(self, status: str) -> None:
+        if self.session is None:
+            return
+        try:
+            if self.lab is not None:
+                self._close_runs(status)
+        except Exception as e:
+            log.warning("while closing the session: %s", e)
+        finally:
+            if self.agent is not None:
+                self.agent.close()
+            self.session.close()
+            if self._log_handler is not None:
+                logging.getLogger("src").removeHandler(self._log_handler)
+                self._log_handler.close()
+
+    def _close_runs(self, status: str) -> None:
+        """The report (a finished session), the stop reason and the end status on the parent run; the last words."""
+        lab = self.lab
+        rows = lab.rows()
+        best = lab.standings(rows).best
+        if status == "FINISHED":
+            try:
+                from src.lab.report import write_report
+
+                lab.runs.log_parent_files(write_report(self.session.dir, rows=rows))
+            except Exception as e:
+                log.warning("could not write the report: %s", e)
+        lab.runs.log_parent(len(rows), {}, {"search.stop_reason": self.stop_reason or status.lower()})
+        lab.runs.close_parent(status)
+        if math.isfinite(best.val_bpb):
+            log.info("session %s: %s. Best val_bpb %.6f (%s, commit %s) on branch %s; ledger %s",
+                     self.session.tag, self.stop_reason or status.lower(), best.val_bpb, best.exp,
+                     best.commit[:7], self.session.state.branch, lab.ledger.path)
+        if status != "FINISHED":
+            log.info("resume with: python -m src.search search.tag=%s search.resume=true", self.session.tag)
+
+    def summary(self) -> dict:
+        best = self.lab.standings().best
+        return {"tag": self.session.tag, "dir": str(self.session.dir), "branch": self.session.state.branch,
+                "best_val_bpb": best.val_bpb, "best_commit": best.commit, "best_exp": best.exp,
+                "rows": len(self.lab.rows()), "stop_reason": self.stop_reason}
+
+
+def run(cfg: SearchAppConfig, base_overrides: list[str], train_command: Optional[list[str]] = None) -> dict:
+    """Run (or resume) a research session; returns its summary. Plain Python: tests call it directly."""
+    return Search(cfg, base_overrides, train_command).run()

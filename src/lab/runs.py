@@ -1,0 +1,198 @@
+"""The MLflow runs of a research session: one parent run, one nested child per ledger row.
+
+A child is the train run itself (it logs itself with tracking.parent_run_id) tagged by the search
+afterwards, or a run the search creates when the train side logged nothing (invalid proposals,
+crashes before tracking started). Every method is a no-op when tracking is disabled.
+
+Usage: runs = SessionRuns(uri, "overnight"); runs.open_parent(None, tag, params, tags)
+       run_id, created = runs.row_run(row, outcome); runs.tag_row(row, step, run_id, best, outcome, created)
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from src.lab.ledger import Experiment
+from src.lab.runner import Outcome, attempt_name
+from src.status import OK, mlflow_status
+from src.tracking import MAX_PARAM_LEN, MAX_TAG_LEN, ensure_experiment
+
+if TYPE_CHECKING:
+    from src.lab.standings import Best
+
+log = logging.getLogger(__name__)
+
+
+class SessionRuns:
+    """The session's parent run and its children. Every method is a no-op when tracking is disabled."""
+
+    def __init__(self, uri: Optional[str], experiment: str, enabled: bool = True):
+        self.enabled = enabled and uri is not None
+        self.uri = uri
+        self.experiment_name = experiment
+        self.parent_id: Optional[str] = None
+        self._client = None
+        self._exp_id: Optional[str] = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def experiment_id(self) -> str:
+        if self._exp_id is None:
+            self._exp_id = ensure_experiment(self.client, self.experiment_name, self.uri).experiment_id
+        return self._exp_id
+
+    def open_parent(self, parent_id: Optional[str], tag: str, params: dict, tags: dict) -> Optional[str]:
+        """Create the session's parent run, or reopen it (resume); returns its id."""
+        if not self.enabled:
+            return None
+        if parent_id:
+            self.client.update_run(parent_id, status="RUNNING")
+            self.parent_id = parent_id
+            return parent_id
+        run = self.client.create_run(self.experiment_id(), run_name=f"research/{tag}",
+                                     tags={"search.tag": tag, "search.role": "session", **tags})
+        self.parent_id = run.info.run_id
+        for k, v in params.items():
+            self.client.log_param(self.parent_id, k, str(v)[:MAX_PARAM_LEN])
+        return self.parent_id
+
+    def find_child(self, run_name: str) -> Optional[str]:
+        """The newest child of the session named `run_name` (what a train run created for an attempt)."""
+        if not self.enabled:
+            return None
+        runs = self.client.search_runs([self.experiment_id()],
+                                       filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}' and "
+                                                     f"tags.mlflow.runName = '{run_name}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def children(self) -> list:
+        if not self.enabled:
+            return []
+        return self.client.search_runs([self.experiment_id()],
+                                       filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'",
+                                       order_by=["attributes.start_time ASC"], max_results=5000)
+
+    def close_stale(self, run_name: str, keep: Optional[str] = None) -> None:
+        """Runs of an earlier, abandoned attempt (the search was killed): mark them KILLED, not RUNNING."""
+        if not self.enabled:
+            return
+        for r in self.children():
+            if r.info.run_name == run_name and r.info.run_id != keep and r.info.status == "RUNNING":
+                self.client.set_tag(r.info.run_id, "search.attempt", "abandoned")
+                self.client.set_terminated(r.info.run_id, status="KILLED")
+
+    def create_child(self, name: str) -> str:
+        run = self.client.create_run(self.experiment_id(), run_name=name, tags={"mlflow.parentRunId": self.parent_id})
+        return run.info.run_id
+
+    def record(self, e: Experiment, step: int, run_id: str, summary: dict, artifacts: dict[str, str],
+               files: dict[str, Path], created: bool = False) -> None:
+        """Tag the child run of ledger row `e` (created: the search made it, so it also gets the summary)
+        and end it with the status its decision implies."""
+        if not self.enabled:
+            return
+        c = self.client
+        tags = {"search.exp": e.exp, "search.status": e.status, "search.description": e.description,
+                "search.hypothesis": e.hypothesis, "search.kind": e.kind, "search.commit": e.commit,
+                "search.run_status": e.run_status, "search.reason": e.reason, "search.overrides": e.overrides,
+                "mlflow.note.content": f"{e.description}\n\n{e.hypothesis}".strip()}
+        for k, v in tags.items():
+            c.set_tag(run_id, k, str(v)[:MAX_TAG_LEN])
+        metrics = {"search/val_bpb": e.val_bpb, "search/delta": e.delta, "search/margin": e.margin,
+                   "search/best_val_bpb": e.best_val_bpb}
+        if created:  # the train side logged nothing: carry its summary here
+            metrics.update({f"summary/{k}": v for k, v in summary.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            for ov in (e.proposal.overrides if e.proposal else []):
+                k, _, v = ov.partition("=")
+                c.log_param(run_id, k.lstrip("+~"), v[:MAX_PARAM_LEN])
+        for k, v in metrics.items():
+            if v is not None and math.isfinite(float(v)):
+                c.log_metric(run_id, k, float(v), step=step)
+        for name, text in artifacts.items():
+            if text:
+                c.log_text(run_id, text, f"search/{name}")
+        for name, path in files.items():
+            if path and Path(path).exists():
+                c.log_artifact(run_id, str(path), "search")
+        if c.get_run(run_id).info.status == "RUNNING":
+            c.set_terminated(run_id, status=mlflow_status(e.status))
+
+    def log_parent(self, step: int, metrics: dict, tags: Optional[dict] = None) -> None:
+        if not self.enabled or not self.parent_id:
+            return
+        for k, v in metrics.items():
+            if v is not None and math.isfinite(float(v)):
+                self.client.log_metric(self.parent_id, k, float(v), step=step)
+        for k, v in (tags or {}).items():
+            self.client.set_tag(self.parent_id, k, str(v)[:MAX_TAG_LEN])
+
+    def log_parent_files(self, files: list[Path], artifact_path: str = "report") -> None:
+        if not self.enabled or not self.parent_id:
+            return
+        for p in files:
+            if Path(p).exists():
+                self.client.log_artifact(self.parent_id, str(p), artifact_path)
+
+    def close_parent(self, status: str) -> None:
+        if self.enabled and self.parent_id:
+            self.client.set_terminated(self.parent_id, status=status)
+
+    def mark_attempt(self, name: str, out: Outcome, what: str) -> None:
+        """An attempt that will not stand for its row (stalled and re-run, a confirmation re-run): say so."""
+        if not self.enabled:
+            return
+        try:
+            rid = out.summary.get("mlflow_run_id") or self.find_child(name)
+            if rid:
+                self.client.set_tag(rid, "search.attempt", what)
+                if self.client.get_run(rid).info.status == "RUNNING":
+                    self.client.set_terminated(rid, status="FAILED")
+        except Exception as e:
+            log.warning("could not tag attempt %s in MLflow: %s", name, e)
+
+    def row_run(self, e: Experiment, out: Optional[Outcome]) -> tuple[Optional[str], bool]:
+        """The child run of a ledger row: the train run of its last attempt, or a new one when the train
+        side logged nothing (invalid proposal, early crash, tracking off). (run id, created by us)."""
+        if not self.enabled:
+            return None, False
+        try:
+            summary = out.summary if out is not None else {}
+            run_id = summary.get("mlflow_run_id") or (self.find_child(attempt_name(e.exp, e.attempts))
+                                                      if out is not None else None)
+            if run_id:
+                return run_id, False
+            return self.create_child(e.exp), True
+        except Exception as err:
+            log.warning("MLflow: could not find or create the run of %s: %s", e.exp, err)
+            return None, False
+
+    def tag_row(self, e: Experiment, step: int, run_id: Optional[str], best: "Best",
+                out: Optional[Outcome] = None, created: bool = False) -> None:
+        """Everything the session knows about row `e` on its child run, and the running best on the parent."""
+        if not run_id or not self.enabled:
+            return
+        p = e.proposal
+        arts = {"overrides.txt": "\n".join(p.overrides) + "\n" if p and p.overrides else "",
+                "config.txt": "\n".join(e.overrides_in_effect) + "\n" if e.overrides_in_effect else "",
+                "patch.diff": p.patch if p and p.patch else ""}
+        if out is not None and out.status != OK and out.log_tail:
+            arts["log_tail.txt"] = out.log_tail
+        files = {}
+        if out is not None and (out.run_dir / "run.log").exists():
+            files["run.log"] = out.run_dir / "run.log"
+        summary = out.summary if out is not None and created else {}
+        self.record(e, step, run_id, summary, arts, files, created)
+        for k, v in ((p.meta.get("metrics") if p else None) or {}).items():  # agent=claude: tokens, cost
+            self.client.log_metric(run_id, k, float(v), step=step)
+        self.log_parent(step, {"search/val_bpb": e.val_bpb, "search/best_val_bpb": best.val_bpb},
+                        {"search.best_commit": best.commit, "search.best_exp": best.exp})
