@@ -17,7 +17,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from src.config import BudgetConfig
 
@@ -50,10 +50,11 @@ class BudgetClock:
         if self.deadline is None and cfg.mode == "time":
             self.deadline = cfg.seconds * cfg.wall_factor + cfg.wall_grace
 
-    def tick(self, dt: float) -> bool:
-        """Record one finished optimizer step that took `dt` seconds; True if it was a stall."""
+    def tick(self, dt: float, tokens: Optional[int] = None) -> bool:
+        """Record one finished optimizer step that took `dt` seconds and trained on `tokens` (default: the
+        configured tokens per step); True if it was a stall."""
         self.step += 1
-        self.tokens += self.tokens_per_step
+        self.tokens += self.tokens_per_step if tokens is None else tokens
         self.wall_seconds = self._now() - self._t0
         if self.step <= self.cfg.warmup_steps:
             return False

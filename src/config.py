@@ -132,6 +132,7 @@ class TrainConfig:
     dry_run: bool = False  # print the derived model and exit, touching no data
     eval_batch_tokens: Optional[int] = None  # tokens per evaluation forward pass; None = the device's default
     progress: bool = True  # progress bar over the budget
+    score: str = "process"  # process: this run starts the scorer process on its checkpoint; caller: the caller does (the lab's runner)
 
 
 GROUPS = {

@@ -47,8 +47,8 @@ class DataNotPreparedError(PrepareError):
 @dataclass
 class PreparedData:
     dir: Path
-    train: np.memmap
-    val: np.memmap
+    train: Optional[np.memmap]  # None unless opened (training opens only train, the scorer only val)
+    val: Optional[np.memmap]
     token_bytes: np.ndarray  # int32 [vocab_size]: UTF-8 bytes of each token, 0 for specials
     vocab_size: int
     bos_id: int
@@ -165,8 +165,11 @@ def prepare_command(cfg: "DataConfig") -> str:
     return "python prepare.py " + " ".join(args)
 
 
-def load_prepared(cfg: "DataConfig") -> PreparedData:
-    """Memory-map the prepared data for `cfg`; raise DataNotPreparedError with the command to run."""
+def load_prepared(cfg: "DataConfig", splits: Tuple[str, ...] = ("train", "val")) -> PreparedData:
+    """Memory-map the prepared data for `cfg`; raise DataNotPreparedError with the command to run.
+
+    splits: which token files to open. Training opens only "train"; the scorer only "val".
+    """
     directory = prepared_dir(cfg)
     try:
         manifest = check_prepared(directory, cfg)
@@ -180,8 +183,8 @@ def load_prepared(cfg: "DataConfig") -> PreparedData:
                                    f"Run: {prepare_command(cfg)}")
     return PreparedData(
         dir=directory,
-        train=np.memmap(directory / "train.bin", dtype=dtype, mode="r"),
-        val=np.memmap(directory / "val.bin", dtype=dtype, mode="r"),
+        train=np.memmap(directory / "train.bin", dtype=dtype, mode="r") if "train" in splits else None,
+        val=np.memmap(directory / "val.bin", dtype=dtype, mode="r") if "val" in splits else None,
         token_bytes=token_bytes.astype(np.int32),
         vocab_size=int(manifest["vocab_size"]),
         bos_id=int(manifest["bos_id"]),

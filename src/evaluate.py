@@ -3,65 +3,71 @@
 val_bpb = sum of per-token cross-entropy (nats) over target tokens
           / (ln 2 * sum of the UTF-8 byte lengths of those target tokens),
 with special tokens (byte length 0) excluded from both sums. Vocabulary-independent.
-Not part of the research surface: agents cannot edit it.
 
-Usage: bpb = evaluate_bpb(model, val_tokens, token_bytes, seq_len, batch_size, rt)
+The model is called with input ids only and must return logits (B, T, vocab); the loss is
+computed here, with library functions bound when this module is imported (before any research
+code is), so rebinding torch.nn.functional afterwards cannot change the arithmetic. Not part of
+the research surface; run by the scorer process (src/score.py), never by the training process.
+
+Usage: bpb = evaluate_bpb(model, val_tokens, token_bytes, seq_len, batch_size, device, autocast)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+from torch.nn.functional import cross_entropy as _cross_entropy
+
+_LN2 = math.log(2)
 
 
 def bpb_from_sums(total_nats: float, total_bytes: int) -> float:
-    return total_nats / (math.log(2) * total_bytes)
+    return total_nats / (_LN2 * total_bytes)
+
+
+def token_nats(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy in nats (B, T) from logits (B, T, V), in float64 for the sums."""
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(y.shape):
+        raise ValueError(f"the model returned shape {tuple(logits.shape)}; the harness expects logits "
+                         f"(B, T, vocab) = ({y.shape[0]}, {y.shape[1]}, vocab) for input ids (B, T)")
+    nats = _cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+    return nats.view(y.shape).double()
+
+
+def windows(n_tokens: int, seq_len: int, batch_size: int) -> list[tuple[int, int, int]]:
+    """(start, rows, length) of each scoring batch: non-overlapping windows, every target once, the last short."""
+    n_targets = n_tokens - 1
+    full = n_targets // seq_len
+    out = [(b * seq_len, min(batch_size, full - b), seq_len) for b in range(0, full, batch_size)]
+    if full * seq_len < n_targets:
+        out.append((full * seq_len, 1, n_targets - full * seq_len))
+    return out
 
 
 @torch.no_grad()
 def evaluate_bpb(model, tokens: torch.Tensor, token_bytes: torch.Tensor, seq_len: int, batch_size: int,
                  device: torch.device, autocast=None, progress: bool = False) -> float:
-    """Score `tokens` (1-D int64, the fixed validation tokens) in non-overlapping windows of seq_len.
-
-    Every token after the first is a target exactly once; the last window may be short.
-    `model(x, y, reduction='none')` must return per-token losses in nats, shape (B, T).
-    """
-    import contextlib
-
+    """Score `tokens` (1-D int64, the fixed validation tokens) in non-overlapping windows of seq_len."""
     from tqdm import tqdm
 
     was_training = model.training
     model.eval()
     token_bytes = token_bytes.to(device)
-    n_targets = tokens.numel() - 1
-    starts = list(range(0, n_targets, seq_len))
+    ctx = autocast or contextlib.nullcontext
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    full = [s for s in starts if s + seq_len <= n_targets]
-    tail = [s for s in starts if s + seq_len > n_targets]
-    windows = tokens[: len(full) * seq_len + 1]
-    ctx = autocast or contextlib.nullcontext
-    bar = tqdm(total=len(starts), desc="eval", unit="seq", disable=not progress, leave=False)
-    for b in range(0, len(full), batch_size):
-        n = min(batch_size, len(full) - b)
-        chunk = windows[b * seq_len: (b + n) * seq_len + 1].to(device)
-        x = chunk[:-1].view(n, seq_len)
-        y = chunk[1:].view(n, seq_len)
-        total_nats, total_bytes = _accumulate(model, x, y, token_bytes, ctx, total_nats, total_bytes)
-        bar.update(n)
-    for s in tail:
-        chunk = tokens[s:].to(device)
-        total_nats, total_bytes = _accumulate(model, chunk[:-1][None], chunk[1:][None], token_bytes, ctx,
-                                              total_nats, total_bytes)
-        bar.update(1)
+    plan = windows(tokens.numel(), seq_len, batch_size)
+    bar = tqdm(total=sum(rows for _, rows, _ in plan), desc="eval", unit="seq", disable=not progress, leave=False)
+    for start, rows, length in plan:
+        chunk = tokens[start: start + rows * length + 1].to(device)
+        x, y = chunk[:-1].view(rows, length), chunk[1:].view(rows, length)
+        with ctx():
+            logits = model(x)
+        nb = token_bytes[y]  # (B, T) bytes per target token; 0 for specials
+        total_nats += (token_nats(logits, y) * (nb > 0)).sum()
+        total_bytes += nb.sum()
+        bar.update(rows)
     bar.close()
     model.train(was_training)
     return bpb_from_sums(total_nats.item(), int(total_bytes.item()))
-
-
-def _accumulate(model, x, y, token_bytes, ctx, total_nats, total_bytes):
-    with ctx():
-        nats = model(x, y, reduction="none").double()  # (B, T)
-    nb = token_bytes[y]  # (B, T) bytes per target token; 0 for specials
-    counted = nb > 0
-    return total_nats + (nats * counted).sum(), total_bytes + nb.sum()

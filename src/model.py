@@ -5,7 +5,13 @@ alternating layers (gated per head), per-layer residual and x0 scalars, tanh-cap
 logits, and a sliding-window pattern honoured on every device through SDPA masks.
 This file is part of the editable research surface.
 
-Usage: model = GPT(GPTConfig.from_model_config(cfg.model, vocab_size)); loss = model(x, y)
+The contract with the harness: `model(idx)` takes token ids (B, T) and returns logits
+(B, T, vocab_size), nothing else. The harness computes the loss and val_bpb from those
+logits (src/evaluate.py) in its own scorer process; targets never reach the model. The
+scorer checks that the logits at a position do not depend on later tokens or on the other
+rows of the batch, and that two passes over the same input agree.
+
+Usage: model = GPT(GPTConfig.from_model_config(cfg.model, vocab_size)); logits = model(idx)
 """
 from __future__ import annotations
 
@@ -183,7 +189,7 @@ class GPT(nn.Module):
             self._masks[key] = (d >= 0) & (d < window)
         return self._masks[key]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
         cos_sin = self.cos[:, :T], self.sin[:, :T]
         x = norm(self.wte(idx))  # (B, T, C)
@@ -195,10 +201,7 @@ class GPT(nn.Module):
         logits = self.lm_head(norm(x)).float()  # (B, T, vocab)
         if self.config.softcap > 0:
             logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
-        return loss.view(B, T) if reduction == "none" else loss
+        return logits
 
     def param_counts(self) -> dict[str, int]:
         groups = {

@@ -14,11 +14,16 @@ DRY_RUN = "dry_run"
 FAILED_RUN = ("nan", "crash", "killed", "timeout")  # the run produced no trustworthy val_bpb
 RUN_STATUSES = (OK, STALLED, DRY_RUN, *FAILED_RUN)
 INTERRUPTED = "interrupted"  # the search stopped the run (Ctrl-C / SIGTERM); not a train status
+TAMPERED = "tampered"  # the scorer's integrity checks (or the runner's clock) caught the research code cheating
+DISTURBED = "disturbed"  # the machine was busy: throughput far off the session's for that shape; re-run
+CONFIRM = "confirm"  # a confirmation run (the candidate or the best re-run back to back) backing a decision
 
 # the `status` column of results.tsv: the reference's keep/discard/crash plus ours
-DECISIONS = ("baseline", "keep", "discard", "crash", "invalid", INTERRUPTED)
-SCORED = ("baseline", "keep", "discard")  # decisions that carry a val_bpb of a finished run
-COUNTED = ("keep", "discard", "crash")  # experiments that count toward search.max_experiments
+DECISIONS = ("baseline", "keep", "discard", "crash", "invalid", INTERRUPTED, TAMPERED, DISTURBED, CONFIRM)
+SCORED = ("baseline", "keep", "discard", CONFIRM)  # decisions that carry a val_bpb of a finished, undisturbed run
+# experiments that count toward search.max_experiments (a disturbed one too: it cost its runs, and a machine
+# that stays busy must not keep the session going forever)
+COUNTED = ("keep", "discard", "crash", TAMPERED, DISTURBED)
 
 
 def mlflow_status(status: str) -> str:

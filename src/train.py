@@ -22,21 +22,31 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+from time import perf_counter  # bound before the research code is imported: it cannot slow our clock
 
 import torch
 
+# the harness first ...
 from src.budget import STALL_ENV, BudgetClock, inject_stalls
 from src.config import TrainConfig
+from src.data import load_prepared, train_batches
 from src.device import Runtime, resolve
-from src.model import GPT, GPTConfig
-from src.optim import build_optimizer
 from src.paths import REPO
 from src.provenance import provenance
+from src.score import CHECKPOINT, Scorer, library_changes, library_snapshot, save_checkpoint
+from src.status import OK, TAMPERED
 from src.sweep import job_run_name
 from src.tracking import Tracker, TrackingError, flatten
+
+_HARNESS = library_snapshot(extra=("time", "src.budget", "src.data", __name__))
+# ... then the research surface (src/model.py, src/optim.py, src/step.py)
+from src.model import GPT, GPTConfig  # noqa: E402
+from src.optim import build_optimizer  # noqa: E402
+from src.step import train_step  # noqa: E402
 
 log = logging.getLogger("src.train")
 SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
@@ -96,37 +106,43 @@ def quantiles(xs: list[float]) -> dict:
 
 
 def train_loop(model, opt, batches, clock: BudgetClock, cfg: TrainConfig, rt: Runtime, accum: int, on_step=None):
-    """Train until the budget clock says done. Raises RunFailed on NaN or exploding loss."""
+    """Train until the budget clock says done, one `train_step` (src/step.py) at a time, each timed here.
+
+    Raises RunFailed on NaN or exploding loss. The tokens of a step are those the recipe actually drew.
+    """
     from tqdm import tqdm
 
     timed = cfg.budget.mode == "time"
     bar = tqdm(total=cfg.budget.seconds if timed else cfg.budget.tokens, unit="s" if timed else "tok",
                desc="train", disable=not cfg.progress, mininterval=1.0 if sys.stderr.isatty() else 10.0,
-               unit_scale=not timed)
+               unit_scale=not timed, bar_format=None if not timed else
+               "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
+    drawn = [0]
+
+    def next_batch():
+        x, y = next(batches)
+        drawn[0] += x.numel()
+        return x, y
+
     model.train()
     while not clock.done:
-        t0 = time.perf_counter()
-        lrm = opt.schedule(clock.progress, clock.step, cfg.optimizer)
-        for _ in range(accum):
-            x, y = next(batches)
-            with rt.autocast():
-                loss = model(x, y)
-            (loss / accum).backward()
-        opt.step()
-        model.zero_grad(set_to_none=True)
-        loss_f = loss.item()  # one sync per step: the step time is real and NaN is caught at once
-        dt = time.perf_counter() - t0
+        drawn[0] = 0
+        t0 = perf_counter()
+        loss, lrm = train_step(model, opt, next_batch, step=clock.step, progress=clock.progress, accum=accum,
+                               optim_cfg=cfg.optimizer, autocast=rt.autocast)
+        loss_f = float(loss)  # one sync per step: the step time is real and NaN is caught at once
+        dt = perf_counter() - t0
         if not math.isfinite(loss_f) or loss_f > cfg.budget.max_nan_loss:
             bar.close()
             raise RunFailed("nan", f"loss {loss_f} at step {clock.step} is not finite or above "
                                    f"budget.max_nan_loss={cfg.budget.max_nan_loss}: training diverged; "
                                    "lower the learning rates or check the last change")
         before = clock.training_seconds if timed else clock.tokens
-        clock.tick(dt)
-        bar.update((clock.training_seconds if timed else clock.tokens) - before)
+        clock.tick(dt, tokens=drawn[0])
+        bar.update(min(clock.training_seconds if timed else clock.tokens, bar.total) - min(before, bar.total))
         bar.set_postfix(loss=f"{loss_f:.3f}", step=clock.step, refresh=False)
         if on_step is not None:
-            on_step(clock.step, dict(loss=loss_f, lr_mult=lrm, step_time=dt, tokens_per_sec=clock.tokens_per_step / dt))
+            on_step(clock.step, dict(loss=loss_f, lr_mult=lrm, step_time=dt, tokens_per_sec=drawn[0] / dt))
     bar.close()
     if clock.progress < 1.0:  # done without the budget spent: the wall-clock ceiling
         raise RunFailed("timeout", f"hard wall-clock ceiling of {clock.deadline:.0f} s hit after "
@@ -212,6 +228,10 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
         return {"status": "dry_run", "num_params": counts["total"], "num_params_M": counts["total"] / 1e6,
                 "flops_per_token": model.flops_per_token(), "depth": cfg.model.depth}
 
+    if cfg.score not in ("process", "caller"):
+        raise ValueError(f"score={cfg.score!r}; expected process (this run starts the scorer) or caller")
+    # the scorer process imports torch now, while this one trains; it sees only the checkpoint
+    scorer = Scorer(REPO, out_dir / "score.log" if out_dir else None).start() if cfg.score == "process" else None
     tracker = Tracker(cfg.tracking, out_dir, tags={"mlflow.source.name": "src.train", "output_dir": str(out_dir or "")})
     prov = provenance(REPO)
     summary = {"status": "ok", "device": str(rt.device), "device_name": rt.name, "dtype": rt.dtype_name,
@@ -267,10 +287,7 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
     try:
         with killed_by_signals():
             tracker.start()  # checks the store now; imports mlflow and opens it in the background, overlapped
-            from src.data import load_prepared, train_batches, val_tokens
-            from src.evaluate import evaluate_bpb
-
-            data = load_prepared(cfg.data)
+            data = load_prepared(cfg.data, splits=("train",))  # the validation split is the scorer's alone
             if data.vocab_size != vocab:
                 raise ValueError(f"data.vocab_size={vocab} but the prepared tokenizer in {data.dir} has "
                                  f"{data.vocab_size}; set data.vocab_size={data.vocab_size} or re-run prepare.py "
@@ -301,17 +318,42 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
                 summary.update(status="stalled", error=(
                     f"{clock.stalls} stalls took {clock.stalled_seconds:.1f} s, more than budget.stall_max_share="
                     f"{cfg.budget.stall_max_share} of the budget: the score is suspect; re-run the experiment"))
-            val = val_tokens(data, cfg.data.eval_tokens)
-            eval_bs = max(1, (cfg.eval_batch_tokens or rt.eval_batch_tokens) // cfg.model.sequence_len)
-            summary["val_bpb"] = evaluate_bpb(model, val, torch.from_numpy(data.token_bytes), cfg.model.sequence_len,
-                                              eval_bs, rt.device, rt.autocast, progress=cfg.progress)
+            changed = library_changes(_HARNESS)
+            if changed:
+                raise RunFailed(TAMPERED, f"the research code rebinds {', '.join(changed[:5])}: the harness, its clock "
+                                          "and the libraries are not part of the research surface")
+            ckpt = save_checkpoint((out_dir or Path(tempfile.mkdtemp())) / CHECKPOINT, model, config_dict(cfg),
+                                   rt.device.type, rt.dtype_name)
+            summary["checkpoint"] = str(ckpt)
+            if scorer is not None:
+                score(scorer, ckpt, summary)
     except RunFailed as e:
         log.error("run failed (%s): %s", e.status, e)
         return finish(e.status, str(e))
     except BaseException as e:  # a crash: record it, then let it propagate
         finish("crash", f"{type(e).__name__}: {e}")
         raise
+    finally:
+        if scorer is not None:
+            scorer.close()
     return finish()
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    """The resolved config as plain data (what the checkpoint carries for the scorer)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def score(scorer: Scorer, ckpt: Path, summary: dict) -> None:
+    """The scorer's verdict into the summary: val_bpb, or the status tampered/crash with its reason."""
+    verdict = scorer.score(ckpt)
+    summary["val_bpb"] = verdict.get("val_bpb", float("nan"))
+    summary["score_seconds"] = verdict.get("total_seconds", 0.0)
+    if verdict.get("status") != OK:
+        status = TAMPERED if verdict.get("status") == TAMPERED else "crash"
+        summary.update(status=status, error=f"scorer: {verdict.get('reason', '')}")
 
 
 def _hydra_main():

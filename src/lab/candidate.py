@@ -2,7 +2,8 @@
 
 A proposal's overrides are merged with the kept ones and written as the committed experiment
 preset conf/experiment/<tag>_best.yaml, so the candidate commit alone reproduces the run; its
-patch is applied on top of the best commit. Anything wrong raises InvalidProposal (no run wasted).
+patch is applied on top of the best commit, and the patched files are checked against the static
+contract (src/lab/contract.py). Anything wrong raises InvalidProposal (no run wasted).
 
 Usage: commit = stage(lab, "exp-004", proposal, best, overrides_in_effect)
        train_args = with_preset(lab, lab.base_overrides, has_preset=bool(overrides_in_effect))
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from src.config import GROUPS
 from src.lab.context import Lab
+from src.lab.contract import ContractViolation, check_files
 from src.lab.proposal import (InvalidProposal, Proposal, check_overrides, check_patch_paths, compose_train,
                               override_key, preset_yaml)
 from src.lab.standings import Best
@@ -25,8 +27,9 @@ def stage(lab: Lab, exp: str, p: Proposal, best: Best, overrides: list[str]) -> 
     """
     s, sess = lab.cfg.search, lab.session
     check_overrides(p.overrides, list(s.override_roots), lab.pinned)
+    paths = []
     if p.patch:
-        check_patch_paths(p.patch, list(s.editable))
+        paths = check_patch_paths(p.patch, list(s.editable))
         why = sess.check_patch(p.patch)
         if why:
             raise InvalidProposal(f"the patch does not apply to the best commit {best.commit[:7]}: {why}. "
@@ -43,6 +46,10 @@ def stage(lab: Lab, exp: str, p: Proposal, best: Best, overrides: list[str]) -> 
     preset = preset_yaml(overrides, PRESET_GROUPS, header) if overrides else None
     commit = sess.commit_candidate(commit_message(lab, exp, p), p.patch, preset)
     sess.keep_ref(exp, commit)
+    try:
+        check_files(sess.worktree, paths, s.contract)  # the patched files as they will run
+    except ContractViolation as e:
+        raise InvalidProposal(str(e)) from None
     if s.preflight:
         dry_run(lab, exp, bool(overrides))
     return commit
@@ -59,7 +66,8 @@ def dry_run(lab: Lab, exp: str, has_preset: bool) -> None:
     """`python -m src.train ... dry_run=true` on the candidate: it composes and builds (on the meta device)."""
     d = lab.session.runs_dir / exp / "preflight"
     out = lab.runner.run(with_preset(lab, lab.base_overrides, has_preset)
-                         + ["dry_run=true", "tracking.enabled=false", "progress=false"], d, timeout_s=300)
+                         + ["dry_run=true", "tracking.enabled=false", "progress=false"], d, timeout_s=300,
+                         score=False)
     if out.returncode != 0:
         raise InvalidProposal(f"the candidate fails its dry run (python -m src.train ... dry_run=true): "
                               f"{out.error_line}; see {d / 'run.log'}")

@@ -57,20 +57,53 @@ class SearchSpaceConfig:
 
 
 @dataclass
+class ContractConfig:
+    """The static contract of the editable files (src/lab/contract.py), checked before a candidate runs."""
+    enabled: bool = True
+    allowed_imports: List[str] = field(default_factory=lambda: [
+        "__future__", "torch", "math", "functools", "dataclasses", "typing", "collections", "itertools",
+        "operator", "numbers", "enum", "abc", "src.config", "src.model", "src.optim", "src.step"])
+    forbidden_names: List[str] = field(default_factory=lambda: [
+        "open", "exec", "eval", "compile", "__import__", "globals", "locals", "vars", "setattr", "delattr",
+        "__builtins__", "breakpoint", "input", "memoryview"])
+    forbidden_dunders: List[str] = field(default_factory=lambda: [
+        "__dict__", "__globals__", "__code__", "__closure__", "__builtins__", "__subclasses__", "__bases__",
+        "__mro__", "__class__", "__import__", "__loader__", "__spec__", "__getattribute__", "__self__",
+        "__func__", "__wrapped__", "__module__", "__defaults__", "__kwdefaults__", "__reduce__", "__reduce_ex__"])
+    forbidden_attrs: List[str] = field(default_factory=lambda: [  # dotted names (globs) that leave the model
+        "torch.load", "torch.save", "torch.from_file", "torch.hub*", "torch.utils.cpp_extension*",
+        "torch.ops.load_library", "torch.classes*", "torch.cuda.memory._record*", "torch.utils.data*",
+        "torch.distributed*", "torch.multiprocessing*", "torch.package*", "torch.jit.load", "torch.jit.save",
+        "torch.serialization*", "torch.storage*", "torch.UntypedStorage.from_file", "torch.random.*state*",
+        "torch.set_rng_state", "torch.get_rng_state", "torch.profiler*", "torch.autograd.profiler*"])
+    allowed_private: List[str] = field(default_factory=lambda: ["_foreach_"])  # torch._foreach_* ops
+    assignable: List[str] = field(default_factory=lambda: [  # library settings a patch may set
+        "torch.backends.*"])
+
+
+@dataclass
 class SearchConfig:
     tag: Optional[str] = None  # session name; None = today's date (nov26, then nov26b, ...)
     resume: bool = False  # continue the session `tag` (after Ctrl-C, a crash or kill -9)
     max_experiments: int = 10  # experiments that run (baseline and invalid proposals not counted)
     max_hours: float = 8.0  # wall-clock limit of this invocation; no experiment starts after it
-    baseline_repeats: int = 2  # baseline runs measuring the noise floor
-    noise_sigmas: float = 2.0  # keep only if val_bpb < best - max(noise_sigmas * sigma, min_delta)
+    baseline_repeats: int = 2  # consistent, undisturbed baseline runs measuring the noise floor
+    baseline_max_repeats: int = 5  # ... more of them (up to this many) while the repeats disagree
+    baseline_spread: float = 0.01  # identical runs disagreeing by more than this fraction of val_bpb are implausible
+    noise_sigmas: float = 2.0  # screen: a keep candidate has val_bpb < best - max(noise_sigmas * sigma, min_delta)
     min_delta: float = 0.002  # smallest improvement (val_bpb) ever kept, whatever sigma says
-    confirm: bool = False  # re-run a would-be keep; keep only if the mean of both still wins
+    confirm: Optional[bool] = None  # paired confirmation of a would-be keep; None: while the noise has < confirm_min_dof dof
+    confirm_min_dof: int = 10  # the noise estimate counts as weak below this many degrees of freedom
+    confirm_pairs: int = 1  # back-to-back (best, candidate) re-runs per confirmation (2 while sigma has 0 dof)
+    confirm_alpha: float = 0.05  # the paired t-test's one-sided level: its false-keep rate under no real change
     stall_retries: int = 1  # a run marked `stalled` is re-run this many times
+    disturbed_factor: float = 2.0  # a run this many times slower than the session's fastest of its shape is disturbed
+    disturbed_factor_new_shape: float = 3.0  # a shape not run yet: its MFU this many times below the session's best
+    disturbed_retries: int = 2  # a disturbed run is re-run this many times before its experiment is left undecided
     timeout_factor: float = 3.0  # hard kill after budget.seconds * timeout_factor + timeout_grace_s
     timeout_grace_s: float = 180.0  # startup, evaluation and slack (seconds)
     timeout_s: Optional[float] = None  # explicit hard timeout per run; None = the formula (tokens mode: from the baseline)
-    editable: List[str] = field(default_factory=lambda: ["src/model.py", "src/optim.py"])  # files a patch may touch (globs)
+    editable: List[str] = field(default_factory=lambda: ["src/model.py", "src/optim.py", "src/step.py"])  # files a patch may touch (globs)
     override_roots: List[str] = field(default_factory=lambda: ["model", "optimizer", "batch"])  # keys a proposal may override
     max_invalid_in_row: int = 10  # stop when the agent keeps proposing invalid changes
     preflight: bool = True  # dry-run each candidate (compose + build the model on the meta device) before its run
@@ -80,15 +113,33 @@ class SearchConfig:
     env_strip: List[str] = field(default_factory=lambda: list(ENV_STRIP))  # env vars the run never sees
     env_keep: List[str] = field(default_factory=list)  # exceptions to env_strip (e.g. MLFLOW_TRACKING_TOKEN)
     progress: bool = True  # progress bar over experiments
+    contract: ContractConfig = field(default_factory=ContractConfig)  # what the editable files may do
+
+
+# knob -> (test, what is accepted): every one is checked before anything is created
+KNOB_RANGES = {
+    "noise_sigmas": (lambda v, s: v >= 0, ">= 0"),
+    "min_delta": (lambda v, s: v >= 0, ">= 0"),
+    "baseline_repeats": (lambda v, s: v >= 1, ">= 1 (2 or more to measure the noise floor)"),
+    "baseline_max_repeats": (lambda v, s: v >= s.baseline_repeats, ">= search.baseline_repeats"),
+    "baseline_spread": (lambda v, s: v >= 0, ">= 0 (a fraction of val_bpb, e.g. 0.01)"),
+    "max_experiments": (lambda v, s: v >= 0, ">= 0"),
+    "confirm_min_dof": (lambda v, s: v >= 0, ">= 0"),
+    "confirm_pairs": (lambda v, s: v >= 1, ">= 1"),
+    "confirm_alpha": (lambda v, s: 0 < v < 0.5, "between 0 and 0.5 (e.g. 0.05)"),
+    "disturbed_factor": (lambda v, s: v > 1, "> 1 (e.g. 2: half the session's throughput)"),
+    "disturbed_factor_new_shape": (lambda v, s: v > 1, "> 1"),
+    "disturbed_retries": (lambda v, s: v >= 0, ">= 0"),
+    "stall_retries": (lambda v, s: v >= 0, ">= 0"),
+}
 
 
 def check_search(s: SearchConfig) -> None:
     """Refuse knobs that make no sense, before anything is created (ValueError naming the accepted range)."""
-    if s.noise_sigmas < 0 or s.min_delta < 0 or s.baseline_repeats < 1 or s.max_experiments < 0:
-        raise ValueError(f"search.noise_sigmas={s.noise_sigmas}, search.min_delta={s.min_delta}, "
-                         f"search.baseline_repeats={s.baseline_repeats}, search.max_experiments="
-                         f"{s.max_experiments}: expected noise_sigmas >= 0, min_delta >= 0, baseline_repeats "
-                         ">= 1 (2 or more to measure the noise floor), max_experiments >= 0")
+    bad = [f"search.{k}={getattr(s, k)} (expected {what})" for k, (ok, what) in KNOB_RANGES.items()
+           if not ok(getattr(s, k), s)]
+    if bad:
+        raise ValueError("; ".join(bad))
 
 
 @dataclass

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from src.lab.config import ENV_STRIP
-from src.status import INTERRUPTED, OK
+from src.lab.session import atomic_write
+from src.score import CHECKPOINT, Scorer
+from src.status import INTERRUPTED, OK, STALLED, TAMPERED
 
 ALWAYS_STRIP = ("MLFLOW_RUN_ID",)  # would attach the child to whatever run the parent has open
 
@@ -143,19 +145,45 @@ def tail(path: Path, n_bytes: int = 4000) -> str:
 
 
 class Runner:
+    """Runs `python -m src.train` and scores what it trained in a scorer process of its own.
+
+    The train process only saves a checkpoint (score=caller); the scorer (src/score.py) is started
+    here, beside it, and its verdict reaches us on a pipe with a nonce the train process never sees.
+    Whatever the train process wrote as val_bpb is replaced. score_checkpoints=False is the seam for
+    the tests' stand-in train script, which has no model to score (default: on for the real train).
+    """
+
     def __init__(self, cwd: Path, strip=ENV_STRIP, keep=(), command: Optional[list[str]] = None,
-                 stop_grace_s: float = 15.0):
+                 stop_grace_s: float = 15.0, score_checkpoints: Optional[bool] = None):
         self.cwd = Path(cwd)
         self.env = clean_env(dict(os.environ), strip, keep)
         self.env["PYTHONUNBUFFERED"] = "1"
         self.command = command or [sys.executable, "-m", "src.train"]
         self.stop_grace_s = stop_grace_s
+        self.score_checkpoints = command is None if score_checkpoints is None else score_checkpoints
 
     def run(self, overrides: list[str], run_dir: Path, timeout_s: float,
-            on_start: Optional[Callable[[int], None]] = None) -> Outcome:
-        """Run to completion, timeout or Ctrl-C (raises RunInterrupted after stopping the run)."""
+            on_start: Optional[Callable[[int], None]] = None, score: bool = True) -> Outcome:
+        """Run to completion, timeout or Ctrl-C (raises RunInterrupted after stopping the run), then score it.
+
+        score=False: a run that trains nothing (the dry run of a candidate)."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        scorer = None
+        if score and self.score_checkpoints:
+            overrides = [*overrides, "score=caller"]
+            scorer = Scorer(self.cwd, run_dir / "score.log", self.env).start()
+        try:
+            out = self._train(overrides, run_dir, timeout_s, on_start)
+            if scorer is not None:
+                self._score(out, scorer)
+        finally:
+            if scorer is not None:
+                scorer.close()
+        return out
+
+    def _train(self, overrides: list[str], run_dir: Path, timeout_s: float,
+               on_start: Optional[Callable[[int], None]]) -> Outcome:
         cmd = [*self.command, *overrides, f"hydra.run.dir={run_dir}"]
         (run_dir / "command.txt").write_text(f"cd {shlex.quote(str(self.cwd))} && {shlex.join(cmd)}\n")
         log_path = run_dir / "run.log"
@@ -184,6 +212,35 @@ class Runner:
             out.status = "timeout"
         return out
 
+    def _score(self, out: Outcome, scorer: Scorer) -> None:
+        """The scorer's val_bpb (or `tampered` with the reason) replaces whatever the train process reported."""
+        out.summary["val_bpb"] = float("nan")
+        if out.status not in (OK, STALLED):
+            return
+        why = self._tampering(out)
+        verdict = {"status": TAMPERED, "val_bpb": float("nan"), "reason": why} if why else \
+            scorer.score(out.run_dir / CHECKPOINT)
+        atomic_write(out.run_dir / "score.json", json.dumps(verdict, indent=2))
+        out.summary["val_bpb"] = verdict.get("val_bpb", float("nan"))
+        out.summary["score_seconds"] = verdict.get("total_seconds", 0.0)
+        if verdict.get("status") != OK:
+            out.status = TAMPERED if verdict.get("status") == TAMPERED else "crash"
+            out.summary["error"] = f"scorer: {verdict.get('reason', '')}"
+            out.note = out.summary["error"]
+
+    def _tampering(self, out: Outcome) -> str:
+        """What the runner itself saw that the run's report cannot explain: '' when nothing."""
+        counted = out.summary.get("training_seconds")
+        if isinstance(counted, (int, float)) and counted > out.wall_seconds + 1.0:
+            return (f"the run reports {counted:.1f} s of counted training but its process lived {out.wall_seconds:.1f} s "
+                    "(measured by the runner): the clock was tampered with")
+        if not (out.run_dir / CHECKPOINT).is_file():
+            return "the run finished without saving its checkpoint, so its score cannot be checked"
+        changed = worktree_changes(self.cwd)
+        if changed:
+            return f"the run changed files of the code it ran from ({changed}): the research code may not write files"
+        return ""
+
     def _outcome(self, run_dir: Path, rc: Optional[int], t0: float, note: str) -> Outcome:
         summary = read_summary(run_dir)
         status = str(summary.get("status") or "")
@@ -192,6 +249,17 @@ class Runner:
             note = note or (f"exit code {rc} without summary.json" if rc != 0 else "exited 0 but wrote no summary.json")
         return Outcome(status=status, run_dir=run_dir, summary=summary, returncode=rc,
                        wall_seconds=time.monotonic() - t0, log_tail=tail(run_dir / "run.log"), note=note)
+
+
+def worktree_changes(cwd: Path) -> str:
+    """Tracked files modified and untracked files added in the git checkout `cwd` ('' if clean or not git)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=cwd, capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    lines = [ln[3:] for ln in out.stdout.splitlines() if ln.strip()] if out.returncode == 0 else []
+    return ", ".join(lines[:5]) + (" ..." if len(lines) > 5 else "")
 
 
 def attempt_name(exp: str, attempt: int) -> str:
