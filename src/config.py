@@ -88,6 +88,7 @@ class DataConfig:
     text_column: str = "text"  # hub datasets: parquet column holding the document text
     bpe_train_bytes: int = 200_000_000  # cap on text fed to BPE training
     eval_tokens: Optional[int] = None  # tokens of the val split scored by val_bpb; None = the full split
+    bpb_floor: Optional[float] = None  # a val_bpb below this is implausible here (re-scored, re-run before a keep)
     retries: int = 5  # download attempts per file
     timeout: float = 60.0  # seconds per HTTP request
 

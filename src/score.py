@@ -84,8 +84,10 @@ def _watched(extra: tuple = ()) -> dict:
 
 
 def library_snapshot(extra: tuple = ()) -> dict:
-    """Identity of every attribute of the watched modules and classes (plus the modules named in `extra`)."""
-    return {(name, attr): id(value) for name, mod in _watched(extra).items() for attr, value in list(vars(mod).items())}
+    """Identity of every function and class of the watched modules and classes (plus the modules in `extra`).
+    Plain data (time.tzname, ...) is left out: libraries update it as they run."""
+    return {(name, attr): id(value) for name, mod in _watched(extra).items() for attr, value in list(vars(mod).items())
+            if callable(value) or isinstance(value, (staticmethod, classmethod, property))}
 
 
 def library_changes(before: dict) -> list[str]:

@@ -1,35 +1,50 @@
 """val_bpb arithmetic against a hand-computed value.
 
-Run: python -m pytest tests/test_evaluate.py -q
+Run: python -m pytest -q tests/test_evaluate.py
 """
 import math
 
+import pytest
 import torch
 
 from src.evaluate import evaluate_bpb
 
 
-class TargetLoss(torch.nn.Module):
-    """A stand-in model whose loss for target token t is t / 100 nats."""
-
-    def forward(self, x, y, reduction="none"):
-        return y.double() / 100
+V = 5
+Z = -torch.arange(V, dtype=torch.float64) / 100  # fixed logits: the loss of target t is logsumexp(Z) + t / 100
 
 
-def test_bpb_hand_computed():
+class FixedLogits(torch.nn.Module):
+    """A stand-in model that returns the same logits Z at every position (input ids only, as the contract says)."""
+
+    def forward(self, x):
+        return Z.float().expand(*x.shape, V).clone()
+
+
+def test_bpb_hand_computed_from_logits():
     # tokens: 0 is a special (0 bytes), 1..3 are 1-byte tokens, 4 is a 3-byte token
     token_bytes = torch.tensor([0, 1, 1, 1, 3])
     tokens = torch.tensor([0, 1, 4, 2, 0, 3, 4])
     # targets = tokens[1:] = 1, 4, 2, 0, 3, 4 -> the special 0 is excluded from both sums
-    nats = (1 + 4 + 2 + 3 + 4) / 100
+    lse = math.log(sum(math.exp(-k / 100) for k in range(V)))
+    nats = sum(lse + t / 100 for t in (1, 4, 2, 3, 4))
     nbytes = 1 + 3 + 1 + 1 + 3
     expected = nats / (math.log(2) * nbytes)
     for seq_len, bs in [(2, 1), (3, 2), (6, 4), (4, 1)]:  # full windows, a short tail, one window
-        got = evaluate_bpb(TargetLoss(), tokens, token_bytes, seq_len, bs, torch.device("cpu"))
-        assert abs(got - expected) < 1e-12, (seq_len, bs, got, expected)
+        got = evaluate_bpb(FixedLogits(), tokens, token_bytes, seq_len, bs, torch.device("cpu"))
+        assert abs(got - expected) < 1e-6, (seq_len, bs, got, expected)
 
 
-def test_bpb_is_deterministic_for_a_real_model():
+def test_a_model_that_returns_no_logits_is_refused_with_the_contract():
+    class Losses(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape)  # per-token "losses" instead of logits
+
+    with pytest.raises(ValueError, match=r"expects logits \(B, T, vocab\)"):
+        evaluate_bpb(Losses(), torch.arange(10), torch.ones(10, dtype=torch.long), 4, 2, torch.device("cpu"))
+
+
+def test_bpb_of_a_fresh_model_is_independent_of_the_batch_size_and_near_log2_vocab():
     from src.config import ModelConfig
     from src.model import GPT, GPTConfig
 

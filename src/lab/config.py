@@ -114,6 +114,10 @@ class SearchConfig:
     env_keep: List[str] = field(default_factory=list)  # exceptions to env_strip (e.g. MLFLOW_TRACKING_TOKEN)
     progress: bool = True  # progress bar over experiments
     contract: ContractConfig = field(default_factory=ContractConfig)  # what the editable files may do
+    clock_factor: float = 3.0  # a run's fixed cost (wall - counted seconds) may be this x the baseline's ...
+    clock_slack_s: float = 60.0  # ... or the baseline's + this many seconds; beyond both the run is `tampered`
+    plausible_gain: float = 0.25  # a gain over the best beyond this (bpb) ...
+    plausible_factor: float = 5.0  # ... and beyond this x the largest kept gain is re-scored and re-run first
 
 
 # knob -> (test, what is accepted): every one is checked before anything is created

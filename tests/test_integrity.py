@@ -1,0 +1,70 @@
+"""The lab's own checks of a scored run: the budget clock seen from outside, and plausibility.
+
+Run: python -m pytest -q tests/test_integrity.py
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from src.lab.config import SearchConfig
+from src.lab.integrity import clock_mismatch, fixed_costs, implausible
+from src.lab.ledger import Experiment
+from src.lab.runner import Outcome
+
+S = SearchConfig()  # clock_factor 3, clock_slack_s 60, plausible_gain 0.25, plausible_factor 5
+
+
+def baseline(wall: float, counted: float) -> Experiment:
+    return Experiment(exp="base-1", status="baseline", description="baseline", wall_seconds=wall,
+                      training_seconds=counted, val_bpb=2.5)
+
+
+def run(wall: float, counted: float) -> Outcome:
+    return Outcome(status="ok", run_dir=Path("."), summary={"training_seconds": counted}, wall_seconds=wall)
+
+
+def test_the_fixed_cost_of_a_run_is_its_wall_minus_its_counted_seconds():
+    assert fixed_costs([baseline(134.0, 120.0), baseline(131.0, 120.0)]) == [14.0, 11.0]
+
+
+def test_a_run_that_fits_its_budget_and_fixed_cost_passes():
+    rows = [baseline(134.0, 120.0)]
+    assert clock_mismatch(run(140.0, 120.0), rows, S) == ""
+    assert clock_mismatch(run(120.0 + 74.0, 120.0), rows, S) == ""  # 74 s of fixed cost: 14 + 60 allowed
+
+
+def test_a_slowed_clock_is_caught_by_the_runners_wall_time():
+    """A clock running at half speed: 120 counted seconds took 240 real ones."""
+    why = clock_mismatch(run(254.0, 120.0), [baseline(134.0, 120.0)], S)
+    assert "134.0 s unaccounted for, more than the 74.0 s allowed" in why
+
+
+def test_more_counted_seconds_than_the_process_lived_is_impossible():
+    why = clock_mismatch(run(50.0, 120.0), [], S)
+    assert why.startswith("the run counted 120.0 s of training in a process that lived 50.0 s")
+
+
+def test_a_large_fixed_cost_scales_the_allowance():
+    """On a GPU a compile can take 80 s: 3x that is allowed before the run is called tampered."""
+    rows = [baseline(380.0, 300.0)]
+    assert clock_mismatch(run(300.0 + 230.0, 300.0), rows, S) == ""
+    assert clock_mismatch(run(300.0 + 250.0, 300.0), rows, S) != ""
+
+
+def keep(delta: float) -> Experiment:
+    return Experiment(exp="exp-001", status="keep", description="k", delta=delta, val_bpb=2.4)
+
+
+def test_an_ordinary_gain_is_plausible():
+    assert implausible(2.40, 2.50, [], S, floor=1.0) == ""
+
+
+def test_a_score_below_the_data_floor_is_implausible():
+    assert "below the floor 1.0" in implausible(0.9, 2.5, [], S, floor=1.0)
+
+
+def test_a_gain_far_beyond_what_was_kept_is_implausible():
+    assert "beyond anything this session has kept (limit 0.2500" in implausible(2.2, 2.5, [], S, floor=None)
+    rows = [keep(-0.1)]  # a kept gain of 0.1 raises the limit to 5 x 0.1
+    assert implausible(2.2, 2.5, rows, S, floor=None) == ""
+    assert "limit 0.5000" in implausible(1.9, 2.5, rows, S, floor=None)
