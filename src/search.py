@@ -28,10 +28,10 @@ def _sigterm(signum, frame):
 @hydra.main(version_base="1.3", config_path="../conf", config_name="search")
 def main(dcfg) -> None:
     cfg = to_object(dcfg, SearchAppConfig)
-    base = train_overrides(list(HydraConfig.get().overrides.task))
+    task = list(HydraConfig.get().overrides.task)
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        out = run(cfg, base)
+        out = run(cfg, train_overrides(task), cli=task)  # cli: what a resume takes as given again
     except (SessionError, AgentStop) as e:
         log.error("%s", e)
         sys.exit(2)
@@ -43,6 +43,7 @@ def main(dcfg) -> None:
         sys.exit(130)
     print(f"session {out['tag']}: best val_bpb {out['best_val_bpb']:.6f} ({out['best_exp']}, commit "
           f"{out['best_commit'][:7]}) on branch {out['branch']}; {out['stop_reason']}\n"
+          f"verdicts: {out['verdicts']}\n"
           f"report: python -m src.report {out['tag']}", flush=True)
 
 

@@ -7,6 +7,9 @@ committed preset named by +experiment=): 3.0, lower for batch.total_tokens 4096 
 dir in [-0.5, 0.5]. Fault drills, by override: model.activation=crash (traceback, exit 1),
 model.activation=sleep (sleeps 600 s), model.activation=stall (status stalled while the file
 $FAKE_STALL_FILE does not exist yet; creates it). dry_run=true prints and exits 0.
+Throughput: 20,000 tokens/s (MFU 30%), except runs named in $FAKE_SLOW ("base-1:4,exp-002-a2:3":
+run dir name -> slowdown), which are that many times slower and, as fewer tokens fit the time
+budget, score 0.3 * ln(slowdown) worse: the disturbed-run drill.
 Env var names it saw are written to summary.json (`env`), for the env-stripping tests.
 """
 import hashlib
@@ -66,9 +69,14 @@ def main() -> int:
     if noise:
         h = int(hashlib.sha256(out.name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF - 0.5
         bpb += noise * h
+    slow = dict((k, float(v)) for k, _, v in (s.partition(":") for s in os.environ.get("FAKE_SLOW", "").split(",") if s))
+    slowdown = slow.get(out.name, 1.0)
+    bpb += 0.3 * math.log(slowdown)
+    tps = 20000.0 / slowdown
     summary = {"status": status, "val_bpb": bpb, "training_seconds": 1.0, "total_seconds": 1.2,
                "peak_vram_mb": 512.0, "num_steps": 10, "stalled_seconds": 3.0 if status == "stalled" else 0.0,
-               "depth": 4, "env": sorted(os.environ)}
+               "depth": 4, "env": sorted(os.environ), "tokens_per_sec": tps, "mfu_percent": 30.0 / slowdown,
+               "step_time_p50": float(eff.get("batch.total_tokens", "8192")) / tps, "device": "cpu", "dtype": "fp32"}
     (out / "summary.json").write_text(json.dumps(summary))
     print(f"---\nval_bpb: {bpb:.6f}\nstatus: {status}", flush=True)
     return 0 if status == "ok" else 1

@@ -14,6 +14,7 @@ from typing import Optional
 from src.config import TrainConfig
 from src.lab.agents.base import SearchState
 from src.lab.config import SearchAppConfig
+from src.lab.disturbance import shape_key
 from src.lab.ledger import Experiment, Ledger
 from src.lab.proposal import compose_train, override_key
 from src.lab.runner import Runner
@@ -32,7 +33,7 @@ class Lab:
     base_overrides: list[str]  # the session's train overrides (device, budget, ...), fixed for its life
     base_config: TrainConfig  # the baseline, composed in the worktree
     deadline: float = float("inf")  # no experiment starts after this time.time()
-    _best_config: dict = field(default_factory=dict, repr=False)  # best.overrides -> composed TrainConfig
+    _configs: dict = field(default_factory=dict, repr=False)  # research overrides -> composed TrainConfig
 
     @property
     def pinned(self) -> list[str]:
@@ -45,14 +46,25 @@ class Lab:
     def standings(self, rows: Optional[list[Experiment]] = None) -> Standings:
         s = self.cfg.search
         return Standings.of(self.rows() if rows is None else rows, self.session.state.base_commit,
-                            s.noise_sigmas, s.min_delta)
+                            s.noise_sigmas, s.min_delta, s.baseline_spread)
+
+    def config(self, overrides: list[str]) -> TrainConfig:
+        """The typed config of the baseline + research `overrides`, composed once per distinct list."""
+        key = tuple(overrides)
+        if key not in self._configs:
+            if len(self._configs) > 64:  # a long session: keep the cache small
+                self._configs.clear()
+            self._configs[key] = compose_train(self.session.conf_dir, self.base_overrides + list(overrides))
+        return self._configs[key]
 
     def best_config(self, best: Best) -> TrainConfig:
-        """The typed config of the best (baseline + its kept overrides), composed once per best."""
-        key = tuple(best.overrides)
-        if key not in self._best_config:
-            self._best_config = {key: compose_train(self.session.conf_dir, self.base_overrides + best.overrides)}
-        return self._best_config[key]
+        """The typed config of the best (baseline + its kept overrides)."""
+        return self.config(best.overrides)
+
+    def shape(self, commit: str, overrides: list[str], summary: dict) -> str:
+        """What fixes the speed of a run of `commit` with `overrides` (src/lab/disturbance.py)."""
+        cfg = self.config(overrides)
+        return shape_key(self.session.tree(commit, "src"), cfg.model, cfg.batch, summary)
 
     def state(self, rows: list[Experiment], seconds_left: float) -> SearchState:
         """What the agent sees before its next proposal."""

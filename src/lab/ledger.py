@@ -3,7 +3,9 @@
 results.tsv starts with the reference's columns (commit, val_bpb, memory_gb, status, description)
 and adds ours. Rows are appended with one write + fsync, so a crash or kill -9 leaves every
 earlier row intact; a torn last line (disk full mid-write) is cut off on the next read. Each
-proposal is saved beside it (proposals/<exp>.json, plus .diff) before its run starts.
+proposal is saved beside it (proposals/<exp>.json, plus .diff) before its run starts. Every row
+stands for at most one run (its own val_bpb and throughput): a confirmation's re-runs of the
+candidate and of the best are rows of their own (exp-004-c1, exp-004-b1) before the decision row.
 
 Usage: ledger = Ledger(session_dir); ledger.save(exp, proposal, overrides); ledger.append(row); ledger.rows()
 """
@@ -13,19 +15,26 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 from src.lab.proposal import Proposal
 from src.lab.session import atomic_write, disk_error
-from src.status import COUNTED
+from src.status import COUNTED, SCORED
 
 log = logging.getLogger("src.lab.ledger")
 
 COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description", "exp", "hypothesis", "kind", "delta",
            "margin", "best_val_bpb", "run_status", "training_seconds", "stall_seconds", "num_steps",
-           "wall_seconds", "attempts", "overrides", "reason", "mlflow_run_id", "finished")
+           "wall_seconds", "attempts", "overrides", "reason", "mlflow_run_id", "finished",
+           "tokens_per_sec", "step_time_p50", "mfu_percent", "shape", "disturbed_runs", "sigma", "dof")
+FLOATS = ("val_bpb", "memory_gb", "delta", "margin", "best_val_bpb", "training_seconds", "stall_seconds",
+          "wall_seconds", "tokens_per_sec", "step_time_p50", "mfu_percent", "sigma")
+PRECISE = ("val_bpb", "delta", "margin", "best_val_bpb", "sigma", "step_time_p50")  # 6 decimals in the TSV
+INTS = ("num_steps", "attempts", "disturbed_runs", "dof")
+EXPERIMENT_ID = re.compile(r"exp-\d+")  # an experiment's own row (not one of its confirmation runs)
 
 
 @dataclass
@@ -51,19 +60,34 @@ class Experiment:
     reason: str = ""  # why invalid / why it failed / confirmation figures
     mlflow_run_id: str = ""
     finished: str = ""
+    tokens_per_sec: Optional[float] = None  # the run's throughput: the disturbed detector compares it by shape
+    step_time_p50: Optional[float] = None  # median seconds per optimizer step
+    mfu_percent: Optional[float] = None  # throughput across shapes (FLOP/s over the device's peak)
+    shape: str = ""  # what fixes the run's speed: code, model, batch, device, dtype (src/lab/disturbance.py)
+    disturbed_runs: int = 0  # attempts behind this row found disturbed and re-run
+    sigma: Optional[float] = None  # the noise floor the row was decided with ...
+    dof: Optional[int] = None  # ... and its degrees of freedom
     proposal: Optional[Proposal] = field(default=None, repr=False)  # from proposals/<exp>.json
     overrides_in_effect: list[str] = field(default_factory=list, repr=False)  # research overrides: the kept ones + this
     values: list[float] = field(default_factory=list, repr=False)  # full-precision val_bpb of each run behind it
 
     @property
-    def score(self) -> Optional[float]:
-        """val_bpb at full precision (the mean of its runs), else the TSV's 6 decimals."""
-        return sum(self.values) / len(self.values) if self.values else self.val_bpb
+    def runs(self) -> list[float]:
+        """Full-precision val_bpb of the undisturbed, finished runs behind this row (one, or none; two in
+        ledgers written before confirmation runs had rows of their own)."""
+        if self.status not in SCORED:
+            return []
+        return list(self.values) or ([self.val_bpb] if self.val_bpb is not None else [])
+
+    @property
+    def is_experiment(self) -> bool:
+        """An experiment's own row (exp-004), not a baseline run nor one of its confirmation runs."""
+        return EXPERIMENT_ID.fullmatch(self.exp) is not None
 
     @property
     def counted(self) -> bool:
         """Counts toward search.max_experiments: a finished experiment (not invalid, not interrupted)."""
-        return self.exp.startswith("exp-") and self.status in COUNTED
+        return self.is_experiment and self.status in COUNTED
 
     def to_row(self) -> str:
         cells = []
@@ -74,7 +98,7 @@ class Experiment:
             if v is None:
                 v = ""
             elif isinstance(v, float):
-                v = "" if not math.isfinite(v) else (f"{v:.6f}" if c in ("val_bpb", "delta", "margin", "best_val_bpb")
+                v = "" if not math.isfinite(v) else (f"{v:.6f}" if c in PRECISE
                                                       else f"{v:.1f}" if c == "memory_gb" else f"{v:.2f}")
             cells.append(" ".join(str(v).split()))  # no tabs or newlines inside a cell
         return "\t".join(cells) + "\n"
@@ -86,11 +110,10 @@ class Experiment:
             if f.name not in cells:
                 continue
             v = cells[f.name]
-            if f.name in ("val_bpb", "memory_gb", "delta", "margin", "best_val_bpb", "training_seconds",
-                          "stall_seconds", "wall_seconds"):
+            if f.name in FLOATS:
                 v = float(v) if v not in ("", None) else None
-            elif f.name in ("num_steps", "attempts"):
-                v = int(float(v)) if v not in ("", None) else (0 if f.name == "attempts" else None)
+            elif f.name in INTS:
+                v = int(float(v)) if v not in ("", None) else (0 if f.name in ("attempts", "disturbed_runs") else None)
             kw[f.name] = v
         return cls(**kw)
 
@@ -155,6 +178,23 @@ class Ledger:
         finally:
             os.close(fd)
 
+    def amend(self, exp: str, **cells) -> Experiment:
+        """Change cells of a recorded row (a baseline run found disturbed only once a faster repeat came in).
+
+        The file is rewritten whole via temp + rename: a reader sees the old ledger or the new one.
+        """
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        header = lines[0].rstrip("\n").split("\t")
+        for i, line in enumerate(lines[1:], 1):
+            row = Experiment.from_row(dict(zip(header, line.rstrip("\n").split("\t"))))
+            if row.exp == exp:
+                for k, v in cells.items():
+                    setattr(row, k, v)
+                lines[i] = row.to_row()
+                atomic_write(self.path, "".join(lines))
+                return row
+        raise KeyError(f"no row {exp} in {self.path}")
+
     # ------------------------------------------------------------------ proposals/<exp>.json
     def save(self, exp: str, proposal: Optional[Proposal], overrides: list[str], commit: str = "",
              values: Optional[list[float]] = None) -> None:
@@ -172,3 +212,17 @@ class Ledger:
             return json.loads((self.proposals / f"{exp}.json").read_text())
         except (OSError, ValueError):
             return None
+
+
+def next_experiment(rows: list[Experiment]) -> str:
+    """The id of the next experiment: exp-001, exp-002, ... (confirmation rows do not count)."""
+    return f"exp-{sum(1 for e in rows if e.is_experiment) + 1:03d}"
+
+
+def next_baseline(rows: list[Experiment]) -> str:
+    return f"base-{sum(1 for e in rows if e.exp.startswith('base-')) + 1}"
+
+
+def confirmation_id(rows: list[Experiment], exp: str, side: str) -> str:
+    """exp-004-c1 (the candidate re-run), exp-004-b1 (the best re-run); numbered on across resumes."""
+    return f"{exp}-{side}{sum(1 for e in rows if e.exp.startswith(f'{exp}-{side}')) + 1}"

@@ -1,15 +1,18 @@
 """The research loop: propose -> check -> commit -> run -> keep or discard -> record -> repeat.
 
-A session (src/lab/session.py) branches research/<tag> off the current commit in a worktree under
-outputs/research/<tag>/, runs the baseline `search.baseline_repeats` times to measure the noise
-floor, then asks the agent for proposals until `search.max_experiments` have run, the agent has
-nothing left, `search.max_hours` pass or Ctrl-C. Each proposal becomes one experiment
-(src/lab/experiment.py): checked, committed on the branch, run as `python -m src.train` in the
-worktree and kept only if it beats the best by more than the noise margin (src/lab/standings.py);
-otherwise the branch is reset to the best. Every experiment is one row of results.tsv and one
-nested MLflow run. Resume continues exactly where it stopped, kill -9 included (src/lab/resume.py).
+Before a session exists, the preflight (src/lab/preflight.py) checks that its baseline composes,
+its data is prepared and it dry-runs on the device. A session (src/lab/session.py) branches
+research/<tag> off the current commit in a worktree under outputs/research/<tag>/, runs the
+baseline until its repeats agree (src/lab/baseline.py: the noise floor), then asks the agent for
+proposals until `search.max_experiments` have run, the agent has nothing left,
+`search.max_hours` pass or Ctrl-C. Each proposal becomes one experiment (src/lab/experiment.py):
+checked, committed on the branch, run as `python -m src.train` in the worktree and kept only if it
+beats the best by more than the noise margin (src/lab/standings.py), confirmed by paired re-runs
+while the noise estimate is weak (src/lab/confirm.py); otherwise the branch is reset to the best.
+Every experiment is one row of results.tsv and one nested MLflow run. Resume continues exactly
+where it stopped, kill -9 included, with the knobs the session was started with (src/lab/resume.py).
 
-Usage: summary = Search(cfg, base_overrides).run()     (python -m src.search is the CLI)
+Usage: summary = Search(cfg, base_overrides, cli=command_line).run()     (python -m src.search is the CLI)
 """
 from __future__ import annotations
 
@@ -17,19 +20,21 @@ import logging
 import math
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Optional
 
 from src.lab.agents import Agent, AgentStop, build_agent
+from src.lab.baseline import run_baseline
 from src.lab.config import SearchAppConfig, check_search
 from src.lab.context import Lab
 from src.lab.experiment import Experiments
-from src.lab.ledger import Ledger
-from src.lab.proposal import InvalidProposal, compose_train, override_key
-from src.lab.resume import Pending, reconcile
+from src.lab.ledger import Ledger, next_experiment
+from src.lab.preflight import code_at, preflight
+from src.lab.proposal import override_key
+from src.lab.resume import Pending, explicit_keys, reconcile, record_knobs, restore_knobs
 from src.lab.runner import Runner
-from src.lab.runs import SessionRuns
+from src.lab.runs import open_session_runs
 from src.lab.session import Session, SessionError
-from src.tracking import resolve_uri
 
 log = logging.getLogger(__name__)
 SEARCH_ROOTS = ("search", "agent", "search_space", "hydra")  # command-line keys that do not set the baseline
@@ -42,10 +47,13 @@ def train_overrides(task_overrides: list[str]) -> list[str]:
 
 
 class Search:
-    def __init__(self, cfg: SearchAppConfig, base_overrides: list[str], train_command: Optional[list[str]] = None):
+    def __init__(self, cfg: SearchAppConfig, base_overrides: list[str], train_command: Optional[list[str]] = None,
+                 cli: Optional[list[str]] = None):
+        """cli: the whole command line (what a resume takes as given); None: every knob of cfg counts as given."""
         self.cfg = cfg
         self.train_command = train_command  # None: python -m src.train (tests substitute a stand-in)
         self.base_overrides = list(base_overrides)
+        self.explicit = None if cli is None else explicit_keys(cli)
         self.agent: Optional[Agent] = None
         self.lab: Optional[Lab] = None
         self.session: Optional[Session] = None
@@ -54,7 +62,13 @@ class Search:
 
     # ------------------------------------------------------------------ open
     def open(self) -> None:
+        """Check everything that can be checked (knobs, agent, preflight), then create or reopen the session."""
         s = self.cfg.search
+        if s.resume:  # the session's own knobs first: they are what the checks below must pass
+            self.session = Session.open(s.tag, True, self.base_overrides, s.repo, s.root, s.base)
+            self._log_to_file()
+            self._restore(self.session.state)
+            s = self.cfg.search
         try:
             check_search(s)
         except ValueError as e:
@@ -62,60 +76,44 @@ class Search:
         # the agent first, checked (agent=claude: key, API): a missing key costs no session and no run
         self.agent = build_agent(self.cfg.agent, self.cfg.search_space)
         self.agent.preflight()
-        self.session = sess = Session.open(s.tag, s.resume, self.base_overrides, s.repo, s.root, s.base)
-        st = sess.state
-        self._log_to_file()
         if s.resume:
-            self._restore_overrides(st)
+            sess = self.session
+            base_config = preflight(sess.worktree, self.base_overrides, self._runner, f"session {sess.tag}")
+        else:
+            plan = Session.plan(s.tag, s.repo, s.root, s.base)
+            with code_at(plan.repo, plan.base_commit) as code:
+                base_config = preflight(code, self.base_overrides, self._runner, f"commit {plan.base_commit[:7]}")
+            self.session = sess = Session.create(plan, self.base_overrides)
+            self._log_to_file()
+        st = sess.state
         if sess.dirty_warning:
             log.warning("uncommitted changes in src/ or conf/ of %s are NOT part of session %s (it branches from "
                         "commit %s):\n%s", st.repo, st.tag, st.base_commit[:7], sess.dirty_warning)
         st.invocations += 1
-        if not st.search:
-            st.search = asdict(s)
-        try:
-            base_config = compose_train(sess.conf_dir, self.base_overrides)
-        except InvalidProposal as e:
-            if not s.resume:  # leave no half-made session (branch, worktree) behind to trip the next attempt
-                sess.discard()
-                self.session = None
-            raise SessionError(f"the session's train overrides {self.base_overrides} do not compose in the worktree "
-                               f"(commit {st.base_commit[:7]}): {e}") from None
-        runs = self._open_runs(st)
+        record_knobs(self.cfg, st)
+        runs = open_session_runs(self.cfg, st, sess.dir)
         sess.save()
-        runner = Runner(sess.worktree, s.env_strip, s.env_keep, command=self.train_command)
-        self.lab = Lab(self.cfg, sess, Ledger(sess.dir), runs, runner, self.base_overrides, base_config)
+        self.lab = Lab(self.cfg, sess, Ledger(sess.dir), runs, self._runner(sess.worktree), self.base_overrides,
+                       base_config)
 
-    def _restore_overrides(self, st) -> None:
-        """A resume keeps the session's train overrides, and warns when the agent differs from the original."""
+    def _runner(self, cwd: Path) -> Runner:
+        s = self.cfg.search
+        return Runner(cwd, s.env_strip, s.env_keep, command=self.train_command)
+
+    def _restore(self, st) -> None:
+        """A resume keeps the session's train overrides, search knobs, agent and search space; what this command
+        line gives again explicitly wins, with a warning naming each change."""
         if self.base_overrides and self.base_overrides != st.base_overrides:
             log.warning("resume: the session's train overrides are fixed at %s; ignoring %s from this command",
                         st.base_overrides, self.base_overrides)
         self.base_overrides = list(st.base_overrides)
-        if st.agent and st.agent != self.cfg.agent.name:
-            log.warning("resume: session %s was run by agent=%s; this invocation continues it with agent=%s "
-                        "(to keep the original: python -m src.search search.tag=%s search.resume=true agent=%s)",
-                        st.tag, st.agent, self.cfg.agent.name, st.tag, st.agent)
-
-    def _open_runs(self, st) -> SessionRuns:
-        """The session's MLflow parent run (created, or reopened on resume); tracking off if the store fails."""
-        s, t = self.cfg.search, self.cfg.tracking
-        uri = resolve_uri(t.uri)
-        runs = SessionRuns(uri, t.experiment, t.enabled)
-        st.tracking_uri, st.tracking_experiment, st.agent = uri, t.experiment, self.cfg.agent.name
-        params = {"agent": self.cfg.agent.name, "search_space": self.cfg.search_space.name,
-                  "base_overrides": " ".join(self.base_overrides) or "(none)", "base_commit": st.base_commit,
-                  "baseline_repeats": s.baseline_repeats, "noise_sigmas": s.noise_sigmas,
-                  "min_delta": s.min_delta, "confirm": s.confirm, "editable": " ".join(s.editable)}
-        try:
-            st.parent_run_id = runs.open_parent(st.parent_run_id, st.tag, params,
-                                                {"search.branch": st.branch, "search.dir": str(self.session.dir)})
-        except Exception as e:  # an unreachable tracking server must not cost the night
-            if t.strict:
-                raise SessionError(f"MLflow at {uri} is not usable ({e}); fix it or drop tracking.strict") from None
-            log.warning("MLflow at %s is not usable (%s): the session continues without tracking", uri, e)
-            runs.enabled = False
-        return runs
+        explicit = self.explicit if self.explicit is not None else \
+            {f"{g}.{k}" for g in ("search", "agent", "search_space") for k in asdict(getattr(self.cfg, g))} | \
+            {"agent", "search_space"}
+        changes = restore_knobs(self.cfg, st, explicit)
+        if changes:
+            log.warning("resume: session %s continues as it was started, except what this command line gives: %s",
+                        st.tag, "; ".join(changes))
 
     def _log_to_file(self) -> None:
         h = logging.FileHandler(self.session.dir / "search.log")
@@ -149,7 +147,7 @@ class Search:
         status = "FINISHED"
         try:
             with logging_redirect_tqdm():
-                pending = self.baseline(pending)
+                pending = run_baseline(lab, pending)
                 self.loop(pending, bar)
         except KeyboardInterrupt:
             status = "KILLED"
@@ -163,23 +161,6 @@ class Search:
             self.finish(status)
         return self.summary()
 
-    def baseline(self, pending: Optional[Pending]) -> Optional[Pending]:
-        """Run the baseline until `baseline_repeats` runs succeeded (the noise floor needs >= 2)."""
-        lab = self.lab
-        while True:
-            rows = lab.rows()
-            if lab.standings(rows).count("baseline") >= self.cfg.search.baseline_repeats:
-                return pending
-            if pending is not None and pending.proposal is None:
-                exp, attempt, pending = pending.exp, pending.attempt, None
-            else:
-                exp, attempt = f"base-{sum(1 for e in rows if e.exp.startswith('base-')) + 1}", 0
-            e = Experiments(lab).execute(exp, None, rows, attempt)
-            if e.status != "baseline":
-                raise SessionError(f"the baseline run {exp} failed ({e.run_status}: {e.reason}); see "
-                                   f"{self.session.runs_dir / exp / 'run.log'}. Fix the session's train overrides or "
-                                   f"the code, then resume (search.tag={self.session.tag} search.resume=true)")
-
     def loop(self, pending: Optional[Pending], bar) -> None:
         lab, s = self.lab, self.cfg.search
         experiments = Experiments(lab)
@@ -190,7 +171,7 @@ class Search:
                 proposal = self._next_proposal(rows)
                 if proposal is None:
                     return
-                exp, attempt = f"exp-{sum(1 for e in rows if e.exp.startswith('exp-')) + 1:03d}", 0
+                exp, attempt = next_experiment(rows), 0
             else:
                 exp, proposal, attempt, pending = pending.exp, pending.proposal, pending.attempt, None
             e = experiments.execute(exp, proposal, rows, attempt)
@@ -260,19 +241,23 @@ class Search:
         lab.runs.log_parent(len(rows), {}, {"search.stop_reason": self.stop_reason or status.lower()})
         lab.runs.close_parent(status)
         if math.isfinite(best.val_bpb):
-            log.info("session %s: %s. Best val_bpb %.6f (%s, commit %s) on branch %s; ledger %s",
+            log.info("session %s: %s. Best val_bpb %.6f (%s, commit %s) on branch %s; ledger %s; %s",
                      self.session.tag, self.stop_reason or status.lower(), best.val_bpb, best.exp,
-                     best.commit[:7], self.session.state.branch, lab.ledger.path)
+                     best.commit[:7], self.session.state.branch, lab.ledger.path, lab.standings(rows).verdicts())
         if status != "FINISHED":
             log.info("resume with: python -m src.search search.tag=%s search.resume=true", self.session.tag)
 
     def summary(self) -> dict:
-        best = self.lab.standings().best
+        st = self.lab.standings()
+        best = st.best
         return {"tag": self.session.tag, "dir": str(self.session.dir), "branch": self.session.state.branch,
                 "best_val_bpb": best.val_bpb, "best_commit": best.commit, "best_exp": best.exp,
-                "rows": len(self.lab.rows()), "stop_reason": self.stop_reason}
+                "rows": len(self.lab.rows()), "stop_reason": self.stop_reason, "noise_sigma": st.noise.sigma,
+                "noise_dof": st.noise.dof, "margin": st.margin, "disturbed_runs": st.disturbed_runs,
+                "verdicts": st.verdicts()}
 
 
-def run(cfg: SearchAppConfig, base_overrides: list[str], train_command: Optional[list[str]] = None) -> dict:
+def run(cfg: SearchAppConfig, base_overrides: list[str], train_command: Optional[list[str]] = None,
+        cli: Optional[list[str]] = None) -> dict:
     """Run (or resume) a research session; returns its summary. Plain Python: tests call it directly."""
-    return Search(cfg, base_overrides, train_command).run()
+    return Search(cfg, base_overrides, train_command, cli).run()

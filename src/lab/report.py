@@ -16,7 +16,9 @@ from src.lab.config import SearchConfig
 from src.lab.ledger import Experiment, Ledger
 from src.lab.runs import SessionRuns
 from src.lab.session import Git, SessionError, SessionState, preset_name
+from src.lab.decision import weak
 from src.lab.standings import Standings
+from src.status import CONFIRM, DISTURBED, TAMPERED
 
 
 def _fmt(v: Optional[float], spec: str = ".6f") -> str:
@@ -29,29 +31,27 @@ def leaderboard(rows: list[Experiment]) -> list[Experiment]:
     return sorted(scored, key=lambda e: e.val_bpb)
 
 
-def progress_plot(rows: list[Experiment], path: Path, title: str) -> Path:
+def progress_plot(rows: list[Experiment], path: Path, title: str, spread: float = 0.0) -> Path:
     """val_bpb per experiment (x = ledger order of runs), kept highlighted, running best as a step line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    ran = [e for e in rows if e.status != "invalid"]
+    shown = [i for i, e in enumerate(rows) if e.status not in ("invalid", CONFIRM)]  # confirmations repeat shown rows
+    ran = [rows[i] for i in shown]
     fig = Figure(figsize=(11, 5.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     xs = list(range(len(ran)))
     vals = [e.val_bpb for e in ran]
     finite = [v for v in vals if v is not None and math.isfinite(v)]
-    best, best_xs, best_ys = math.inf, [], []
-    base = [e.val_bpb for e in ran if e.status == "baseline" and e.val_bpb is not None]
-    if base:
-        best = sum(base) / len(base)
-    for x, e in zip(xs, ran):
+    best_xs, best_ys = [], []
+    for x, i, e in zip(xs, shown, ran):
+        best = running_best(rows[: i + 1], spread)
         v = e.val_bpb
         if e.status == "baseline" and v is not None:
             ax.scatter(x, v, s=36, color="#1f77b4", zorder=3, label="baseline" if "baseline" not in
                        [t.get_label() for t in ax.collections] else None)
         elif e.status == "keep":
-            best = v
             ax.scatter(x, v, s=60, color="#2ca02c", edgecolor="black", linewidth=0.6, zorder=4,
                        label="kept" if "kept" not in [t.get_label() for t in ax.collections] else None)
             ax.annotate(e.description[:40], (x, v), textcoords="offset points", xytext=(6, 6), fontsize=7,
@@ -66,9 +66,13 @@ def progress_plot(rows: list[Experiment], path: Path, title: str) -> Path:
         pad = max(hi - lo, 1e-3) * 0.08
         top = hi + pad
         for x, e in zip(xs, ran):
-            if e.status in ("crash", "interrupted"):
+            if e.status in ("crash", "interrupted", TAMPERED):
                 ax.scatter(x, top, marker="x", s=40, color="#d62728", zorder=3,
                            label="crash / interrupted" if "crash / interrupted" not in
+                           [t.get_label() for t in ax.collections] else None)
+            elif e.status == DISTURBED:
+                ax.scatter(x, top, marker="^", s=40, color="#ff7f0e", zorder=3,
+                           label="disturbed (not judged)" if "disturbed (not judged)" not in
                            [t.get_label() for t in ax.collections] else None)
         ax.set_ylim(lo - pad, top + pad)
     ax.step(best_xs, best_ys, where="post", color="#2ca02c", linewidth=1.6, alpha=0.8, label="running best")
@@ -85,6 +89,11 @@ def progress_plot(rows: list[Experiment], path: Path, title: str) -> Path:
     return path
 
 
+def running_best(rows: list[Experiment], spread: float = 0.0) -> float:
+    """The session's best after these rows (src/lab/standings.py's rule; inf before any baseline run)."""
+    return Standings.of(rows, "", 0.0, 0.0, spread).best.val_bpb if rows else math.inf
+
+
 def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlflow: bool = False) -> list[Path]:
     """Write report.md, progress.png, best.diff and best_overrides.yaml; optionally log them to MLflow."""
     d = Path(session_dir)
@@ -92,7 +101,7 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
     ledger = Ledger(d)
     rows = ledger.rows() if rows is None else rows
     knobs = SearchConfig(**{k: v for k, v in state.search.items() if k in SearchConfig.__dataclass_fields__})
-    st = Standings.of(rows, state.base_commit, knobs.noise_sigmas, knobs.min_delta)
+    st = Standings.of(rows, state.base_commit, knobs.noise_sigmas, knobs.min_delta, knobs.baseline_spread)
     noise, margin, base_mean = st.noise, st.margin, st.baseline
     kept = [e for e in rows if e.status == "keep"]
     best = kept[-1] if kept else None
@@ -112,16 +121,19 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
     n_ran = st.experiments_run
     title = f"research/{state.tag}: {n_ran} experiments, {len(kept)} kept"
     if rows:
-        files.append(progress_plot(rows, d / "progress.png", title))
+        files.append(progress_plot(rows, d / "progress.png", title, knobs.baseline_spread))
     repro = " ".join(state.base_overrides + ([f"+experiment={preset_name(state.tag)}"] if overrides else []))
     lines = [f"# Research session `{state.tag}`", "",
              f"- branch `{state.branch}` (from `{state.base_commit[:7]}`), best commit `{best_commit[:7]}`"
              f" ({best.exp if best else 'baseline'})",
              f"- baseline val_bpb {_fmt(base_mean)} (mean of {st.baseline_runs}), best {_fmt(best_val)}"
              + (f", improvement {_fmt(base_mean - best_val, '.4f')}" if best and base_mean else ""),
-             f"- noise floor: sigma {_fmt(noise.sigma, '.4f')} ({noise.dof} dof); keep margin {_fmt(margin, '.4f')}",
+             f"- noise floor: {noise.describe()}; screen margin {_fmt(margin, '.4f')}",
+             f"- {rule(knobs, noise)}",
              f"- experiments run: {n_ran}, kept {len(kept)}, discarded {st.count('discard')}, "
-             f"crashed {st.count('crash')}, invalid {st.count('invalid')}, interrupted {st.count('interrupted')}",
+             f"crashed {st.count('crash')}, invalid {st.count('invalid')}, interrupted {st.count('interrupted')}, "
+             f"disturbed {st.count(DISTURBED)}; {st.count(CONFIRM)} confirmation runs, "
+             f"{st.disturbed_runs} disturbed runs set aside",
              f"- reproduce the best: `git checkout {best_commit[:12]} && python -m src.train {repro}`", "",
              "## Leaderboard (best first)", "",
              "| rank | exp | val_bpb | delta vs baseline | status | commit | description |",
@@ -130,9 +142,9 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
         dv = e.val_bpb - base_mean if base_mean is not None else None
         lines.append(f"| {i} | {e.exp} | {_fmt(e.val_bpb)} | {_fmt(dv, '+.4f')} | {e.status} | `{e.commit[:7]}` | "
                      f"{e.description.replace('|', '/')[:100]} |")
-    bad = [e for e in rows if e.status in ("invalid", "crash", "interrupted")]
+    bad = [e for e in rows if e.status in ("invalid", "crash", "interrupted", DISTURBED, TAMPERED) or e.disturbed_runs]
     if bad:
-        lines += ["", "## Invalid, crashed and interrupted", "", "| exp | status | reason | description |",
+        lines += ["", "## Invalid, crashed, interrupted and disturbed", "", "| exp | status | reason | description |",
                   "|---|---|---|---|"]
         lines += [f"| {e.exp} | {e.status} ({e.run_status}) | {e.reason.replace('|', '/')[:200]} | "
                   f"{e.description.replace('|', '/')[:80]} |" for e in bad]
@@ -148,5 +160,11 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
     return files
 
 
-def _preset_name(tag: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", tag) + "_best"
+def rule(knobs: SearchConfig, noise) -> str:
+    """The keep rule the session ran with, in words (README: "Verdicts on a noisy machine")."""
+    confirm = {True: "always", False: "never", None: f"while sigma has < {knobs.confirm_min_dof} dof"}[knobs.confirm]
+    return (f"keep rule: screen val_bpb < best - max({knobs.noise_sigmas:g} sigma, {knobs.min_delta:g}); paired "
+            f"confirmation ({confirm}; now {'on' if weak(noise, knobs.confirm, knobs.confirm_min_dof) else 'off'}): "
+            f"{knobs.confirm_pairs} back-to-back pair(s), keep iff the mean gain > max({knobs.min_delta:g}, "
+            f"t(1-{knobs.confirm_alpha:g}, dof) sigma sqrt(2/pairs)); disturbed: {knobs.disturbed_factor:g}x slower "
+            f"than the session's fastest run of a shape ({knobs.disturbed_factor_new_shape:g}x by MFU for a new one)")

@@ -5,16 +5,22 @@ orphaned train process is stopped, the stale MLflow runs of its attempts are clo
 row's MLflow tags are re-applied (the search may have died between the ledger and MLflow), the
 branch is put back at the best commit, and the unfinished experiment is handed back to the loop.
 
+It also puts back the session's own search knobs, agent and agent options, and search space
+(restore_knobs): a resume continues the session as it was started, unless told otherwise.
+
 Usage: pending = reconcile(lab)   # None, or the experiment to finish first
+       changes = restore_knobs(cfg, session.state, explicit_keys(command_line))
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Optional
 
+from src.lab.config import SearchAppConfig
 from src.lab.context import Lab
-from src.lab.proposal import Proposal
+from src.lab.proposal import Proposal, override_key
+from src.lab.session import SessionState
 from src.lab.runner import alive, attempt_name, is_train_process, stop_group
 
 log = logging.getLogger(__name__)
@@ -62,3 +68,92 @@ def reconcile(lab: Lab) -> Optional[Pending]:
         lab.session.save()
     lab.session.reset(lab.standings(rows).best.commit)
     return pending
+
+
+# ---------------------------------------------------------------------------- the session's knobs
+# A resume continues with the search knobs, agent (with its options) and search space the session
+# last ran with, as recorded in state.json; a key given again on the resuming command line wins,
+# and every difference is named in a warning. Where the session lives is this command line's.
+WHERE = ("tag", "resume", "repo", "root", "base")
+
+
+def explicit_keys(cli: list[str]) -> set[str]:
+    """The config keys (and groups) a command line sets: 'agent', 'agent.file', 'search.max_experiments', ..."""
+    return {override_key(o).lstrip("+~") for o in cli}
+
+
+def _given(key: str, explicit: set[str]) -> bool:
+    return key in explicit or any(k.startswith(key + ".") for k in explicit)
+
+
+def _plain(v):
+    """A config value as plain data (what state.json holds), for comparing and for messages."""
+    if is_dataclass(v):
+        return {f.name: _plain(getattr(v, f.name)) for f in fields(v)}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def _typed(cls, stored: dict):
+    """A `cls` instance from its stored plain form (keys the schema no longer has are dropped)."""
+    from omegaconf import OmegaConf
+
+    known = {f.name for f in fields(cls)}
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), {k: v for k, v in stored.items() if k in known}))
+
+
+def _restore(composed, stored: dict, cls, prefix: str, explicit: set[str], keep: tuple = ()) -> tuple[object, list[str]]:
+    """`stored` as a `cls`, with the fields this command line gave (and `keep`) taken from `composed`."""
+    restored = _typed(cls, stored)
+    changes = []
+    names = {f.name for f in fields(restored)}
+    for name in sorted(names):
+        if name in keep or (_given(f"{prefix}.{name}", explicit) and hasattr(composed, name)):
+            new, old = getattr(composed, name), getattr(restored, name)
+            if name not in keep and _plain(new) != _plain(old):
+                changes.append(f"{prefix}.{name}: {_plain(old)!r} -> {_plain(new)!r}")
+            setattr(restored, name, new)
+    for k in sorted(explicit):
+        if k.startswith(prefix + ".") and k.split(".")[1] not in names:
+            changes.append(f"{k}: ignored ({prefix} {getattr(restored, 'name', '')} has no such option)")
+    return restored, changes
+
+
+def restore_knobs(cfg: SearchAppConfig, st: SessionState, explicit: set[str]) -> list[str]:
+    """Put back into `cfg` the knobs, agent and search space session `st` last ran with (explicit keys win).
+
+    Returns one line per difference from the session's own values, for the warning.
+    """
+    from src.lab.config import AGENT_SCHEMAS, AgentConfig, SearchConfig, SearchSpaceConfig
+
+    changes = []
+    if st.search:
+        cfg.search, ch = _restore(cfg.search, st.search, SearchConfig, "search", explicit, keep=WHERE)
+        changes += ch
+    schemas = {c.__name__: c for c in (AgentConfig, *AGENT_SCHEMAS.values())}
+    switched = (f"agent: session {st.tag} was run by agent={st.agent}; this invocation continues it with "
+                f"agent={cfg.agent.name} (to keep the original: python -m src.search search.tag={st.tag} "
+                f"search.resume=true agent={st.agent})")
+    if "agent" in explicit and st.agent and cfg.agent.name != st.agent:
+        changes.append(switched)
+    elif st.agent_config and st.agent_schema in schemas:
+        cfg.agent, ch = _restore(cfg.agent, st.agent_config, schemas[st.agent_schema], "agent", explicit)
+        changes += ch
+    elif st.agent and st.agent != cfg.agent.name:  # a session from before its agent's options were recorded
+        changes.append(switched)
+    if st.search_space and not ("search_space" in explicit and cfg.search_space.name != st.search_space.get("name")):
+        cfg.search_space, ch = _restore(cfg.search_space, st.search_space, SearchSpaceConfig, "search_space", explicit)
+        changes += ch
+    elif st.search_space:
+        changes.append(f"search_space: {st.search_space.get('name')!r} -> {cfg.search_space.name!r}")
+    return changes
+
+
+def record_knobs(cfg: SearchAppConfig, st: SessionState) -> None:
+    """What the session runs with now: the next resume continues with it."""
+    st.search, st.agent = asdict(cfg.search), cfg.agent.name
+    st.agent_config, st.agent_schema = asdict(cfg.agent), type(cfg.agent).__name__
+    st.search_space = asdict(cfg.search_space)

@@ -20,7 +20,14 @@ from src.status import OK, mlflow_status
 from src.tracking import MAX_PARAM_LEN, MAX_TAG_LEN, ensure_experiment
 
 if TYPE_CHECKING:
+    from src.lab.config import SearchAppConfig
+    from src.lab.session import SessionState
     from src.lab.standings import Best
+
+# the search knobs logged as params of the session's parent run (the verdict rule and the disturbed detector)
+PARENT_PARAMS = ("baseline_repeats", "baseline_max_repeats", "baseline_spread", "noise_sigmas", "min_delta", "confirm",
+                 "confirm_min_dof", "confirm_pairs", "confirm_alpha", "disturbed_factor", "disturbed_factor_new_shape",
+                 "disturbed_retries")
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +111,13 @@ class SessionRuns:
         tags = {"search.exp": e.exp, "search.status": e.status, "search.description": e.description,
                 "search.hypothesis": e.hypothesis, "search.kind": e.kind, "search.commit": e.commit,
                 "search.run_status": e.run_status, "search.reason": e.reason, "search.overrides": e.overrides,
+                "search.disturbed_runs": e.disturbed_runs, "search.shape": e.shape,
                 "mlflow.note.content": f"{e.description}\n\n{e.hypothesis}".strip()}
         for k, v in tags.items():
             c.set_tag(run_id, k, str(v)[:MAX_TAG_LEN])
         metrics = {"search/val_bpb": e.val_bpb, "search/delta": e.delta, "search/margin": e.margin,
-                   "search/best_val_bpb": e.best_val_bpb}
+                   "search/best_val_bpb": e.best_val_bpb, "search/noise_sigma": e.sigma, "search/noise_dof": e.dof,
+                   "search/tokens_per_sec": e.tokens_per_sec}
         if created:  # the train side logged nothing: carry its summary here
             metrics.update({f"summary/{k}": v for k, v in summary.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -194,5 +203,30 @@ class SessionRuns:
         self.record(e, step, run_id, summary, arts, files, created)
         for k, v in ((p.meta.get("metrics") if p else None) or {}).items():  # agent=claude: tokens, cost
             self.client.log_metric(run_id, k, float(v), step=step)
-        self.log_parent(step, {"search/val_bpb": e.val_bpb, "search/best_val_bpb": best.val_bpb},
+        self.log_parent(step, {"search/val_bpb": e.val_bpb, "search/best_val_bpb": best.val_bpb,
+                               "search/noise_sigma": e.sigma, "search/noise_dof": e.dof},
                         {"search.best_commit": best.commit, "search.best_exp": best.exp})
+
+
+def open_session_runs(cfg: "SearchAppConfig", st: "SessionState", session_dir: Path) -> SessionRuns:
+    """The session's MLflow parent run (created, or reopened on resume); tracking off if the store fails
+    (SessionError instead with tracking.strict)."""
+    from src.lab.session import SessionError
+    from src.tracking import resolve_uri
+
+    s, t = cfg.search, cfg.tracking
+    uri = resolve_uri(t.uri)
+    runs = SessionRuns(uri, t.experiment, t.enabled)
+    st.tracking_uri, st.tracking_experiment = uri, t.experiment
+    params = {"agent": cfg.agent.name, "search_space": cfg.search_space.name,
+              "base_overrides": " ".join(st.base_overrides) or "(none)", "base_commit": st.base_commit,
+              **{k: getattr(s, k) for k in PARENT_PARAMS}, "editable": " ".join(s.editable)}
+    try:
+        st.parent_run_id = runs.open_parent(st.parent_run_id, st.tag, params,
+                                            {"search.branch": st.branch, "search.dir": str(session_dir)})
+    except Exception as e:  # an unreachable tracking server must not cost the night
+        if t.strict:
+            raise SessionError(f"MLflow at {uri} is not usable ({e}); fix it or drop tracking.strict") from None
+        log.warning("MLflow at %s is not usable (%s): the session continues without tracking", uri, e)
+        runs.enabled = False
+    return runs

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from src.lab.proposal import InvalidProposal
 from src.paths import REPO
 
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -115,7 +116,10 @@ class SessionState:
     tracking_uri: Optional[str] = None  # MLflow store of the session (the report logs to it)
     tracking_experiment: str = "overnight"
     agent: str = ""
-    search: dict = field(default_factory=dict)  # the search knobs the session was started with (SearchConfig)
+    search: dict = field(default_factory=dict)  # the search knobs of its last invocation (SearchConfig)
+    agent_config: dict = field(default_factory=dict)  # the agent's options (AgentConfig subclass `agent_schema`)
+    agent_schema: str = ""
+    search_space: dict = field(default_factory=dict)  # SearchSpaceConfig
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -126,6 +130,15 @@ class SessionState:
         if d.get("in_flight"):
             d["in_flight"] = InFlight(**d["in_flight"])
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A new session that passed every check but does not exist yet (the preflight runs in between)."""
+    tag: str
+    repo: Path
+    dir: Path
+    base_commit: str
 
 
 class Session:
@@ -166,12 +179,10 @@ class Session:
     def open(cls, tag: Optional[str], resume: bool, base_overrides: list[str], repo: Optional[str] = None,
              root: Optional[str] = None, base: str = "HEAD") -> "Session":
         """Create session `tag` (or today's), or reopen it when `resume`; takes the session's lock."""
-        repo_path = repo_root(Path(repo).expanduser() if repo else REPO)
-        root_path = Path(root).expanduser() if root else repo_path / "outputs" / "research"
-        if tag is not None and not TAG_RE.match(tag):
-            raise SessionError(f"search.tag={tag!r} is not a valid session name; use letters, digits, '_', '-', '.' "
-                               "(it names a directory and the branch research/<tag>)")
         if resume:
+            repo_path = repo_root(Path(repo).expanduser() if repo else REPO)
+            root_path = Path(root).expanduser() if root else repo_path / "outputs" / "research"
+            check_tag(tag)
             if tag is None:
                 raise SessionError("search.resume=true needs search.tag=<tag> of the session to continue; sessions: "
                                    + (", ".join(list_sessions(root_path)) or "none"))
@@ -180,6 +191,15 @@ class Session:
                 raise SessionError(f"no session {tag!r} to resume under {root_path} (no state.json); sessions: "
                                    + (", ".join(list_sessions(root_path)) or "none"))
             return cls._reopen(d)
+        return cls.create(cls.plan(tag, repo, root, base), base_overrides)
+
+    @classmethod
+    def plan(cls, tag: Optional[str], repo: Optional[str] = None, root: Optional[str] = None,
+             base: str = "HEAD") -> Plan:
+        """A new session, checked (repo, tag free, base commit) but not created yet: SessionError if it cannot be."""
+        repo_path = repo_root(Path(repo).expanduser() if repo else REPO)
+        root_path = Path(root).expanduser() if root else repo_path / "outputs" / "research"
+        check_tag(tag)
         repo_git = Git(repo_path)
         if tag is None:
             tag = _free_tag(default_tag(), root_path, repo_git)
@@ -190,11 +210,12 @@ class Session:
         if repo_git.ok("rev-parse", "--verify", "--quiet", f"refs/heads/research/{tag}"):
             raise SessionError(f"branch research/{tag} already exists in {repo_path} but has no session directory; "
                                f"pick another search.tag, or delete the branch (git branch -D research/{tag})")
-        base_out = repo_git("rev-parse", "--verify", "--quiet", f"{base}^{{commit}}", check=False)
-        if base_out.returncode != 0:
-            raise SessionError(f"search.base={base!r} is not a commit in {repo_path}; commit your work first "
-                               "(the session branches from a commit) or set search.base=<sha|branch>")
-        base_commit = base_out.stdout.strip()
+        return Plan(tag, repo_path, d, resolve_commit(repo_path, base))
+
+    @classmethod
+    def create(cls, plan: Plan, base_overrides: list[str]) -> "Session":
+        """Make the planned session: its directory (locked), branch research/<tag> and worktree."""
+        d, repo_git = plan.dir, Git(plan.repo)
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -202,10 +223,10 @@ class Session:
         lock_fd = _lock(d)
         try:
             dirty = repo_git("status", "--porcelain", "--untracked-files=no", "--", "src", "conf")
-            state = SessionState(tag=tag, repo=str(repo_path), branch=f"research/{tag}", base_commit=base_commit,
-                                 created=dt.datetime.now().isoformat(timespec="seconds"),
+            state = SessionState(tag=plan.tag, repo=str(plan.repo), branch=f"research/{plan.tag}",
+                                 base_commit=plan.base_commit, created=dt.datetime.now().isoformat(timespec="seconds"),
                                  base_overrides=list(base_overrides))
-            repo_git("worktree", "add", "-b", state.branch, str(d / "worktree"), base_commit)
+            repo_git("worktree", "add", "-b", state.branch, str(d / "worktree"), plan.base_commit)
             (d / "runs").mkdir(exist_ok=True)
             (d / "proposals").mkdir(exist_ok=True)
             s = cls(d, state, lock_fd)
@@ -272,6 +293,10 @@ class Session:
         """Apply the patch and write the preset on top of HEAD, commit, return the new sha."""
         if patch:
             self.git("apply", "--index", "--recount", "--whitespace=nowarn", "-", input=_nl(patch))
+            if self.git("diff", "--cached", "--quiet", check=False).returncode == 0:
+                raise InvalidProposal("the patch changes nothing: it applies, but every file it touches is left as "
+                                      "it was (its + and - lines are the same). Propose a patch that changes the "
+                                      "code, or only overrides")
         path = self.preset_path
         if preset is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -280,14 +305,46 @@ class Session:
         elif path.exists():
             self.git("rm", "-q", "--", str(path.relative_to(self.worktree)))
         if self.git("status", "--porcelain", "--untracked-files=no") == "":
-            raise SessionError("the candidate commit would be empty")
+            raise InvalidProposal("the proposal changes nothing: its code and overrides equal the current best's")
         self.git("commit", "-q", "-m", message)
         return self.head()
+
+    def tree(self, commit: str, path: str) -> str:
+        """The git object id of `path` at `commit`: equal ids, equal contents (what the code of a run was)."""
+        return self.git("rev-parse", f"{commit}:{path}")
 
     def keep_ref(self, exp: str, commit: str) -> None:
         """refs/research/<tag>/<exp>: every candidate stays inspectable (and safe from gc) after a reset."""
         self.git("update-ref", f"refs/research/{self.tag}/{exp}", commit)
 
+
+
+def check_tag(tag: Optional[str]) -> None:
+    if tag is not None and not TAG_RE.match(tag):
+        raise SessionError(f"search.tag={tag!r} is not a valid session name; use letters, digits, '_', '-', '.' "
+                           "(it names a directory and the branch research/<tag>)")
+
+
+def resolve_commit(repo_path: Path, base: str) -> str:
+    """The full sha of `base` in the checkout; SessionError when it names no commit."""
+    out = Git(repo_path)("rev-parse", "--verify", "--quiet", f"{base}^{{commit}}", check=False)
+    if out.returncode != 0:
+        raise SessionError(f"search.base={base!r} is not a commit in {repo_path}; commit your work first "
+                           "(the session branches from a commit) or set search.base=<sha|branch>")
+    return out.stdout.strip()
+
+
+def export(repo_path: Path, commit: str, dest: Path, paths: tuple[str, ...] = ("src", "conf")) -> None:
+    """The files `paths` of `commit` written into `dest` (git archive): a session's code before it has a worktree."""
+    archive = subprocess.run(["git", "archive", "--format=tar", commit, *paths], cwd=repo_path, capture_output=True,
+                             timeout=120)
+    if archive.returncode != 0:
+        raise SessionError(f"git archive {commit[:7]} failed in {repo_path}: {archive.stderr.decode(errors='replace')}")
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
 
 
 def preset_name(tag: str) -> str:

@@ -1,0 +1,151 @@
+"""Running one configuration until a run stands: the re-runs of `stalled` and of disturbed runs.
+
+A configuration is a commit run with (or without) the session's committed preset. Its run is
+re-run when train marks it `stalled` (search.stall_retries) and when its throughput shows that
+the machine was busy (src/lab/disturbance.py; search.disturbed_retries); when every attempt was
+disturbed the outcome's status becomes `disturbed` and nothing may be decided on it. Each
+attempt has its own run directory and MLflow run (exp-004, exp-004-a2, ...); the ones that do
+not stand are tagged with why.
+
+Usage: a = Attempts(lab).run("exp-004", commit, overrides, done=0, rows=rows, in_flight=True)
+       a.out (the Outcome that stands), a.attempts, a.disturbed (notes), a.fill(row)
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from src.lab import candidate
+from src.lab.context import Lab
+from src.lab.disturbance import Judgement, Throughput, judge
+from src.lab.ledger import Experiment
+from src.lab.proposal import merge_overrides
+from src.lab.runner import Outcome, attempt_name
+from src.lab.session import InFlight
+from src.status import DISTURBED, OK, STALLED
+
+log = logging.getLogger(__name__)
+
+
+def quote(v: str) -> str:
+    """A Hydra override value quoted so that any string (a URI, a run name) passes through intact."""
+    return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@dataclass
+class Attempt:
+    """The run that stands for a ledger row, and what it took to get it."""
+    out: Outcome
+    attempts: int  # attempts made for the row so far (a resume continues the count)
+    shape: str = ""
+    throughput: Optional[Throughput] = None
+    disturbed: list[str] = field(default_factory=list)  # one note per attempt found disturbed
+
+    def fill(self, e: Experiment) -> None:
+        """The run's figures on its ledger row."""
+        s, tp = self.out.summary, self.throughput
+        e.memory_gb = s["peak_vram_mb"] / 1024 if isinstance(s.get("peak_vram_mb"), (int, float)) else None
+        e.training_seconds = s.get("training_seconds")
+        e.stall_seconds = s.get("stalled_seconds")
+        e.num_steps = s.get("num_steps")
+        e.wall_seconds = self.out.wall_seconds or s.get("total_seconds")
+        e.attempts, e.run_status, e.shape, e.disturbed_runs = self.attempts, self.out.status, self.shape, len(self.disturbed)
+        if tp is not None:
+            e.tokens_per_sec, e.step_time_p50, e.mfu_percent = tp.tokens_per_sec, tp.step_time_p50 or None, tp.mfu or None
+
+    @property
+    def disturbed_note(self) -> str:
+        return "; ".join(self.disturbed)
+
+
+class Attempts:
+    def __init__(self, lab: Lab):
+        self.lab = lab
+
+    def timeout_s(self) -> float:
+        """The hard timeout of one run: explicit, from the time budget, or (tokens mode) from the baseline's wall."""
+        s, b = self.lab.cfg.search, self.lab.base_config.budget
+        if s.timeout_s:
+            return s.timeout_s
+        if b.mode == "time":
+            return b.seconds * s.timeout_factor + s.timeout_grace_s
+        walls = [e.wall_seconds for e in self.lab.rows() if e.status == "baseline" and e.wall_seconds]
+        return max(walls) * s.timeout_factor + s.timeout_grace_s if walls else 3600.0
+
+    def run(self, name: str, commit: str, overrides: list[str], done: int, rows: list[Experiment],
+            in_flight: bool = False) -> Attempt:
+        """Run `commit` (+ the preset of `overrides`) until a run stands; RunInterrupted on Ctrl-C.
+
+        name: the row's id (runs are name, name-a2, ...); done: attempts an earlier invocation made;
+        rows: the ledger the throughput is judged against; in_flight: persist each attempt in state.json.
+        """
+        lab, s = self.lab, self.lab.cfg.search
+        if lab.session.head() != commit:  # a confirmation alternates the best and the candidate in the worktree
+            lab.session.reset(commit)
+        args = candidate.with_preset(lab, lab.base_overrides, bool(overrides))
+        attempt, stalls, earlier, notes = done, 0, [], []
+        while True:
+            attempt += 1
+            run_name = attempt_name(name, attempt)
+            out = self._launch(run_name, name, attempt, commit, args, in_flight)
+            if out.status == STALLED and stalls < s.stall_retries:
+                stalls += 1
+                log.warning("%s stalled (%s); re-running (%d of %d)", run_name, out.error_line, stalls, s.stall_retries)
+                lab.runs.mark_attempt(run_name, out, "stalled, re-run")
+                continue
+            a = Attempt(out, attempt, disturbed=notes)
+            if out.status != OK:
+                return a
+            a.throughput = Throughput.of(out.summary)
+            a.shape = lab.shape(commit, overrides, out.summary)
+            j = self.judge(a, rows, tuple(earlier))
+            if not j.disturbed:
+                return a
+            notes.append(f"{run_name} disturbed: {j.note}")
+            earlier.append(a.throughput)
+            if len(earlier) <= s.disturbed_retries:
+                log.warning("%s is disturbed (%s); re-running (%d of %d)", run_name, j.note, len(earlier),
+                            s.disturbed_retries)
+                lab.runs.mark_attempt(run_name, out, f"disturbed, re-run: {j.note}")
+                continue
+            log.warning("%s is disturbed (%s) and out of re-runs (search.disturbed_retries=%d): nothing is decided "
+                        "on it", run_name, j.note, s.disturbed_retries)
+            out.status, out.note = DISTURBED, j.note
+            return a
+
+    def judge(self, a: Attempt, rows: list[Experiment], earlier: tuple[Throughput, ...]) -> Judgement:
+        """Was the machine busy during this run? Only time budgets are judged (src/lab/disturbance.py)."""
+        s = self.lab.cfg.search
+        if self.lab.base_config.budget.mode != "time":
+            return Judgement(False, 0.0, "token budget: a slow run trains on the same tokens; not judged")
+        return judge(a.throughput, a.shape, rows, s.disturbed_factor, s.disturbed_factor_new_shape, earlier)
+
+    def _launch(self, run_name: str, name: str, attempt: int, commit: str, args: list[str],
+                in_flight: bool) -> Outcome:
+        lab, sess = self.lab, self.lab.session
+        run_dir = sess.runs_dir / run_name
+        if in_flight:
+            sess.state.in_flight = InFlight(exp=name, attempt=attempt, commit=commit, run_dir=str(run_dir),
+                                            started=time.time())
+            sess.save()
+        ovs = merge_overrides(args, self._tracking_overrides(run_name))  # ours replace the same keys of the command line
+
+        def started(pid: int) -> None:
+            if sess.state.in_flight is not None:
+                sess.state.in_flight.pid = pid
+                sess.save()
+
+        log.info("%s: running (attempt %d, commit %s, timeout %.0f s) -> %s", run_name, attempt, commit[:7],
+                 self.timeout_s(), run_dir)
+        return lab.runner.run(ovs, run_dir, self.timeout_s(), on_start=started)
+
+    def _tracking_overrides(self, run_name: str) -> list[str]:
+        """Where the run logs itself: the session's store and experiment, nested under its parent run."""
+        runs = self.lab.runs
+        own = [f"tracking.uri={quote(runs.uri)}", f"tracking.experiment={quote(runs.experiment_name)}",
+               f"tracking.run_name={quote(run_name)}", "progress=false"]
+        if runs.parent_id:
+            own.append(f"tracking.parent_run_id={quote(runs.parent_id)}")
+        return own

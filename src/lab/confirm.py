@@ -1,0 +1,96 @@
+"""Paired confirmation of a would-be keep: the best and the candidate re-run back to back.
+
+A run that passed the screen was selected for being low, so it cannot confirm itself. Instead
+the current best (B) and the candidate (C) run in pairs, adjacent in time so that the machine's
+drift (throughput moves within minutes on a shared CPU) hits both alike, in alternating order
+(B C, then C B, ...); every run is a ledger row of its own (exp-004-b1, exp-004-c1, status
+`confirm`). The decision is src/lab/decision.py's paired rule on the differences C - B. A
+disturbed confirmation run leaves the experiment undecided (`disturbed`); a crashed one
+discards it.
+
+Usage: result = Confirmation(lab, attempts, record).run(row, best, commit, overrides, rows, noise)
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from src.lab.attempts import Attempts
+from src.lab.context import Lab
+from src.lab.decision import NoiseFloor, Verdict, paired
+from src.lab.ledger import Experiment, confirmation_id
+from src.lab.standings import Best
+from src.status import CONFIRM, DISTURBED, OK
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Confirmed:
+    decision: str  # keep | discard | disturbed
+    verdict: Optional[Verdict]  # the paired rule's, when all pairs ran
+    reason: str
+    candidate_runs: list[float] = field(default_factory=list)  # val_bpb of the candidate's confirmation runs
+
+
+class Confirmation:
+    def __init__(self, lab: Lab, attempts: Attempts, record: Callable[[Experiment, list[Experiment]], Experiment]):
+        self.lab, self.attempts, self.record = lab, attempts, record
+
+    def pairs(self, noise: NoiseFloor) -> int:
+        """search.confirm_pairs, or 2 while sigma has no dof at all (the pairs then measure it themselves)."""
+        n = self.lab.cfg.search.confirm_pairs
+        return n if noise.dof > 0 else max(2, n)
+
+    def run(self, e: Experiment, best: Best, commit: str, overrides: list[str], rows: list[Experiment],
+            noise: NoiseFloor) -> Confirmed:
+        """Run the pairs of experiment row `e` (screened) and apply the paired rule.
+
+        noise: the floor from the runs before this experiment, independent of its pairs.
+        """
+        s = self.lab.cfg.search
+        sides = {"b": (best.commit, best.overrides, f"the best ({best.exp}) re-run"),
+                 "c": (commit, overrides, "the candidate re-run")}
+        diffs, cand = [], []
+        n = self.pairs(noise)
+        log.info("%s beat the best by %.4f (margin %.4f): confirming with %d back-to-back pair(s)", e.exp,
+                 -(e.delta or 0.0), e.margin or 0.0, n)
+        for i in range(n):
+            got = {}
+            for side in ("bc" if i % 2 == 0 else "cb"):
+                c, ovs, what = sides[side]
+                row = self._one(e, side, c, ovs, f"confirmation of {e.exp}, pair {i + 1} of {n}: {what}")
+                if row.status == DISTURBED:
+                    return Confirmed(DISTURBED, None, f"confirmation run {row.exp} was disturbed ({row.reason}): "
+                                                      "left undecided", cand)
+                if row.status != CONFIRM:
+                    return Confirmed("discard", None, f"confirmation run {row.exp} failed ({row.run_status}: "
+                                                      f"{row.reason})", cand)
+                got[side] = row.runs[0]
+            cand.append(got["c"])
+            diffs.append(got["c"] - got["b"])
+        v = paired(diffs, noise, s.confirm_alpha, s.min_delta)
+        return Confirmed(v.decision, v, v.note, cand)
+
+    def _one(self, e: Experiment, side: str, commit: str, overrides: list[str], description: str) -> Experiment:
+        """One confirmation run, recorded as its own ledger row."""
+        lab = self.lab
+        rows = lab.rows()
+        cid = confirmation_id(rows, e.exp, side)
+        lab.ledger.save(cid, None, overrides, commit=commit)
+        row = Experiment(exp=cid, status="", description=description, commit=commit, kind="confirm",
+                         hypothesis=f"re-run back to back with its pair, for {e.exp}'s paired confirmation",
+                         overrides=" ".join(overrides), overrides_in_effect=list(overrides))
+        a = self.attempts.run(cid, commit, overrides, 0, rows)
+        a.fill(row)
+        out = a.out
+        if out.status == OK and out.val_bpb is not None:
+            row.status, row.val_bpb, row.values = CONFIRM, out.val_bpb, [out.val_bpb]
+        elif out.status == DISTURBED:
+            row.status, row.reason = DISTURBED, a.disturbed_note
+        else:
+            row.status, row.reason = "crash", out.error_line
+        if a.disturbed and row.status != DISTURBED:
+            row.reason = a.disturbed_note + "; re-run"
+        return self.record(row, rows, out)
