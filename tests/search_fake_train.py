@@ -9,7 +9,8 @@ model.activation=sleep (sleeps 600 s), model.activation=stall (status stalled wh
 $FAKE_STALL_FILE does not exist yet; creates it). dry_run=true prints and exits 0.
 Throughput: 20,000 tokens/s (MFU 30%), except runs named in $FAKE_SLOW ("base-1:4,exp-002-a2:3":
 run dir name -> slowdown), which are that many times slower and, as fewer tokens fit the time
-budget, score 0.3 * ln(slowdown) worse: the disturbed-run drill.
+budget, score 0.3 * ln(slowdown) worse: the disturbed-run drill. $FAKE_SHIFT ("base-1:1.2") adds to the
+val_bpb of the runs it names and nothing else: a wild score that throughput cannot explain.
 Env var names it saw are written to summary.json (`env`), for the env-stripping tests.
 """
 import hashlib
@@ -69,9 +70,12 @@ def main() -> int:
     if noise:
         h = int(hashlib.sha256(out.name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF - 0.5
         bpb += noise * h
-    slow = dict((k, float(v)) for k, _, v in (s.partition(":") for s in os.environ.get("FAKE_SLOW", "").split(",") if s))
-    slowdown = slow.get(out.name, 1.0)
-    bpb += 0.3 * math.log(slowdown)
+    def by_run(var: str, default: float) -> float:  # "name:value,name:value" -> this run's value
+        pairs = (s.partition(":") for s in os.environ.get(var, "").split(",") if s)
+        return dict((k, float(v)) for k, _, v in pairs).get(out.name, default)
+
+    slowdown = by_run("FAKE_SLOW", 1.0)
+    bpb += 0.3 * math.log(slowdown) + by_run("FAKE_SHIFT", 0.0)
     tps = 20000.0 / slowdown
     summary = {"status": status, "val_bpb": bpb, "training_seconds": 1.0, "total_seconds": 1.2,
                "peak_vram_mb": 512.0, "num_steps": 10, "stalled_seconds": 3.0 if status == "stalled" else 0.0,

@@ -162,10 +162,15 @@ class SessionRuns:
             return
         try:
             rid = out.summary.get("mlflow_run_id") or self.find_child(name)
-            if rid:
-                self.client.set_tag(rid, "search.attempt", what)
-                if self.client.get_run(rid).info.status == "RUNNING":
-                    self.client.set_terminated(rid, status="FAILED")
+            if not rid:  # the train side logged nothing: the attempt still shows in the session, with why
+                rid = self.create_child(name)
+                for k in ("val_bpb", "tokens_per_sec", "step_time_p50", "mfu_percent"):
+                    v = out.summary.get(k)
+                    if isinstance(v, (int, float)) and math.isfinite(v):
+                        self.client.log_metric(rid, f"summary/{k}", float(v))
+            self.client.set_tag(rid, "search.attempt", what)
+            if self.client.get_run(rid).info.status == "RUNNING":
+                self.client.set_terminated(rid, status="FAILED")
         except Exception as e:
             log.warning("could not tag attempt %s in MLflow: %s", name, e)
 

@@ -78,13 +78,14 @@ class Standings:
     margin: float  # what the next experiment must beat the best by (the screen)
     experiments_run: int  # experiments that count toward search.max_experiments
     by_status: dict  # decision -> rows
-    disturbed_runs: int = 0  # runs found disturbed (re-run, or their rows left undecided)
+    disturbed_runs: int = 0  # runs found disturbed (and re-run, or their rows recorded `disturbed`)
+    undecided: int = 0  # experiments whose runs stayed disturbed: neither kept nor discarded
 
     def verdicts(self) -> str:
         """One line on what the verdicts rest on: the noise, the margin, confirmations, disturbed runs."""
-        return (f"noise {self.noise.describe()}, margin {self.margin:.4f}; {self.count(CONFIRM)} confirmation runs; "
-                f"{self.disturbed_runs} disturbed runs set aside" + (f" ({self.count(DISTURBED)} left undecided)"
-                                                                      if self.count(DISTURBED) else ""))
+        return (f"noise {self.noise.describe()}, margin {self.margin:.4f}; {self.count(CONFIRM)} confirmation run(s); "
+                f"{self.disturbed_runs} disturbed run(s) set aside" +
+                (f", {self.undecided} experiment(s) left undecided" if self.undecided else ""))
 
     @classmethod
     def of(cls, rows: list[Experiment], base_commit: str, noise_sigmas: float, min_delta: float,
@@ -97,7 +98,8 @@ class Standings:
                    noise=noise, margin=noise.margin(noise_sigmas, min_delta),
                    experiments_run=sum(1 for e in rows if e.counted),
                    by_status=dict(Counter(e.status for e in rows)),
-                   disturbed_runs=sum(max(e.disturbed_runs, int(e.status == DISTURBED)) for e in rows))
+                   disturbed_runs=sum(max(e.disturbed_runs, int(e.status == DISTURBED)) for e in rows),
+                   undecided=sum(1 for e in rows if e.counted and e.status == DISTURBED))
 
     def count(self, status: str) -> int:
         return self.by_status.get(status, 0)
