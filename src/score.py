@@ -12,8 +12,8 @@ Checks, before scoring (a failure is the status `tampered` with the reason):
   and the harness modules are the same objects after the research code is imported and run;
 - determinism: two forward passes on the same input agree;
 - batch independence: a sequence's logits do not depend on the other rows of the batch;
-- causality: logits at a position do not change when any later token changes (every position,
-  on random tokens and on real validation text);
+- causality: logits at a position do not change when any later token changes (every position;
+  random tokens in fp32, real validation text at the scoring dtype);
 - no state across calls: the first scoring batch, re-scored at the end, gives the same nats.
 
 Protocol: stdin line 1 = nonce (sent at start-up, so torch imports while training runs);
@@ -220,9 +220,10 @@ def score_checkpoint(path: Path, snapshot: dict, log=sys.stderr) -> dict:
     chk.determinism()
     first = val[: min(eval_bs, max(1, (len(val) - 1) // T)) * T].view(-1, T) if len(val) > T else val[:T].view(1, -1)
     chk.batch_independence(first if len(first) > 1 else chk.random_ids(2))
-    chk.causality(chk.random_ids(1), chk.random_ids(1), rows)
-    if len(val) >= 2 * T:
+    if len(val) >= 2 * T:  # real text at the scoring dtype (random tokens were checked in fp32 above)
         chk.causality(val[:T], val[T: 2 * T], rows)
+    else:
+        chk.causality(chk.random_ids(1), chk.random_ids(1), rows)
     t_checks = _now()
     first_nats = _first_batch_nats(chk, val, T, eval_bs)
     bpb = evaluate_bpb(model, val, torch.from_numpy(data.token_bytes), T, eval_bs, device, rt.autocast,
