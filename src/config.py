@@ -11,7 +11,7 @@ Usage: from src.config import register_configs, to_object
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -61,16 +61,58 @@ class OptimizerConfig:
 class BatchConfig:
     name: str = "cpu"
     total_tokens: int = 8192  # tokens per optimizer step
-    device_tokens: int = 8192  # tokens per forward/backward (device step); grad accumulation derived
+    # tokens per forward/backward (device step); grad accumulation = total / device. `auto`: the largest
+    # micro-batch that fits (a forward/backward probe at start, cached per model shape and device)
+    device_tokens: Union[int, str] = 8192
+
+    def __post_init__(self) -> None:
+        if isinstance(self.device_tokens, str):
+            word = self.device_tokens.strip().lower()
+            if not (word == "auto" or word.isdigit()):
+                raise ValueError(f"batch.device_tokens={self.device_tokens!r}; expected a number of tokens or auto")
+            self.device_tokens = "auto" if word == "auto" else int(word)
+
+
+# the words device.compile and device.dtype accept; Hydra hands true/false over as booleans
+COMPILE_WORDS = {True: True, False: False, "true": True, "false": False, "auto": "auto"}
+DTYPE_WORDS = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
+               "half": "fp16", "fp32": "fp32", "float32": "fp32", "float": "fp32",
+               False: "fp32", "false": "fp32", True: "mixed", "true": "mixed", "mixed": "mixed"}
+
+
+def _word(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
 
 
 @dataclass
 class DeviceConfig:
     type: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
-    dtype: str = "auto"  # auto | bf16 | fp16 | fp32 (autocast dtype for matmuls)
-    compile: str = "auto"  # auto (cuda only) | true | false
+    # autocast dtype for matmuls: auto | bf16 | fp16 | fp32 (or bfloat16, float16, float32);
+    # false = fp32 (no autocast), true = mixed precision (bf16, fp16 where the GPU lacks bf16)
+    dtype: Union[bool, str] = "auto"
+    compile: Union[bool, str] = "auto"  # torch.compile: auto (cuda only) | true | false
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | ...
+    compile_scope: str = "model"  # model (one graph) | blocks (each transformer block; the rest runs eagerly)
+    # Inductor/Triton caches kept across runs (a session's experiments compile the same graphs again);
+    # None = $TORCHINDUCTOR_CACHE_DIR if set, else <data cache>/compile
+    compile_cache: Optional[str] = None
+    # memory the run may use, MB. CUDA/MPS: enforced by the allocator; CPU: simulated (the bytes autograd
+    # saves for backward in one forward may not exceed it). None = the whole device
+    memory_limit_mb: Optional[float] = None
     peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; None = look up or measure once
     threads: Optional[int] = None  # torch intra-op threads on CPU; None = torch default
+
+    def __post_init__(self) -> None:
+        """Canonical values (compile: True | False | 'auto'; dtype: auto | mixed | bf16 | fp16 | fp32), or an error
+        naming the knob, so a typo fails before anything runs."""
+        if _word(self.compile) not in COMPILE_WORDS:
+            raise ValueError(f"device.compile={self.compile!r}; expected auto, true or false")
+        if _word(self.dtype) not in DTYPE_WORDS:
+            raise ValueError(f"device.dtype={self.dtype!r}; expected auto, bf16, fp16, fp32 (or bfloat16, float16, "
+                             "float32), true or mixed (mixed precision), false (fp32)")
+        self.compile, self.dtype = COMPILE_WORDS[_word(self.compile)], DTYPE_WORDS[_word(self.dtype)]
+        if self.compile_scope not in ("model", "blocks"):
+            raise ValueError(f"device.compile_scope={self.compile_scope!r}; expected model or blocks")
 
 
 @dataclass

@@ -3,9 +3,11 @@
 `auto` picks cuda > mps > cpu. On CPU, bf16 autocast is chosen only when a quick
 matmul probe shows the CPU's bf16 units beat fp32 (AMX, AVX512-BF16). Peak FLOP/s for
 MFU comes from the config, a table of known GPUs, or a one-time measurement cached
-under the data cache dir.
+under the data cache dir. Compilation (`device.compile`, `compile_mode`, `compile_scope`)
+keeps Inductor's caches in one directory across runs (`device.compile_cache`), so the
+experiments of a session after the first reuse the kernels it compiled.
 
-Usage: rt = resolve(cfg.device); with rt.autocast(): loss = model(x, y)
+Usage: rt = resolve(cfg.device); fwd = compile_model(model, rt); with rt.autocast(): logits = fwd(x)
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -24,6 +27,7 @@ from src.config import DeviceConfig
 from src.paths import cache_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # Inductor's (and, below it, Triton's) on-disk cache
 GPU_PEAK_BF16 = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
                  "4090": 165e12, "3090": 71e12, "B200": 2250e12}
 PROBE_CACHE = cache_dir() / "device_probe.json"
@@ -36,6 +40,9 @@ class Runtime:
     compile: bool
     peak_flops: float  # FLOP/s at `dtype`, for MFU
     name: str  # human-readable device name
+    compile_mode: str = "default"  # torch.compile mode
+    compile_scope: str = "model"  # model | blocks
+    memory_limit_mb: Optional[float] = None  # device.memory_limit_mb (None: the whole device)
 
     @property
     def eval_batch_tokens(self) -> int:
@@ -70,6 +77,21 @@ class Runtime:
             return torch.mps.driver_allocated_memory() / 2**20
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
         return rss / (2**20 if platform.system() == "Darwin" else 2**10)
+
+
+_T_IMPORTED = time.time()
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: from /proc, interpreter start-up and imports included;
+    elsewhere: since this module was imported)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, starttime, in clock ticks since boot
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time() - _T_IMPORTED
 
 
 def pick_device(kind: str) -> torch.device:
@@ -120,26 +142,25 @@ def cpu_probe() -> dict:
 
 
 def resolve(cfg: DeviceConfig) -> Runtime:
+    """The device, autocast dtype, compilation and peak FLOP/s a run uses (cfg is a validated DeviceConfig)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.type)
-    if cfg.dtype not in ("auto", *DTYPES):
-        raise ValueError(f"device.dtype={cfg.dtype!r}; expected auto, bf16, fp16 or fp32")
-    if cfg.compile not in ("auto", "true", "false"):
-        raise ValueError(f"device.compile={cfg.compile!r}; expected auto, true or false")
-    compile_ = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
+    compile_ = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
     probe = None
     if device.type == "cpu":
         probe = cpu_probe() if (cfg.dtype == "auto" or cfg.peak_flops is None) else None
-        dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (
-            torch.bfloat16 if probe["bf16"] > 1.2 * probe["fp32"] else torch.float32)
+        if cfg.dtype == "auto":
+            dtype = torch.bfloat16 if probe["bf16"] > 1.2 * probe["fp32"] else torch.float32
+        else:
+            dtype = DTYPES["bf16" if cfg.dtype == "mixed" else cfg.dtype]
         name = platform.processor() or platform.machine() or "cpu"
     elif device.type == "cuda":
-        dtype = DTYPES["bf16" if cfg.dtype == "auto" and torch.cuda.is_bf16_supported() else
-                       ("fp16" if cfg.dtype == "auto" else cfg.dtype)]
+        reduced = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        dtype = DTYPES[reduced if cfg.dtype in ("auto", "mixed") else cfg.dtype]
         name = torch.cuda.get_device_name(device)
     else:  # mps: bf16 autocast (macOS 14+); fp16 would need a grad scaler
-        dtype = DTYPES["bf16" if cfg.dtype == "auto" else cfg.dtype]
+        dtype = DTYPES["bf16" if cfg.dtype in ("auto", "mixed") else cfg.dtype]
         name = "mps"
     peak = cfg.peak_flops
     if peak is None:
@@ -149,4 +170,31 @@ def resolve(cfg: DeviceConfig) -> Runtime:
             peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 0.0)
         else:
             peak = 0.0  # unknown: MFU is reported as 0 unless device.peak_flops is set
-    return Runtime(device=device, dtype=dtype, compile=compile_, peak_flops=float(peak), name=name)
+    if compile_:
+        use_compile_cache(cfg.compile_cache)
+    return Runtime(device=device, dtype=dtype, compile=compile_, peak_flops=float(peak), name=name,
+                   compile_mode=cfg.compile_mode, compile_scope=cfg.compile_scope,
+                   memory_limit_mb=cfg.memory_limit_mb)
+
+
+def use_compile_cache(path: Optional[str] = None) -> Path:
+    """Point Inductor's on-disk caches (FX graphs, AOT autograd, Triton kernels, autotuning) at one directory
+    that outlives the run: `path`, else $TORCHINDUCTOR_CACHE_DIR, else <data cache>/compile. Inductor reads the
+    variable when it first compiles, so this must run before; its cache keys cover the code, shapes and versions."""
+    target = Path(path or os.environ.get(COMPILE_CACHE_ENV) or cache_dir() / "compile").expanduser().resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    os.environ[COMPILE_CACHE_ENV] = str(target)
+    return target
+
+
+def compile_model(model: torch.nn.Module, rt: Runtime):
+    """What the training loop calls: the model itself (eager), the model compiled as one graph, or the model with
+    each transformer block compiled (scope `blocks`: one block's graph is compiled once per distinct block
+    shape, e.g. window and value-embedding variants; embeddings, head and soft-cap stay eager)."""
+    if not rt.compile:
+        return model
+    if rt.compile_scope == "blocks":
+        for block in model.blocks:
+            block.compile(dynamic=False, mode=rt.compile_mode)
+        return model
+    return torch.compile(model, dynamic=False, mode=rt.compile_mode)

@@ -2,8 +2,10 @@
 
 RoPE, QK-norm, weightless RMSNorm, ReLU^2 MLP, untied embeddings, value embeddings on
 alternating layers (gated per head), per-layer residual and x0 scalars, tanh-capped
-logits, and a sliding-window pattern honoured on every device through SDPA masks.
-This file is part of the editable research surface.
+logits, and a sliding-window pattern: FlexAttention with a block mask where the blocks are
+compiled on CUDA (fused, at flash speed), SDPA with a boolean mask elsewhere (CPU, MPS, eager,
+and so the scorer's eager pass), numerically the same. This file is part of the editable
+research surface.
 
 The contract with the harness: `model(idx)` takes token ids (B, T) and returns logits
 (B, T, vocab_size), nothing else. The harness computes the loss and val_bpb from those
@@ -24,6 +26,11 @@ import torch.nn.functional as F
 
 from src.config import ModelConfig
 
+try:  # FlexAttention: torch >= 2.5
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:
+    create_block_mask = flex_attention = None
+
 
 @dataclass
 class GPTConfig(ModelConfig):
@@ -31,6 +38,7 @@ class GPTConfig(ModelConfig):
     vocab_size: int = 0  # from the prepared tokenizer
     n_head: int = 0  # query heads = width / head_dim
     n_embd: int = 0  # width = depth * aspect_ratio, rounded up to head_dim
+    attention: str = "auto"  # sliding windows: auto (FlexAttention if compiled on CUDA, else SDPA masks) | flex | sdpa
 
     @property
     def n_layer(self) -> int:
@@ -92,8 +100,30 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
         self.ve_gate_channels = config.ve_gate_channels
         self.ve_gate = nn.Linear(config.ve_gate_channels, self.n_kv_head, bias=False) if config.has_ve(layer) else None
+        self.attention = config.attention
+        if self.attention not in ("auto", "flex", "sdpa") or (self.attention == "flex" and flex_attention is None):
+            raise ValueError(f"attention={self.attention!r}; expected auto, sdpa or flex (flex needs torch >= 2.5)")
+        self.masks: dict = {}  # (T, window, device) -> boolean SDPA mask, built once in eager mode
 
-    def forward(self, x, ve, cos_sin, mask):
+    def use_flex(self, device) -> bool:
+        """FlexAttention compiled on CUDA runs fused at flash speed; eager it would materialize every score (and on
+        CPU it has no backward), so everywhere else sliding windows go through SDPA with a boolean mask."""
+        if self.attention != "auto":
+            return self.attention == "flex"
+        return flex_attention is not None and device.type == "cuda" and torch.compiler.is_compiling()
+
+    def sliding_mask(self, T: int, window: int, device):
+        """Query q sees keys q - window + 1 .. q: a BlockMask for FlexAttention or a boolean (T, T) mask for SDPA."""
+        if self.use_flex(device):  # built inside the compiled graph (cheap there): not cached
+            return create_block_mask(lambda b, h, q, k: (q >= k) & (q - k < window), None, None, T, T, device=device)
+        key = (T, window, str(device))
+        if key not in self.masks:
+            i = torch.arange(T, device=device)
+            d = i[:, None] - i[None, :]  # query minus key position
+            self.masks[key] = (d >= 0) & (d < window)
+        return self.masks[key]
+
+    def forward(self, x, ve, cos_sin, window):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -107,10 +137,12 @@ class CausalSelfAttention(nn.Module):
         if self.n_kv_head != self.n_head:
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if mask is None:
+        if window >= T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif self.use_flex(q.device):
+            y = flex_attention(q, k, v, block_mask=self.sliding_mask(T, window, q.device))
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.sliding_mask(T, window, q.device))
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -131,8 +163,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos_sin, mask):
-        x = x + self.attn(norm(x), ve, cos_sin, mask)
+    def forward(self, x, ve, cos_sin, window):
+        x = x + self.attn(norm(x), ve, cos_sin, window)
         return x + self.mlp(norm(x))
 
 
@@ -152,7 +184,6 @@ class GPT(nn.Module):
         cos, sin = self._rotary(config.sequence_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        self._masks: dict = {}
 
     def _rotary(self, seq_len: int, device=None):
         hd = self.config.head_dim
@@ -178,17 +209,6 @@ class GPT(nn.Module):
         self.x0_lambdas.fill_(self.config.x0_init)
         self.cos, self.sin = self._rotary(self.config.sequence_len, self.wte.weight.device)
 
-    def _mask(self, T: int, window: int, device) -> torch.Tensor | None:
-        """None for plain causal attention, else a boolean (T, T) sliding-window mask (True = attend)."""
-        if window >= T:
-            return None
-        key = (T, window, str(device))
-        if key not in self._masks:
-            i = torch.arange(T, device=device)
-            d = i[:, None] - i[None, :]  # query minus key position
-            self._masks[key] = (d >= 0) & (d < window)
-        return self._masks[key]
-
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
         cos_sin = self.cos[:, :T], self.sin[:, :T]
@@ -197,7 +217,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos_sin, self._mask(T, self.window_sizes[i], idx.device))
+            x = block(x, ve, cos_sin, self.window_sizes[i])
         logits = self.lm_head(norm(x)).float()  # (B, T, vocab)
         if self.config.softcap > 0:
             logits = self.config.softcap * torch.tanh(logits / self.config.softcap)

@@ -11,7 +11,8 @@ from __future__ import annotations
 OK = "ok"
 STALLED = "stalled"  # finished, but stalls ate too much of the budget: re-run
 DRY_RUN = "dry_run"
-FAILED_RUN = ("nan", "crash", "killed", "timeout")  # the run produced no trustworthy val_bpb
+OOM = "oom"  # out of device memory; the error says which knob to turn (batch.device_tokens=auto, ...)
+FAILED_RUN = ("nan", "crash", "killed", "timeout", OOM)  # the run produced no trustworthy val_bpb
 RUN_STATUSES = (OK, STALLED, DRY_RUN, *FAILED_RUN)
 INTERRUPTED = "interrupted"  # the search stopped the run (Ctrl-C / SIGTERM); not a train status
 TAMPERED = "tampered"  # the scorer's integrity checks (or the runner's clock) caught the research code cheating

@@ -34,11 +34,12 @@ import torch
 from src.budget import STALL_ENV, BudgetClock, inject_stalls
 from src.config import TrainConfig
 from src.data import load_prepared, train_batches
-from src.device import Runtime, resolve
+from src.device import Runtime, compile_model, process_age, resolve
+from src.memory import Memory, candidates, is_oom, oom_message
 from src.paths import REPO
 from src.provenance import provenance
 from src.score import CHECKPOINT, Scorer, library_changes, library_snapshot, save_checkpoint
-from src.status import OK, TAMPERED
+from src.status import OK, OOM, TAMPERED
 from src.sweep import job_run_name
 from src.tracking import Tracker, TrackingError, flatten
 
@@ -51,6 +52,11 @@ from src.step import train_step  # noqa: E402
 log = logging.getLogger("src.train")
 SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
                 "total_tokens_M", "num_steps", "num_params_M", "depth")
+# Beyond ~4 passes over the same data, extra tokens are worth little more than none (Muennighoff et al. 2023,
+# "Scaling Data-Constrained Language Models"): a run that repeats its train split more than this says so.
+EPOCHS_WARNING = 4.0
+BIGGER_DATA = ("data=climbmix (python prepare.py data=climbmix data.train_shards=N: more shards, more tokens), "
+               "data=tinystories, or data=text 'data.paths=[your .txt files or folders]'")
 
 
 class RunFailed(Exception):
@@ -62,8 +68,13 @@ class RunFailed(Exception):
 
 
 def derive_batch(cfg: TrainConfig) -> tuple[int, int]:
-    """Sequences per device step and gradient-accumulation steps, with errors a user can act on."""
+    """Sequences per device step and gradient-accumulation steps, with errors a user can act on.
+    (0, 0) while batch.device_tokens is auto: the probe at the start of the run decides."""
     T, b = cfg.model.sequence_len, cfg.batch
+    if b.device_tokens == "auto":
+        if b.total_tokens % T:
+            raise ValueError(f"batch.total_tokens={b.total_tokens} must be a multiple of model.sequence_len={T}")
+        return 0, 0
     if b.device_tokens % T:
         raise ValueError(f"batch.device_tokens={b.device_tokens} must be a multiple of model.sequence_len={T}")
     if b.total_tokens % b.device_tokens:
@@ -80,7 +91,12 @@ def describe(model: GPT, cfg: TrainConfig, accum: int) -> str:
              "parameters:"]
     lines += [f"  {k:22s} {v:>14,}" for k, v in counts.items()]
     lines.append(f"FLOPs per token: {model.flops_per_token():.4e}")
-    lines.append(f"batch: {cfg.batch.total_tokens:,} tokens/step = {accum} x {cfg.batch.device_tokens:,} tokens/device step")
+    if cfg.batch.device_tokens == "auto":
+        lines.append(f"batch: {cfg.batch.total_tokens:,} tokens/step; tokens/device step auto (the largest "
+                     "micro-batch that fits, probed at the start of the run)")
+    else:
+        lines.append(f"batch: {cfg.batch.total_tokens:,} tokens/step = {accum} x {cfg.batch.device_tokens:,} "
+                     "tokens/device step")
     return "\n".join(lines)
 
 
@@ -105,10 +121,12 @@ def quantiles(xs: list[float]) -> dict:
     return {"step_time_p50": q[0], "step_time_p90": q[1], "step_time_p99": q[2], "step_time_max": float(t.max())}
 
 
-def train_loop(model, opt, batches, clock: BudgetClock, cfg: TrainConfig, rt: Runtime, accum: int, on_step=None):
+def train_loop(model, opt, batches, clock: BudgetClock, cfg: TrainConfig, rt: Runtime, accum: int, on_step=None,
+               memory: Memory | None = None):
     """Train until the budget clock says done, one `train_step` (src/step.py) at a time, each timed here.
 
     Raises RunFailed on NaN or exploding loss. The tokens of a step are those the recipe actually drew.
+    `memory` enforces a simulated CPU memory limit (device.memory_limit_mb) around each step.
     """
     from tqdm import tqdm
 
@@ -122,14 +140,18 @@ def train_loop(model, opt, batches, clock: BudgetClock, cfg: TrainConfig, rt: Ru
     def next_batch():
         x, y = next(batches)
         drawn[0] += x.numel()
+        if memory is not None:
+            memory.new_micro_batch()
         return x, y
 
+    guard = memory.guard if memory is not None else contextlib.nullcontext
     model.train()
     while not clock.done:
         drawn[0] = 0
         t0 = perf_counter()
-        loss, lrm = train_step(model, opt, next_batch, step=clock.step, progress=clock.progress, accum=accum,
-                               optim_cfg=cfg.optimizer, autocast=rt.autocast)
+        with guard():
+            loss, lrm = train_step(model, opt, next_batch, step=clock.step, progress=clock.progress, accum=accum,
+                                   optim_cfg=cfg.optimizer, autocast=rt.autocast)
         loss_f = float(loss)  # one sync per step: the step time is real and NaN is caught at once
         dt = perf_counter() - t0
         if not math.isfinite(loss_f) or loss_f > cfg.budget.max_nan_loss:
@@ -232,10 +254,11 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
         raise ValueError(f"score={cfg.score!r}; expected process (this run starts the scorer) or caller")
     # the scorer process imports torch now, while this one trains; it sees only the checkpoint
     scorer = Scorer(REPO, out_dir / "score.log" if out_dir else None).start() if cfg.score == "process" else None
+    memory = Memory(rt)  # device.memory_limit_mb, enforced from here on
     tracker = Tracker(cfg.tracking, out_dir, tags={"mlflow.source.name": "src.train", "output_dir": str(out_dir or "")})
     prov = provenance(REPO)
     summary = {"status": "ok", "device": str(rt.device), "device_name": rt.name, "dtype": rt.dtype_name,
-               "seed": cfg.seed, "grad_accum_steps": accum, "device_batch_size": B,
+               "compile": rt.compile, "seed": cfg.seed, "grad_accum_steps": accum, "device_batch_size": B,
                **{k: v for k, v in prov.items() if k != "versions"}, "mlflow_run_id": None}
     parts: dict = {}  # model and clock, once they exist
     lock, result = threading.Lock(), {}
@@ -248,7 +271,10 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
             if status:
                 summary.update(status=status, error=error, val_bpb=float("nan"))
             clock = parts.get("clock")
+            summary.setdefault("warmup_seconds", 0.0)
             fill_summary(summary, cfg, rt, clock, parts.get("model"), t_start)
+            summary.update(train_epochs=clock.tokens / parts["train_tokens"] if clock and parts.get("train_tokens")
+                           else 0.0, process_seconds=process_age())
             print(format_summary(summary), flush=True)
             path = out_dir / "summary.json" if out_dir is not None else None
             if path is not None:
@@ -280,9 +306,16 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
         tracker.set_tags({"mlflow.source.git.commit": prov["git_sha"]})
 
     def on_step(step: int, values: dict) -> None:
+        clock = parts["clock"]
         if step == cfg.budget.warmup_steps:
-            tracking_ready()
-        tracker.log_step(step, values)
+            summary["warmup_seconds"] = clock.wall_seconds  # compilation and the first (uncounted) steps
+            if tracker.enabled:
+                tracking_ready()
+        if len(clock.step_times) == 3 and cfg.budget.mode == "time":  # three counted steps: a throughput to go by
+            warn_epochs(clock.tokens + clock.tokens_per_sec * (cfg.budget.seconds - clock.training_seconds),
+                        parts["train_tokens"])
+        if tracker.enabled:
+            tracker.log_step(step, values)
 
     try:
         with killed_by_signals():
@@ -292,25 +325,36 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
                 raise ValueError(f"data.vocab_size={vocab} but the prepared tokenizer in {data.dir} has "
                                  f"{data.vocab_size}; set data.vocab_size={data.vocab_size} or re-run prepare.py "
                                  "with the same data options")
+            parts["train_tokens"] = len(data.train)
+            if cfg.budget.mode == "tokens":
+                warn_epochs(cfg.budget.tokens, len(data.train))
+            if cfg.batch.device_tokens == "auto":
+                B = pick_micro_batch(cfg, rt, memory, vocab)
+                torch.manual_seed(cfg.seed)  # the probe drew random numbers: the run starts as if it had not
+                cfg.batch.device_tokens = B * cfg.model.sequence_len
+                B, accum = derive_batch(cfg)
+                summary.update(grad_accum_steps=accum, device_batch_size=B, device_tokens_auto=True)
             model = parts["model"] = GPT(GPTConfig.from_model_config(cfg.model, vocab)).to(rt.device)
             model.init_weights()
             log.info("%s", describe(model, cfg, accum))
-            log.info("device %s (%s), dtype %s, compile %s", rt.device, rt.name, rt.dtype_name, rt.compile)
+            log.info("device %s (%s), dtype %s, compile %s (mode %s, scope %s)", rt.device, rt.name, rt.dtype_name,
+                     rt.compile, rt.compile_mode, rt.compile_scope)
             opt = build_optimizer(model, cfg.optimizer)
-            fwd = torch.compile(model, dynamic=False) if rt.compile else model
+            fwd = compile_model(model, rt)
             if tracker.enabled and cfg.budget.warmup_steps == 0:
                 tracking_ready()
             batches = train_batches(data, B, cfg.model.sequence_len, cfg.seed, rt.device)
             if os.environ.get(STALL_ENV):  # fault drill for tests; the loop itself stays untouched
                 batches = inject_stalls(batches, accum, os.environ[STALL_ENV])
             rt.reset_peak_memory()
+            summary["startup_seconds"] = process_age()  # process start to the first step: imports, data, model, probe
             clock = parts["clock"] = BudgetClock(cfg.budget, cfg.batch.total_tokens)
             watchdog = threading.Timer(clock.deadline + cfg.budget.wall_grace, on_stuck) if clock.deadline else None
             if watchdog:
                 watchdog.daemon = True
                 watchdog.start()
             try:
-                train_loop(fwd, opt, batches, clock, cfg, rt, accum, on_step if tracker.enabled else None)
+                train_loop(fwd, opt, batches, clock, cfg, rt, accum, on_step, memory if memory.simulated else None)
             finally:
                 if watchdog:
                     watchdog.cancel()
@@ -322,21 +366,58 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
             if changed:
                 raise RunFailed(TAMPERED, f"the research code rebinds {', '.join(changed[:5])}: the harness, its clock "
                                           "and the libraries are not part of the research surface")
+            t_ckpt = time.time()
             ckpt = save_checkpoint((out_dir or Path(tempfile.mkdtemp())) / CHECKPOINT, model, config_dict(cfg),
                                    rt.device.type, rt.dtype_name)
-            summary["checkpoint"] = str(ckpt)
+            summary.update(checkpoint=str(ckpt), checkpoint_seconds=time.time() - t_ckpt)
             if scorer is not None:
                 score(scorer, ckpt, summary)
     except RunFailed as e:
         log.error("run failed (%s): %s", e.status, e)
         return finish(e.status, str(e))
-    except BaseException as e:  # a crash: record it, then let it propagate
-        finish("crash", f"{type(e).__name__}: {e}")
-        raise
+    except BaseException as e:  # out of memory: the status oom with the fix; anything else: a crash, propagated
+        if not is_oom(e):
+            finish("crash", f"{type(e).__name__}: {e}")
+            raise
+        message = oom_message(rt, B, cfg.model.sequence_len, summary.get("device_tokens_auto", False))
+        log.error("run failed (%s): %s", OOM, message)
+        return finish(OOM, message)
     finally:
         if scorer is not None:
             scorer.close()
     return finish()
+
+
+def warn_epochs(tokens: float, train_tokens: int) -> None:
+    """Say so in the log when a run will see its train split more than EPOCHS_WARNING times."""
+    epochs = tokens / max(1, train_tokens)
+    if epochs > EPOCHS_WARNING:
+        log.warning("this run will see the train split about %.0f times (%.1fM tokens of training on %.2fM train "
+                    "tokens): past ~%.0f epochs val_bpb measures memorisation more than learning; for this device use "
+                    "more data: %s", epochs, tokens / 1e6, train_tokens / 1e6, EPOCHS_WARNING, BIGGER_DATA)
+
+
+def pick_micro_batch(cfg: TrainConfig, rt: Runtime, memory: Memory, vocab: int) -> int:
+    """batch.device_tokens=auto: the most sequences per micro-batch whose training step fits (src/memory.py),
+    probed on a throwaway model with the run's own model, optimizer and step recipe."""
+    T, gcfg = cfg.model.sequence_len, GPTConfig.from_model_config(cfg.model, vocab)
+
+    def try_step(b: int) -> None:
+        model = GPT(gcfg).to(rt.device)
+        model.init_weights()
+        opt = build_optimizer(model, cfg.optimizer)
+        x = torch.randint(0, vocab, (b, T), device=rt.device)
+        train_step(model, opt, lambda: (x, x), step=0, progress=0.0, accum=1, optim_cfg=cfg.optimizer,
+                   autocast=rt.autocast)
+
+    key = {"model": flatten(cfg.model), "vocab": vocab, "optimizer": flatten(cfg.optimizer),
+           "total_tokens": cfg.batch.total_tokens}
+    t0 = time.time()
+    found = memory.largest_fitting(key, candidates(cfg.batch.total_tokens, T), try_step)
+    if found is None:
+        raise RunFailed(OOM, oom_message(rt, 1, T, auto=True))
+    log.info("batch.device_tokens=auto: %d sequences of %d tokens per micro-batch (%.1f s)", found, T, time.time() - t0)
+    return found
 
 
 def config_dict(cfg: TrainConfig) -> dict:
@@ -351,6 +432,8 @@ def score(scorer: Scorer, ckpt: Path, summary: dict) -> None:
     verdict = scorer.score(ckpt)
     summary["val_bpb"] = verdict.get("val_bpb", float("nan"))
     summary["score_seconds"] = verdict.get("total_seconds", 0.0)
+    for k, v in (verdict.get("seconds") or {}).items():  # load, checks, score
+        summary[f"score_{k}_seconds"] = v
     if verdict.get("status") != OK:
         status = TAMPERED if verdict.get("status") == TAMPERED else "crash"
         summary.update(status=status, error=f"scorer: {verdict.get('reason', '')}")
