@@ -63,10 +63,9 @@ def test_a_run_is_disturbed_when_far_slower_than_the_fastest_of_its_shape():
     assert not judge(Throughput(15000, 0.5, 22), "A", rows, 2.0, 3.0).disturbed  # drift, not a disturbance
     slow = judge(Throughput(5000, 1.6, 7.5), "A", rows, 2.0, 3.0)
     assert slow.disturbed and slow.slowdown == pytest.approx(4.0) and "base-1" in slow.note
-    # a shape the session has not run: compared by MFU, more loosely; equally slow twice is the code's own speed
+    # a shape the session has not run: compared by MFU (comparable across shapes), more loosely
     assert not judge(Throughput(9000, 0.9, 15), "B", rows, 2.0, 3.0).disturbed
     assert judge(Throughput(5000, 1.6, 7.5), "B", rows, 2.0, 3.0).disturbed
-    assert not judge(Throughput(5100, 1.6, 7.6), "B", rows, 2.0, 3.0, earlier=(Throughput(5000, 1.6, 7.5),)).disturbed
     assert not judge(None, "A", rows, 2.0, 3.0).disturbed
 
 

@@ -85,7 +85,7 @@ class Attempts:
         if lab.session.head() != commit:  # a confirmation alternates the best and the candidate in the worktree
             lab.session.reset(commit)
         args = candidate.with_preset(lab, lab.base_overrides, bool(overrides))
-        attempt, stalls, earlier, notes = done, 0, [], []
+        attempt, stalls, notes = done, 0, []
         while True:
             attempt += 1
             run_name = attempt_name(name, attempt)
@@ -100,13 +100,12 @@ class Attempts:
                 return a
             a.throughput = Throughput.of(out.summary)
             a.shape = lab.shape(commit, overrides, out.summary)
-            j = self.judge(a, rows, tuple(earlier))
+            j = self.judge(a, rows)
             if not j.disturbed:
                 return a
             notes.append(f"{run_name} disturbed: {j.note}")
-            earlier.append(a.throughput)
-            if len(earlier) <= s.disturbed_retries:
-                log.warning("%s is disturbed (%s); re-running (%d of %d)", run_name, j.note, len(earlier),
+            if len(notes) <= s.disturbed_retries:
+                log.warning("%s is disturbed (%s); re-running (%d of %d)", run_name, j.note, len(notes),
                             s.disturbed_retries)
                 lab.runs.mark_attempt(run_name, out, f"disturbed, re-run: {j.note}")
                 continue
@@ -115,12 +114,12 @@ class Attempts:
             out.status, out.note = DISTURBED, j.note
             return a
 
-    def judge(self, a: Attempt, rows: list[Experiment], earlier: tuple[Throughput, ...]) -> Judgement:
+    def judge(self, a: Attempt, rows: list[Experiment]) -> Judgement:
         """Was the machine busy during this run? Only time budgets are judged (src/lab/disturbance.py)."""
         s = self.lab.cfg.search
         if self.lab.base_config.budget.mode != "time":
             return Judgement(False, 0.0, "token budget: a slow run trains on the same tokens; not judged")
-        return judge(a.throughput, a.shape, rows, s.disturbed_factor, s.disturbed_factor_new_shape, earlier)
+        return judge(a.throughput, a.shape, rows, s.disturbed_factor, s.disturbed_factor_new_shape)
 
     def _launch(self, run_name: str, name: str, attempt: int, commit: str, args: list[str],
                 in_flight: bool) -> Outcome:
