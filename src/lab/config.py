@@ -162,32 +162,46 @@ class SearchAppConfig(TrainConfig):
 class ClaudePrice:
     """USD per million tokens; the cost caps are only as right as these (see anthropic.com/pricing)."""
     input: float = MISSING  # uncached input
-    output: float = MISSING
+    output: float = MISSING  # output, thinking included
     cache_write: float = MISSING  # input written to the 5-minute prompt cache (1.25 x input)
-    cache_read: float = MISSING  # input read from the cache (0.1 x input)
+    cache_read: float = MISSING  # input read from the cache, either lifetime (0.1 x input)
+    cache_write_1h: Optional[float] = None  # input written to the 1-hour cache; None: 2 x input (the published rule)
 
 
 @dataclass
 class ClaudeAgentConfig(AgentConfig):
     name: str = "claude"
     model: str = "claude-sonnet-4-6"  # must have an entry in `prices` (or be a dated snapshot of one)
-    max_tokens: int = 16000  # output tokens per reply (thinking included, on models that think)
-    force_tool: bool = True  # tool_choice forces propose_experiment; off for the session if the model refuses it
+    max_tokens: int = 8000  # output tokens per reply, thinking included
+    # reasoning before the proposal: `auto` reads the model's capabilities (GET /v1/models/<model>, free):
+    # adaptive thinking where supported, else extended thinking with thinking_budget, else none; without
+    # thinking the tool asks for an `analysis` first. Thinking allows only tool_choice auto (not a forced tool).
+    thinking: str = "auto"  # auto | adaptive | enabled | off
+    thinking_budget: int = 3000  # thinking=enabled: budget_tokens (>= 1024 and < max_tokens)
+    effort: Optional[str] = "medium"  # output_config.effort where the model supports it: low | medium | high | xhigh | max
+    strict: Optional[bool] = None  # strict tool schema (grammar-constrained input); None: where the model supports it
+    force_tool: bool = True  # without thinking, tool_choice forces propose_experiment
     base_url: Optional[str] = None  # None: $ANTHROPIC_BASE_URL, else the SDK's default (api.anthropic.com)
     api_key_env: str = "ANTHROPIC_API_KEY"  # the environment variable holding the key (never the key itself)
-    timeout_s: float = 600.0  # per HTTP request
-    max_retries: int = 4  # the SDK's own retries, with backoff, on 408/409/429/5xx and connection errors
-    patience_s: float = 900.0  # then keep retrying a failing API this long (waits from retry_wait_s, doubling) before pausing
-    retry_wait_s: float = 30.0
-    attempts: int = 3  # replies per proposal (end_turn without the tool, max_tokens, refusal, malformed input) before pausing
+    timeout_s: float = 180.0  # read timeout per HTTP request (an 8k-token reply takes ~2 min); connect: 10 s
+    max_retries: int = 2  # quick retries of a transient failure (429, 5xx, 529, timeout, connection) per proposal
+    retry_wait_s: float = 5.0  # first wait between them (doubling; a retry-after header wins)
+    patience_s: float = 60.0  # longest one proposal waits on a failing API before the fallback agent proposes it
+    probe_s: float = 120.0  # after a failure the fallback proposes until this many seconds passed, then Claude is
+    probe_max_s: float = 1800.0  # asked again (the wait doubles while it keeps failing, up to probe_max_s)
+    fallback: str = "tpe"  # offline agent while Claude is unavailable, refusing or stopped: tpe | random | replay | none
+    fallback_file: str = ""  # fallback=replay: its file of proposals
+    attempts: int = 3  # replies per proposal (no tool call, max_tokens, refusal, malformed input) before the fallback
     fix_attempts: int = 2  # invalid proposals in a row the model is asked to correct before being told to move on
-    context_tokens: int = 60000  # prompt budget (prefix + conversation); the oldest turns and history rows are condensed
+    context_tokens: int = 36000  # prompt budget; past it the conversation is condensed into a digest, in one step
     chars_per_token: float = 3.0  # prompt sizes are estimated from characters before sending (code is ~3 chars/token)
-    log_tail_chars: int = 3000  # of the last failed run's log shown to the model
+    log_tail_chars: int = 2000  # of the last failed run's log, shown while that failure is recent
+    journal_chars: int = 3000  # of the research journal shown every turn (journal.md keeps it all)
     program: str = "program.md"  # the research strategy; relative: the current directory, else the session's worktree
-    cache: bool = True  # prompt caching (cache_control) on the static prefix
-    preflight: bool = True  # before the baseline: check key, API and model with a free count_tokens request
-    max_cost_usd: float = 5.0  # session cap (all invocations); no request that could cross it is sent
+    cache: bool = True  # prompt caching: breakpoints on the static prefix and on the stable conversation
+    cache_ttl: str = "auto"  # auto | 5m | 1h; auto: 1h when the time between requests (a run) passes ~4.5 minutes
+    preflight: bool = True  # before the baseline: check key, API and model with free requests
+    max_cost_usd: float = 10.0  # session cap (all invocations); past it Claude stops and the fallback goes on
     max_session_tokens: Optional[int] = None  # session cap on input + output + cache tokens; None: none
     prices: dict[str, ClaudePrice] = field(default_factory=dict)  # model (or prefix of a dated name) -> price
 

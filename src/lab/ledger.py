@@ -29,7 +29,7 @@ log = logging.getLogger("src.lab.ledger")
 COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description", "exp", "hypothesis", "kind", "delta",
            "margin", "best_val_bpb", "run_status", "training_seconds", "stall_seconds", "num_steps",
            "wall_seconds", "attempts", "overrides", "reason", "mlflow_run_id", "finished",
-           "tokens_per_sec", "step_time_p50", "mfu_percent", "shape", "disturbed_runs", "sigma", "dof")
+           "tokens_per_sec", "step_time_p50", "mfu_percent", "shape", "disturbed_runs", "sigma", "dof", "agent")
 FLOATS = ("val_bpb", "memory_gb", "delta", "margin", "best_val_bpb", "training_seconds", "stall_seconds",
           "wall_seconds", "tokens_per_sec", "step_time_p50", "mfu_percent", "sigma")
 PRECISE = ("val_bpb", "delta", "margin", "best_val_bpb", "sigma", "step_time_p50")  # 6 decimals in the TSV
@@ -70,6 +70,13 @@ class Experiment:
     proposal: Optional[Proposal] = field(default=None, repr=False)  # from proposals/<exp>.json
     overrides_in_effect: list[str] = field(default_factory=list, repr=False)  # research overrides: the kept ones + this
     values: list[float] = field(default_factory=list, repr=False)  # full-precision val_bpb of each run behind it
+
+    @property
+    def agent(self) -> str:
+        """Who proposed the row (its proposal's meta: agent=claude's fallback rows say tpe); '' for the lab's own
+        baseline and confirmation runs."""
+        meta = self.proposal.meta if self.proposal is not None else {}
+        return str(meta.get("proposed_by") or meta.get("agent") or "")
 
     @property
     def runs(self) -> list[float]:

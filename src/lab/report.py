@@ -134,7 +134,8 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
              f"crashed {st.count('crash')}, invalid {st.count('invalid')}, interrupted {st.count('interrupted')}, "
              f"disturbed {st.count(DISTURBED)}; {st.count(CONFIRM)} confirmation runs, "
              f"{st.disturbed_runs} disturbed runs set aside",
-             f"- reproduce the best: `git checkout {best_commit[:12]} && python -m src.train {repro}`", "",
+             f"- reproduce the best: `git checkout {best_commit[:12]} && python -m src.train {repro}`",
+             f"- proposed by: {by_agent(rows)}", "",
              "## Leaderboard (best first)", "",
              "| rank | exp | val_bpb | delta vs baseline | status | commit | description |",
              "|---:|---|---:|---:|---|---|---|"]
@@ -148,6 +149,9 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
                   "|---|---|---|---|"]
         lines += [f"| {e.exp} | {e.status} ({e.run_status}) | {e.reason.replace('|', '/')[:200]} | "
                   f"{e.description.replace('|', '/')[:80]} |" for e in bad]
+    journal = d / "journal.md"  # agent=claude's research journal (src/lab/agents/claude.py)
+    if journal.exists() and journal.read_text().strip():
+        lines += ["", "## Research journal", "", *journal.read_text().strip().splitlines()[1:]]
     lines += ["", "## Best overrides", "", "```yaml", overrides.strip() or "# none", "```", "",
               "## Best diff (vs the session's base commit)", "", "```diff", diff.strip() or "# no change", "```", "",
               "![progress](progress.png)", ""]
@@ -158,6 +162,15 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
         runs.parent_id = state.parent_run_id
         runs.log_parent_files(files)
     return files
+
+
+def by_agent(rows: list[Experiment]) -> str:
+    """How many experiments each agent proposed (agent=claude's fallback rows count for the fallback agent)."""
+    counts: dict[str, int] = {}
+    for e in rows:
+        if e.is_experiment:
+            counts[e.agent or "-"] = counts.get(e.agent or "-", 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
 
 
 def rule(knobs: SearchConfig, noise) -> str:

@@ -111,7 +111,7 @@ class SessionRuns:
         tags = {"search.exp": e.exp, "search.status": e.status, "search.description": e.description,
                 "search.hypothesis": e.hypothesis, "search.kind": e.kind, "search.commit": e.commit,
                 "search.run_status": e.run_status, "search.reason": e.reason, "search.overrides": e.overrides,
-                "search.disturbed_runs": e.disturbed_runs, "search.shape": e.shape,
+                "search.disturbed_runs": e.disturbed_runs, "search.shape": e.shape, "search.agent": e.agent,
                 "mlflow.note.content": f"{e.description}\n\n{e.hypothesis}".strip()}
         for k, v in tags.items():
             c.set_tag(run_id, k, str(v)[:MAX_TAG_LEN])

@@ -1,58 +1,90 @@
-"""What agent=claude shows the model: the static prefix, the per-turn state, outcomes, the tool.
+"""What agent=claude shows the model: the static prefix, the tool, outcomes, digests and the dashboard.
 
-The static prefix (the `system` prompt, cached) is program.md, the editable files at the best
-commit, and the config the model may override (schemas and group options). It changes only when
-the best commit changes. Each turn then carries the fresh state: the best and its config, the
-noise margin, the budget and what is left, the history as a compact table (oldest rows condensed
-to fit a character budget) and the last failure's log tail. Outcomes of earlier proposals come
-back as tool results. Sizes are estimated in characters (chars_per_token), before sending.
+- The static prefix (`system`, cached): program.md, how the conversation works, the editable files
+  at the best commit and the config the model may override. It changes only when a kept patch
+  changes the editable files.
+- Outcomes (appended to the conversation, never edited): the result of the model's last proposal
+  (the tool_result) and every other ledger row since (baseline and confirmation runs, rows the
+  fallback agent proposed while the API was unavailable), each with its overrides, steps, tokens/s,
+  memory and status reason.
+- The digest opens a conversation (a new one, a resumed one without its saved turns, or one
+  condensed in a single step): every ledger row so far as a table, oldest rows condensed to fit.
+- The dashboard (the last block of each request, not cached, never kept): the best and its config,
+  noise margin, budget and spend, learning curves of the best and the last run, near misses, the
+  last failure's log tail while it is recent, and the research journal.
+- The research journal is the `learned` and `next_ideas` of each proposal (kept in its
+  proposals/<exp>.json), joined with the outcome: shown every turn, written to journal.md.
+Sizes are estimated from characters (chars_per_token) before sending.
 
-Usage: system = system_text(program, state); text = state_text(state, spent, cap, max_chars)
+Usage: system = system_text(program, state); tool = tool_schema(analysis=False, strict=True)
+       text = dashboard(state, Extras(...)); journal_markdown(rows, tag)
 """
 from __future__ import annotations
 
 import glob
 import inspect
+import json
+import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+log = logging.getLogger("src.lab.agents.claude")
+
 TOOL_NAME = "propose_experiment"
-TOOL = {
-    "name": TOOL_NAME,
-    "description": (
-        "Propose the next experiment: one idea, as Hydra config overrides and/or a code patch, with a "
-        "one-line description and a hypothesis. The lab checks it (overrides must compose, the patch must "
-        "apply to the files as shown and touch only editable files), trains it for the fixed budget and "
-        "tells you the outcome (val_bpb, delta to the best, kept or discarded) in the next turn."),
-    "input_schema": {
-        "type": "object",
-        "properties": {
-            "description": {"type": "string",
-                            "description": "One line (at most ~100 characters): what this experiment changes."},
-            "hypothesis": {"type": "string",
-                           "description": "Why it should lower val_bpb at this budget, and what you expect to see."},
-            "overrides": {"type": "array", "items": {"type": "string"},
-                          "description": "Hydra overrides applied on top of the current best, e.g. "
-                                         "[\"optimizer.matrix_lr=0.03\", \"batch=small\"]. Empty for a pure code change."},
-            "patch": {"type": "string",
-                      "description": "A unified diff in git format (--- a/src/model.py, +++ b/src/model.py, "
-                                     "@@ hunks with 3 lines of context) against the editable files exactly as "
-                                     "shown. Omit for a pure config change."},
-        },
-        "required": ["description", "hypothesis"],
-        "additionalProperties": False,
-    },
+# one field per line: the order is the order the model writes them in (reasoning first, then the proposal)
+_PROPERTIES = {
+    "analysis": {"type": "string",
+                 "description": "Think first: what the latest outcomes show (delta against the margin, steps and "
+                                "tokens/s in this time budget, learning curves), which hypotheses are still alive, and "
+                                "why this experiment is the most informative next one. A few sentences."},
+    "learned": {"type": "string",
+                "description": "For your research journal: what the outcomes since your last proposal taught (one or "
+                               "two sentences; 'nothing new' is fine). It is kept across condensed conversations "
+                               "and resumes."},
+    "next_ideas": {"type": "array", "items": {"type": "string"},
+                   "description": "Your queue of ideas to try after this one, best first (a few short items). The "
+                                  "journal shows the latest queue every turn."},
+    "description": {"type": "string",
+                    "description": "One line (at most ~100 characters): what this experiment changes."},
+    "hypothesis": {"type": "string",
+                   "description": "Why it should lower val_bpb at this budget, and what you expect to see."},
+    "overrides": {"type": "array", "items": {"type": "string"},
+                  "description": "Hydra overrides applied on top of the current best, e.g. "
+                                 "[\"optimizer.matrix_lr=0.03\", \"batch=small\"]. Empty for a pure code change."},
+    "patch": {"type": "string",
+              "description": "A unified diff in git format (--- a/src/model.py, +++ b/src/model.py, @@ hunks with 3 "
+                             "lines of context) against the editable files exactly as shown. Empty or omitted for a "
+                             "pure config change."},
 }
-FIELDS = set(TOOL["input_schema"]["properties"])
+FIELDS = set(_PROPERTIES)
+DESCRIPTION = (
+    "Propose the next experiment: one idea, as Hydra config overrides and/or a code patch, with a one-line "
+    "description and a hypothesis, plus what you learned and your next ideas (your research journal). The lab "
+    "checks it (overrides must compose, the patch must apply to the files as shown and touch only editable "
+    "files), trains it for the fixed budget and tells you the outcome (val_bpb, delta to the best, kept or "
+    "discarded, steps, tokens/s, memory) in the next turn.")
+
+
+def tool_schema(analysis: bool, strict: bool) -> dict:
+    """The tool: `analysis` first when the model does not think before answering; `strict` constrains its input
+    to the schema (then every object is closed and the list fields are required, possibly empty)."""
+    props = {k: v for k, v in _PROPERTIES.items() if analysis or k != "analysis"}
+    required = [k for k in props if k != "patch"] if strict else \
+        [k for k in ("analysis", "learned", "description", "hypothesis") if k in props]
+    tool = {"name": TOOL_NAME, "description": DESCRIPTION,
+            "input_schema": {"type": "object", "properties": props, "required": required,
+                             "additionalProperties": False}}
+    if strict:
+        tool["strict"] = True
+    return tool
 
 
 def estimate_tokens(obj: Any, chars_per_token: float) -> int:
     """Tokens of a prompt part, estimated from its characters (text) or its JSON (structures)."""
-    import json
-
     n = len(obj) if isinstance(obj, str) else len(json.dumps(obj))
     return math.ceil(n / chars_per_token)
 
@@ -93,22 +125,35 @@ def config_reference(state) -> str:
     return "\n\n".join(parts)
 
 
+CONVERSATION_NOTES = f"""# How this conversation works
+
+- Each of my turns starts with the outcome of your last proposal (the result of your {TOOL_NAME} call)
+  and the other ledger rows since then: baseline and confirmation runs of the lab, and rows that an
+  offline fallback agent (e.g. tpe) proposed while the API was unavailable. Each row says who proposed it.
+- The last block of each turn is the current state: the best and its config, the margin, the budget,
+  learning curves, near misses, the last failure, and your research journal.
+- Your journal is the `learned` and `next_ideas` fields of your proposals. Earlier turns are condensed
+  into a digest from time to time (and the session may be resumed later): the journal and the history
+  table are what survives, so write there what you want to remember.
+- Think before you propose; then answer with exactly one {TOOL_NAME} call.
+"""
+
+
 def system_text(program: str, state) -> str:
-    """program.md + the lab as it is at the best commit (cached while the best does not change)."""
-    files = editable_files(state)
-    blocks = [program.strip(), "", "# The lab as it is now", "",
-              f"Best commit: {state.best.commit[:7]} ({state.best.exp}). A patch must apply with `git apply` to "
-              f"these files exactly as shown and may touch only: {', '.join(state.editable)}. An override may set "
-              f"keys under: {', '.join(state.override_roots)}."
+    """program.md + how the conversation works + the editable files and the config reference."""
+    blocks = [program.strip(), "", CONVERSATION_NOTES, "# The lab", "",
+              f"A patch must apply with `git apply` to the editable files exactly as shown below (they are the best "
+              f"commit's) and may touch only: {', '.join(state.editable)}. An override may set keys under: "
+              f"{', '.join(state.override_roots)}."
               + (f" Fixed by the session's command line (do not set): {', '.join(state.pinned)}." if state.pinned
                  else ""), ""]
-    for path, text in files.items():
+    for path, text in editable_files(state).items():
         blocks += [f"## {path}", f"```python\n{text.rstrip()}\n```", ""]
     blocks += ["## The config you may override", "", config_reference(state)]
     return "\n".join(blocks).strip() + "\n"
 
 
-# ---------------------------------------------------------------------------- the state of each turn
+# ---------------------------------------------------------------------------- rows
 
 
 def _fmt(v: Optional[float], spec: str = ".6f", signed: bool = False) -> str:
@@ -119,48 +164,85 @@ def _fmt(v: Optional[float], spec: str = ".6f", signed: bool = False) -> str:
 
 def _one_line(s: str, n: int) -> str:
     s = " ".join(str(s or "").split())
-    return s if len(s) <= n else s[: n - 3] + "..."
+    return s if len(s) <= n or n <= 0 else s[: n - 3] + "..."
+
+
+def proposed_by(e) -> str:
+    """Who proposed a row: the agent named in its proposal's meta; `lab` for baseline and confirmation runs."""
+    meta = e.proposal.meta if e.proposal is not None else {}
+    return str(meta.get("proposed_by") or meta.get("agent") or ("lab" if e.proposal is None else "-"))
+
+
+def figures(e) -> str:
+    """steps, throughput, memory: in a time budget throughput decides how many steps a change gets."""
+    parts = []
+    if e.num_steps:
+        parts.append(f"{e.num_steps} steps")
+    if e.tokens_per_sec:
+        parts.append(f"{e.tokens_per_sec / 1000:.1f}k tok/s")
+    if e.memory_gb:
+        parts.append(f"{e.memory_gb:.2f} GB")
+    return ", ".join(parts)
+
+
+def status_reason(e) -> str:
+    rs = e.run_status if e.run_status not in ("", "ok", "-") else ""
+    return "; ".join(s for s in (rs, _one_line(e.reason, 300)) if s)
+
+
+def row_line(e) -> str:
+    """One ledger row in full: who, verdict, score, what it changed, its figures and why it ended so."""
+    score = f"val_bpb {_fmt(e.val_bpb)}"
+    if e.delta is not None:
+        score += f" (delta {_fmt(e.delta, '.4f', True)}, margin {_fmt(e.margin, '.4f')})"
+    what = " ".join(filter(None, [e.overrides or "", "+patch" if e.kind and "patch" in e.kind else ""]))
+    bits = [f"{e.exp} [{proposed_by(e)}] {e.status}: {score}", _one_line(e.description, 100)]
+    if what and e.kind != "baseline":
+        bits.append(f"overrides: {_one_line(what, 200)}")
+    if figures(e):
+        bits.append(figures(e))
+    if status_reason(e):
+        bits.append(status_reason(e))
+    return "- " + " | ".join(bits)
 
 
 def history_table(rows: list, max_chars: int, recent_full: int = 12) -> str:
-    """The ledger as a table (exp, status, val_bpb, delta, kind, description, note), fitted to max_chars.
+    """The ledger as a table, fitted to max_chars.
 
     Condensing, oldest first: rows older than the `recent_full` last lose their note and get a shorter
     description; then whole runs of old non-kept rows collapse into one counted line. Kept rows and the
     baseline always stay (they are the path to the current best).
     """
-    head = "| exp | status | val_bpb | delta | kind | description | note |\n|---|---|---|---|---|---|---|"
+    head = ("| exp | by | status | val_bpb | delta | steps | tok/s | overrides | description | note |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
+    empty = "| | | | | | | | | | |"
 
     def line(e, full: bool) -> str:
-        note = ""
-        if e.status in ("invalid", "crash", "interrupted") or (e.run_status not in ("", "ok", "-") and e.run_status):
-            note = (e.run_status + ": " if e.run_status and e.run_status not in ("-", "ok") else "") + (e.reason or "")
-        elif e.status == "keep":
-            note = "NEW BEST"
-        return (f"| {e.exp} | {e.status} | {_fmt(e.val_bpb)} | {_fmt(e.delta, '.4f', True)} | {e.kind or '-'} | "
-                f"{_one_line(e.description, 100 if full else 50)} | {_one_line(note, 160 if full else 0)} |")
+        note = status_reason(e) if e.status != "keep" else "NEW BEST"
+        ovs = e.overrides if e.kind != "baseline" else ""
+        return (f"| {e.exp} | {proposed_by(e)} | {e.status} | {_fmt(e.val_bpb)} | {_fmt(e.delta, '.4f', True)} | "
+                f"{e.num_steps or '-'} | {_fmt((e.tokens_per_sec or 0) / 1000 or None, '.1f')}k | "
+                f"{_one_line(ovs, 120 if full else 60) or '-'} | {_one_line(e.description, 100 if full else 50)} | "
+                f"{_one_line(note, 160 if full else 0)} |")
 
     if not rows:
-        return head + "\n| (no experiments yet) | | | | | | |"
+        return head + "\n| (no experiments yet) " + empty[1:]
     n = len(rows)
     full = [i >= n - recent_full for i in range(n)]
     lines = [line(e, f) for e, f in zip(rows, full)]
 
-    def size() -> int:
-        return len(head) + sum(len(s) + 1 for s in lines if s)
+    def size(ls) -> int:
+        return len(head) + sum(len(s) + 1 for s in ls if s)
 
-    if size() <= max_chars:
-        return "\n".join([head, *lines])
     for i in range(n):  # shorten old rows first
-        if size() <= max_chars:
+        if size(lines) <= max_chars:
             break
         if full[i]:
             full[i] = False
             lines[i] = line(rows[i], False)
-    # collapse the oldest condensable rows (not baseline, not kept) into counted summary lines
     out, dropped = list(lines), []
-    for i in range(n):
-        if len(head) + sum(len(s) + 1 for s in out if s) + 120 <= max_chars:
+    for i in range(n):  # collapse the oldest condensable rows (not baseline, not kept) into a counted line
+        if size(out) + 120 <= max_chars:
             break
         if rows[i].status in ("baseline", "keep") or i >= n - 3:
             continue
@@ -171,10 +253,107 @@ def history_table(rows: list, max_chars: int, recent_full: int = 12) -> str:
         for e in dropped:
             counts[e.status] = counts.get(e.status, 0) + 1
         summary = (f"| ({len(dropped)} older rows condensed: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-                   + f"; {dropped[0].exp}..{dropped[-1].exp}) | | | | | | |")
-        first = next(i for i, s in enumerate(out) if s == "")
-        out[first] = summary
+                   + f"; {dropped[0].exp}..{dropped[-1].exp}) " + empty[1:])
+        out[next(i for i, s in enumerate(out) if s == "")] = summary
     return "\n".join([head, *[s for s in out if s]])
+
+
+def outcome_text(e, fix_streak: int, fix_attempts: int) -> tuple[str, bool]:
+    """The tool result for the ledger row of the model's proposal: (text, is_error)."""
+    if e.status == "invalid":
+        if fix_streak >= fix_attempts:
+            advice = (f"That is {fix_streak} invalid proposals in a row: drop this idea and propose a different, "
+                      "simpler experiment.")
+        else:
+            advice = "Nothing was run. Correct exactly that and propose again."
+        return f"INVALID ({e.exp}): {e.reason}\n{advice}", True
+    val, delta, margin = _fmt(e.val_bpb), _fmt(e.delta, ".4f", True), _fmt(e.margin, ".4f")
+    figs = f" | {figures(e)}" if figures(e) else ""
+    if e.status == "keep":
+        return (f"KEPT ({e.exp}): val_bpb {val} (delta {delta}, margin {margin}){figs}. It is the new best "
+                f"(commit {e.commit[:7]}); the next experiment starts from it." +
+                (f" {_one_line(e.reason, 400)}" if e.reason else "")), False
+    if e.status == "discard":
+        return (f"DISCARDED ({e.exp}): val_bpb {val} (delta {delta}; needed below -{margin}){figs}. The branch was "
+                "reset to the best." + (f" {_one_line(e.reason, 400)}" if e.reason else "")), False
+    if e.status == "crash":
+        return (f"CRASHED ({e.exp}, run status {e.run_status}): {_one_line(e.reason, 600)}{figs}. The branch was "
+                "reset to the best; the log tail is in the state below."), False
+    return f"{e.status.upper()} ({e.exp}): {_one_line(status_reason(e), 400) or 'no result'}{figs}", False
+
+
+def new_rows_text(rows: list) -> str:
+    if not rows:
+        return ""
+    return ("Ledger rows since your last proposal (the lab's runs, or proposals of the fallback agent while the "
+            "API was unavailable):\n" + "\n".join(row_line(e) for e in rows))
+
+
+def digest_text(rows: list, table_chars: int, condensed: bool) -> str:
+    why = ("Earlier turns of this conversation were condensed into this digest; your research journal is in the "
+           "state below." if condensed else "This is the start of the conversation for this session (or of a "
+           "resumed one).")
+    return (f"# The session so far\n{why}\n\n## History ({len(rows)} rows, oldest first; delta = val_bpb - best "
+            f"before it, negative is better; by = who proposed it)\n{history_table(rows, table_chars)}")
+
+
+# ---------------------------------------------------------------------------- the journal
+
+
+def journal_entries(rows: list) -> list[tuple[Any, str, list[str]]]:
+    """(row, learned, next_ideas) of every proposal that wrote to the journal, oldest first."""
+    out = []
+    for e in rows:
+        meta = e.proposal.meta if e.proposal is not None else {}
+        if meta.get("learned") or meta.get("next_ideas"):
+            ideas = meta.get("next_ideas") or []
+            out.append((e, str(meta.get("learned") or "").strip(),
+                        [str(i) for i in (ideas if isinstance(ideas, list) else [ideas])]))
+    return out
+
+
+def _verdict(e) -> str:
+    if e.status in ("keep", "discard") and e.val_bpb is not None:
+        return f"{e.status} {_fmt(e.val_bpb, '.4f')} ({_fmt(e.delta, '.4f', True)})"
+    return e.status or "running"
+
+
+def journal_text(rows: list, max_chars: int) -> str:
+    """The journal for the dashboard: the latest idea queue, then entries newest first until max_chars."""
+    entries = journal_entries(rows)
+    if not entries:
+        return "(empty: fill `learned` and `next_ideas` in your proposals)"
+    last_ideas = entries[-1][2]
+    lines = ["Idea queue (your latest next_ideas): " + ("; ".join(_one_line(i, 160) for i in last_ideas[:8]) or "-")]
+    used = len(lines[0])
+    shown = 0
+    for e, learned, _ in reversed(entries):
+        line = f"- before {e.exp} ({_one_line(e.description, 60)} -> {_verdict(e)}): {_one_line(learned, 300)}"
+        if used + len(line) > max_chars and shown:
+            lines.append(f"- ({len(entries) - shown} older entries in journal.md)")
+            break
+        lines.append(line)
+        used += len(line) + 1
+        shown += 1
+    return "\n".join(lines)
+
+
+def journal_markdown(rows: list, tag: str) -> str:
+    """journal.md: every entry with the experiment it led to and that experiment's outcome."""
+    lines = [f"# Research journal: session {tag}", "",
+             "Written by agent=claude: with each proposal, what the outcomes so far taught (`learned`) and the "
+             "ideas queued next. Each heading is the experiment the entry led to, and its outcome.", ""]
+    for e, learned, ideas in journal_entries(rows):
+        lines += [f"## {e.exp}: {_one_line(e.description, 100)} -> {_verdict(e)}", "",
+                  f"Learned: {learned or '-'}", ""]
+        if ideas:
+            lines += ["Next ideas:", *[f"{i}. {_one_line(s, 300)}" for i, s in enumerate(ideas, 1)], ""]
+    if len(lines) == 4:
+        lines.append("(no entries yet)")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------- the dashboard
 
 
 def research_config(cfg, roots: list[str]) -> str:
@@ -196,9 +375,20 @@ def budget_line(cfg) -> str:
     return f"{what}; device {d.type}, dtype {d.dtype}; data {cfg.data.name}"
 
 
-def last_failure(rows: list, runs_dir: Optional[Path], tail_chars: int) -> str:
-    """The most recent crash/nan/timeout/stalled run and its log tail (or '' if none failed since the best)."""
-    for e in reversed(rows):
+def near_misses(rows: list, best, margin: float, n: int = 5) -> list:
+    """Rows since the best was set that beat it, but inside the margin: noise, or a real small gain worth
+    combining with another or re-running."""
+    start = next((i for i, e in enumerate(rows) if e.exp == best.exp), -1) + 1
+    out = [e for e in rows[start:] if e.is_experiment and e.status == "discard" and e.delta is not None
+           and e.delta < 0 and -e.delta <= (e.margin if e.margin is not None else margin)]
+    return sorted(out, key=lambda e: e.delta)[:n]
+
+
+def last_failure(rows: list, runs_dir: Optional[Path], tail_chars: int, recent: int = 2) -> str:
+    """The latest crash/nan/timeout among the last `recent` experiments (none since a keep), with its log tail.
+    An older failure is history (the table keeps its reason), not news."""
+    exps = [e for e in rows if e.is_experiment]
+    for e in reversed(exps[-recent:]):
         if e.status == "keep":
             return ""
         if e.status == "crash" or e.run_status in ("nan", "timeout", "stalled", "crash", "killed"):
@@ -220,55 +410,111 @@ def last_failure(rows: list, runs_dir: Optional[Path], tail_chars: int) -> str:
     return ""
 
 
-def state_text(state, spent_usd: float, cap_usd: float, history_chars: int, runs_dir: Optional[Path],
-               tail_chars: int) -> str:
-    """The fresh state for one turn: best, margin, budget, history table, last failure."""
+class LossCurves:
+    """train/loss of a run at 25/50/75/100% of its steps, from the session's MLflow store (the child run of
+    the row). Each run is read once; a store that cannot be read gives no curve."""
+    POINTS = (0.25, 0.5, 0.75, 1.0)
+
+    def __init__(self, session_dir: Optional[Path]):
+        self.uri: Optional[str] = None
+        if session_dir is not None:
+            try:
+                self.uri = json.loads((Path(session_dir) / "state.json").read_text()).get("tracking_uri")
+            except (OSError, ValueError):
+                self.uri = None
+        self._cache: dict[str, Optional[list[float]]] = {}
+
+    def of(self, run_id: str) -> Optional[list[float]]:
+        if not run_id or not self.uri:
+            return None
+        if run_id not in self._cache:
+            self._cache[run_id] = self._read(run_id)
+        return self._cache[run_id]
+
+    def _read(self, run_id: str) -> Optional[list[float]]:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            hist = MlflowClient(tracking_uri=self.uri).get_metric_history(run_id, "train/loss")
+        except Exception as e:  # no store, no run: no curve (the dashboard just omits it)
+            log.debug("no learning curve for run %s: %s", run_id, e)
+            return None
+        pts = sorted((m.step, m.value) for m in hist if math.isfinite(m.value))
+        if len(pts) < 4:
+            return None
+        out = []
+        n = len(pts)
+        w = max(1, n // 40)  # average over ~2.5% of the steps: one step's loss is noisy
+        for q in self.POINTS:
+            i = min(n - 1, max(0, round(q * n) - 1))
+            window = [v for _, v in pts[max(0, i - w + 1): i + 1]]
+            out.append(sum(window) / len(window))
+        return out
+
+
+@dataclass
+class Extras:
+    """What the dashboard needs beyond the SearchState."""
+    spent_usd: float = 0.0
+    cap_usd: float = 0.0
+    runs_dir: Optional[Path] = None
+    tail_chars: int = 2000
+    journal_chars: int = 3000
+    curves: Optional[LossCurves] = None
+    notes: list[str] = field(default_factory=list)  # e.g. the previous reply was cut at max_tokens
+    plain: bool = False  # after a refusal: the essentials only (no log tail, no journal text)
+
+
+def curve_lines(state, curves: Optional[LossCurves]) -> list[str]:
+    if curves is None:
+        return []
+    rows = [e for e in state.history if e.mlflow_run_id and e.status in ("baseline", "keep", "discard", "crash")]
+    best = next((e for e in reversed(rows) if e.exp == state.best.exp), None) or \
+        next((e for e in rows if e.status == "baseline"), None)
+    last = next((e for e in reversed(rows) if e.is_experiment), None)
+    out = []
+    for label, e in (("best", best), ("last", last)):
+        if e is None or (label == "last" and best is not None and e.exp == best.exp):
+            continue
+        c = curves.of(e.mlflow_run_id)
+        if c:
+            figs = f" ({figures(e)})" if figures(e) else ""
+            out.append(f"- {label} {e.exp}: " + " ".join(f"{v:.3f}" for v in c) + figs)
+    return (["## Learning curves (train loss at 25 / 50 / 75 / 100% of the budget)", *out] if out else [])
+
+
+def dashboard(state, x: Extras) -> str:
+    """The state of this turn (not cached, not kept): what changed least first, the journal last."""
     b = state.best
-    ran = [e for e in state.history if e.exp.startswith("exp-")]
+    ran = [e for e in state.history if e.is_experiment]
     threshold = b.val_bpb - state.margin if math.isfinite(b.val_bpb) else float("nan")
     lines = [
-        f"# Session {state.tag}: proposal {len(ran) + 1} ({state.experiments_left} runs and "
+        f"# State now: before proposal {len(ran) + 1} of session {state.tag} ({state.experiments_left} runs and "
         f"{state.seconds_left / 3600:.1f} h left)",
-        f"Best: val_bpb {_fmt(b.val_bpb)} ({b.exp}, commit {b.commit[:7]}).",
+        f"Best: val_bpb {_fmt(b.val_bpb)} ({b.exp}, commit {b.commit[:7]}); baseline mean {_fmt(state.baseline)}.",
         f"Noise: sigma {_fmt(state.sigma, '.4f')} between identical runs; margin {_fmt(state.margin, '.4f')}. "
         f"A proposal is kept only if its val_bpb < {_fmt(threshold)}.",
         f"Budget: {budget_line(state.best_config)}.",
         f"Overrides in effect at the best (on top of the session's baseline): "
         f"{' '.join(b.overrides) if b.overrides else '(none: the best is the baseline config)'}",
         f"Session command line (fixed): {' '.join(state.base_overrides) or '(defaults)'}",
-        f"Agent spend so far: ${spent_usd:.2f} of the ${cap_usd:.2f} cap (agent.max_cost_usd).",
-        "",
-        "## Research config at the best",
-        "```yaml", research_config(state.best_config, state.override_roots), "```",
-        "",
-        f"## History ({len(state.history)} rows, oldest first; delta = val_bpb - best before it, negative is better)",
-        history_table(state.history, history_chars),
+        f"Agent spend so far: ${x.spent_usd:.2f} of the ${x.cap_usd:.2f} cap (agent.max_cost_usd).",
     ]
-    fail = last_failure(state.history, runs_dir, tail_chars)
-    if fail:
-        lines += ["", fail]
-    lines += ["", f"Propose the next experiment by calling {TOOL_NAME}."]
-    return "\n".join(lines)
-
-
-def outcome_text(e, fix_streak: int, fix_attempts: int) -> tuple[str, bool]:
-    """The tool result for a proposal's ledger row: (text, is_error)."""
-    if e.status == "invalid":
-        if fix_streak >= fix_attempts:
-            advice = (f"That is {fix_streak} invalid proposals in a row: drop this idea and propose a different, "
-                      "simpler experiment.")
-        else:
-            advice = "Nothing was run. Correct exactly that and propose again."
-        return f"INVALID ({e.exp}): {e.reason}\n{advice}", True
-    val, delta, margin = _fmt(e.val_bpb), _fmt(e.delta, ".4f", True), _fmt(e.margin, ".4f")
-    steps = f", {e.num_steps} steps" if e.num_steps else ""
-    if e.status == "keep":
-        return (f"KEPT ({e.exp}): val_bpb {val} (delta {delta}, margin {margin}{steps}). It is the new best "
-                f"(commit {e.commit[:7]}); the next experiment starts from it."), False
-    if e.status == "discard":
-        return (f"DISCARDED ({e.exp}): val_bpb {val} (delta {delta}; needed below -{margin}{steps}). The branch "
-                "was reset to the best." + (f" {e.reason}" if e.reason else "")), False
-    if e.status == "crash":
-        return (f"CRASHED ({e.exp}, run status {e.run_status}): {_one_line(e.reason, 600)}. The branch was reset "
-                "to the best; the log tail is in the state below."), False
-    return f"{e.status.upper()} ({e.exp}): {_one_line(e.reason, 400) or 'no result'}", False
+    if not x.plain:
+        lines += ["", "## Research config at the best", "```yaml",
+                  research_config(state.best_config, state.override_roots), "```"]
+    curves = curve_lines(state, x.curves)
+    if curves:
+        lines += ["", *curves]
+    near = near_misses(state.history, b, state.margin)
+    if near:
+        lines += ["", "## Near misses since the best (better, but inside the margin: combine them, or re-run one)",
+                  *[row_line(e) for e in near]]
+    if not x.plain:
+        fail = last_failure(state.history, x.runs_dir, x.tail_chars)
+        if fail:
+            lines += ["", fail]
+        lines += ["", "## Your research journal (newest first; journal.md keeps all of it)",
+                  journal_text(state.history, x.journal_chars)]
+    lines += ["", *x.notes, f"Propose the next experiment by calling {TOOL_NAME}."]
+    return "\n".join(s for s in lines if s is not None).replace("\n\n\n", "\n\n")
