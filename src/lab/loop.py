@@ -76,15 +76,18 @@ class Search:
         # the agent first, checked (agent=claude: key, API): a missing key costs no session and no run
         self.agent = build_agent(self.cfg.agent, self.cfg.search_space)
         self.agent.preflight()
+        # the baseline's own code (not the worktree: a resume may find a half-run candidate checked out there)
         if s.resume:
-            sess = self.session
-            base_config = preflight(sess.worktree, self.base_overrides, self._runner, f"session {sess.tag}")
+            plan, repo, base = None, Path(self.session.state.repo), self.session.state.base_commit
         else:
             plan = Session.plan(s.tag, s.repo, s.root, s.base)
-            with code_at(plan.repo, plan.base_commit) as code:
-                base_config = preflight(code, self.base_overrides, self._runner, f"commit {plan.base_commit[:7]}")
-            self.session = sess = Session.create(plan, self.base_overrides)
+            repo, base = plan.repo, plan.base_commit
+        with code_at(repo, base) as code:
+            base_config = preflight(code, self.base_overrides, self._runner, f"commit {base[:7]}")
+        if plan is not None:
+            self.session = Session.create(plan, self.base_overrides)
             self._log_to_file()
+        sess = self.session
         st = sess.state
         if sess.dirty_warning:
             log.warning("uncommitted changes in src/ or conf/ of %s are NOT part of session %s (it branches from "
