@@ -94,7 +94,7 @@ class DeviceConfig:
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | ...
     compile_scope: str = "model"  # model (one graph) | blocks (each transformer block; the rest runs eagerly)
     # Inductor/Triton caches kept across runs (a session's experiments compile the same graphs again);
-    # None = $TORCHINDUCTOR_CACHE_DIR if set, else <data cache>/compile
+    # None = <data cache>/compile (this sets $TORCHINDUCTOR_CACHE_DIR for the run)
     compile_cache: Optional[str] = None
     # memory the run may use, MB. CUDA/MPS: enforced by the allocator; CPU: simulated (the bytes autograd
     # saves for backward in one forward may not exceed it). None = the whole device

@@ -178,10 +178,12 @@ def resolve(cfg: DeviceConfig) -> Runtime:
 
 
 def use_compile_cache(path: Optional[str] = None) -> Path:
-    """Point Inductor's on-disk caches (FX graphs, AOT autograd, Triton kernels, autotuning) at one directory
-    that outlives the run: `path`, else $TORCHINDUCTOR_CACHE_DIR, else <data cache>/compile. Inductor reads the
-    variable when it first compiles, so this must run before; its cache keys cover the code, shapes and versions."""
-    target = Path(path or os.environ.get(COMPILE_CACHE_ENV) or cache_dir() / "compile").expanduser().resolve()
+    """Point Inductor's on-disk caches (FX graphs, AOT autograd, compiled kernels, autotuning) at a directory that
+    outlives the run, so a session's later runs reuse what its first one compiled: `path`, else <data cache>/compile.
+    Inductor reads $TORCHINDUCTOR_CACHE_DIR whenever it looks a cache up (importing torch._dynamo sets it to
+    /tmp/torchinductor_<user>), so setting it before the first compile is enough; its keys cover code, shapes
+    and versions, so one directory serves every model and torch version."""
+    target = Path(path or cache_dir() / "compile").expanduser().resolve()
     target.mkdir(parents=True, exist_ok=True)
     os.environ[COMPILE_CACHE_ENV] = str(target)
     return target

@@ -14,7 +14,8 @@ the micro-batch) may not exceed it, else torch.OutOfMemoryError, as a GPU would 
 
 An out-of-memory anywhere in a run becomes the status `oom` with the fix in one line (oom_message).
 
-Usage: mem = Memory(rt); B = mem.largest_fitting(key, candidates(total, T), try_step); with mem.guard(): step()
+Usage: mem = Memory(rt); B, tried = mem.largest_fitting(key, candidates(total, T), try_step)
+       with mem.guard(): step()
 """
 from __future__ import annotations
 
@@ -141,9 +142,9 @@ class Memory:
         elif self.rt.device.type == "mps":
             torch.mps.empty_cache()
 
-    def largest_fitting(self, key: dict, sizes: list[int], try_step: Callable[[int], None]) -> Optional[int]:
-        """The first of `sizes` (largest first) whose training step `try_step(size)` fits; None if none does.
-        Cached under `key` (what the answer depends on) plus the device, dtype, limit and torch version."""
+    def largest_fitting(self, key: dict, sizes: list[int], try_step: Callable[[int], None]) -> tuple[Optional[int], list]:
+        """The first of `sizes` (largest first) whose training step `try_step(size)` fits (None if none does), and the
+        sizes probed to find it ([] when cached under `key` plus the device, dtype, limit and torch version)."""
         full = json.dumps({**key, "device": self.rt.name, "dtype": self.rt.dtype_name, "limit": self.limit,
                            "torch": torch.__version__, "sizes": sizes}, sort_keys=True, default=str)
         path = cache_path()
@@ -152,8 +153,13 @@ class Memory:
         except (OSError, ValueError):
             known = {}
         if isinstance(known.get(full), int) and known[full] in sizes:
-            return known[full]
-        found = next((b for b in sizes if self._fits(b, try_step)), None)
+            return known[full], []
+        probed, found = [], None
+        for b in sizes:
+            probed.append(b)
+            if self._fits(b, try_step):
+                found = b
+                break
         if found is not None:
             known[full] = found
             try:
@@ -163,7 +169,7 @@ class Memory:
                 tmp.replace(path)
             except OSError:
                 pass  # a read-only cache only costs a new probe next time
-        return found
+        return found, probed
 
 
 def _device_bytes(device: torch.device) -> Optional[int]:

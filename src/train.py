@@ -35,7 +35,7 @@ from src.budget import STALL_ENV, BudgetClock, inject_stalls
 from src.config import TrainConfig
 from src.data import load_prepared, train_batches
 from src.device import Runtime, compile_model, process_age, resolve
-from src.memory import Memory, candidates, is_oom, oom_message
+from src.memory import Memory, cache_path, candidates, is_oom, oom_message
 from src.paths import REPO
 from src.provenance import provenance
 from src.score import CHECKPOINT, Scorer, library_changes, library_snapshot, save_checkpoint
@@ -43,7 +43,8 @@ from src.status import OK, OOM, TAMPERED
 from src.sweep import job_run_name
 from src.tracking import Tracker, TrackingError, flatten
 
-_HARNESS = library_snapshot(extra=("time", "src.budget", "src.data", __name__))
+HARNESS_MODULES = ("time", "src.budget", "src.data", __name__)
+_HARNESS = library_snapshot(extra=HARNESS_MODULES)
 # ... then the research surface (src/model.py, src/optim.py, src/step.py)
 from src.model import GPT, GPTConfig  # noqa: E402
 from src.optim import build_optimizer  # noqa: E402
@@ -98,6 +99,11 @@ def describe(model: GPT, cfg: TrainConfig, accum: int) -> str:
         lines.append(f"batch: {cfg.batch.total_tokens:,} tokens/step = {accum} x {cfg.batch.device_tokens:,} "
                      "tokens/device step")
     return "\n".join(lines)
+
+
+def runtime_line(rt: Runtime) -> str:
+    compiled = f"compile {rt.compile}" + (f" (mode {rt.compile_mode}, scope {rt.compile_scope})" if rt.compile else "")
+    return f"device {rt.device} ({rt.name}), dtype {rt.dtype_name}, {compiled}"
 
 
 def format_summary(s: dict) -> str:
@@ -245,6 +251,7 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
         with torch.device("meta"):
             model = GPT(GPTConfig.from_model_config(cfg.model, vocab))
         print(describe(model, cfg, accum))
+        print(runtime_line(rt))
         counts = model.param_counts()
         print(f"num_params: {counts['total']:,} ({counts['total'] / 1e6:.1f}M)")
         return {"status": "dry_run", "num_params": counts["total"], "num_params_M": counts["total"] / 1e6,
@@ -271,7 +278,8 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
             if status:
                 summary.update(status=status, error=error, val_bpb=float("nan"))
             clock = parts.get("clock")
-            summary.setdefault("warmup_seconds", 0.0)
+            if "warmup_seconds" not in summary:  # the run ended before its warm-up did (or never began)
+                summary["warmup_seconds"] = clock.wall_seconds if clock else 0.0
             fill_summary(summary, cfg, rt, clock, parts.get("model"), t_start)
             summary.update(train_epochs=clock.tokens / parts["train_tokens"] if clock and parts.get("train_tokens")
                            else 0.0, process_seconds=process_age())
@@ -337,9 +345,10 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
             model = parts["model"] = GPT(GPTConfig.from_model_config(cfg.model, vocab)).to(rt.device)
             model.init_weights()
             log.info("%s", describe(model, cfg, accum))
-            log.info("device %s (%s), dtype %s, compile %s (mode %s, scope %s)", rt.device, rt.name, rt.dtype_name,
-                     rt.compile, rt.compile_mode, rt.compile_scope)
+            log.info("%s", runtime_line(rt))
             opt = build_optimizer(model, cfg.optimizer)
+            if rt.compile:
+                parts["harness"] = prime_compiler(_HARNESS)
             fwd = compile_model(model, rt)
             if tracker.enabled and cfg.budget.warmup_steps == 0:
                 tracking_ready()
@@ -362,7 +371,7 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
                 summary.update(status="stalled", error=(
                     f"{clock.stalls} stalls took {clock.stalled_seconds:.1f} s, more than budget.stall_max_share="
                     f"{cfg.budget.stall_max_share} of the budget: the score is suspect; re-run the experiment"))
-            changed = library_changes(_HARNESS)
+            changed = library_changes(parts.get("harness", _HARNESS))
             if changed:
                 raise RunFailed(TAMPERED, f"the research code rebinds {', '.join(changed[:5])}: the harness, its clock "
                                           "and the libraries are not part of the research surface")
@@ -386,6 +395,18 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
         if scorer is not None:
             scorer.close()
     return finish()
+
+
+def prime_compiler(snapshot: dict) -> dict:
+    """Dynamo patches nn.Module.__init__ and __setstate__ the first time a compiled function is entered (its
+    mutation tracking). Check that nothing has been rebound so far, let Dynamo patch (a compiled no-op: only
+    torch's code runs), and return the snapshot the end of the run is checked against."""
+    changed = library_changes(snapshot)
+    if changed:
+        raise RunFailed(TAMPERED, f"the research code rebinds {', '.join(changed[:5])}: the harness, its clock "
+                                  "and the libraries are not part of the research surface")
+    torch.compile(lambda: None, backend="eager")()
+    return library_snapshot(extra=HARNESS_MODULES)
 
 
 def warn_epochs(tokens: float, train_tokens: int) -> None:
@@ -413,10 +434,12 @@ def pick_micro_batch(cfg: TrainConfig, rt: Runtime, memory: Memory, vocab: int) 
     key = {"model": flatten(cfg.model), "vocab": vocab, "optimizer": flatten(cfg.optimizer),
            "total_tokens": cfg.batch.total_tokens}
     t0 = time.time()
-    found = memory.largest_fitting(key, candidates(cfg.batch.total_tokens, T), try_step)
+    found, probed = memory.largest_fitting(key, candidates(cfg.batch.total_tokens, T), try_step)
     if found is None:
         raise RunFailed(OOM, oom_message(rt, 1, T, auto=True))
-    log.info("batch.device_tokens=auto: %d sequences of %d tokens per micro-batch (%.1f s)", found, T, time.time() - t0)
+    how = (f"probed {', '.join(map(str, probed))} in {time.time() - t0:.1f} s" if probed else
+           f"cached in {cache_path()}")
+    log.info("batch.device_tokens=auto: %d sequences of %d tokens per micro-batch (%s)", found, T, how)
     return found
 
 
