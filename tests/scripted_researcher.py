@@ -140,13 +140,14 @@ def cost_table(title: str, out: dict) -> str:
     by: dict[str, int] = {}
     for r in exps:
         by[r.get("agent") or "-"] = by.get(r.get("agent") or "-", 0) + 1
+    counted = [r for r in exps if r["status"] not in ("invalid", "interrupted")]
     prompt = u["input_tokens"] + u["cache_creation_input_tokens"] + u["cache_read_input_tokens"]
     return "\n".join([
         f"### {title}", "",
-        "| experiments | by agent | API calls | total cost | cost / experiment | cache-read share of input | "
-        "1h cache writes | output tokens | stop | wall |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|",
-        f"| {len(exps)} | {', '.join(f'{k} {v}' for k, v in sorted(by.items()))} | {u['calls']} | "
-        f"${u['cost_usd']:.2f} | ${u['cost_usd'] / max(1, len(exps)):.4f} | "
-        f"{u['cache_read_input_tokens'] / max(1, prompt):.1%} | {u['cache_creation_1h_input_tokens']:,} | "
-        f"{u['output_tokens']:,} | {out['summary']['stop_reason'][:60]} | {out['wall_s']:.0f} s |", ""])
+        "| experiments run (+ invalid) | proposed by | API calls | total cost | cost / experiment run | "
+        "cost / API call | cache-read share of input | 1h cache writes | output tokens | wall |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {len(counted)} (+{len(exps) - len(counted)}) | {', '.join(f'{k} {v}' for k, v in sorted(by.items()))} | "
+        f"{u['calls']} | ${u['cost_usd']:.2f} | ${u['cost_usd'] / max(1, len(counted)):.4f} | "
+        f"${u['cost_usd'] / max(1, u['calls']):.4f} | {u['cache_read_input_tokens'] / max(1, prompt):.1%} | "
+        f"{u['cache_creation_1h_input_tokens']:,} | {u['output_tokens']:,} | {out['wall_s']:.0f} s |", ""])

@@ -463,6 +463,8 @@ class ClaudeAgent(Agent):
                     raise _Unavailable(f"the API refused every form of the request ({f.what})")
                 log.warning("agent=claude: the API refused the request (%s); asking without the %s from now on",
                             f.what, dropped)
+                if dropped.startswith("thinking"):  # the turns hold thinking blocks: start afresh without them
+                    self.conv.reset("thinking was turned off")
                 kw = build()
                 continue
             tries += 1
