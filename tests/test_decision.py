@@ -1,6 +1,6 @@
-"""Noise floor and keep/discard (src/decision.py).
+"""Noise floor and keep/discard (src/lab/decision.py).
 
-Run: python -m pytest tests/test_decision.py -q
+Run: python -m pytest -q tests/test_decision.py
 """
 import math
 
@@ -9,7 +9,7 @@ import pytest
 from src.lab.decision import NoiseFloor, decide
 
 
-def test_pooled_sigma_over_groups_of_repeats():
+def test_sigma_is_pooled_over_groups_of_repeats_ignoring_nan():
     n = NoiseFloor.pooled([[2.60, 2.64], [2.50], [3.0, 3.02, 3.04]])
     # (0.02^2*2 + (0.02^2*2)) / (1 + 2) pooled
     assert n.dof == 3 and n.sigma == pytest.approx(math.sqrt((0.0008 + 0.0008) / 3))
@@ -17,7 +17,7 @@ def test_pooled_sigma_over_groups_of_repeats():
     assert NoiseFloor.pooled([[1.0, float("nan"), 1.2]]).dof == 1
 
 
-def test_margin_is_sigmas_or_minimum_delta():
+def test_the_margin_is_k_sigmas_or_the_minimum_delta_when_there_is_no_noise():
     n = NoiseFloor(sigma=0.01, dof=1)
     assert n.margin(2.0, 0.002) == pytest.approx(0.02)
     assert NoiseFloor(0.0, 1).margin(2.0, 0.002) == 0.002

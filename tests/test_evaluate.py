@@ -21,7 +21,7 @@ class FixedLogits(torch.nn.Module):
         return Z.float().expand(*x.shape, V).clone()
 
 
-def test_bpb_hand_computed_from_logits():
+def test_bpb_from_logits_matches_a_hand_computed_value_for_any_windowing_and_skips_special_tokens():
     # tokens: 0 is a special (0 bytes), 1..3 are 1-byte tokens, 4 is a 3-byte token
     token_bytes = torch.tensor([0, 1, 1, 1, 3])
     tokens = torch.tensor([0, 1, 4, 2, 0, 3, 4])

@@ -1,6 +1,7 @@
-"""The ledger (src/ledger.py): results.tsv rows, crash safety, disk full, and the session's MLflow runs.
+"""The ledger (src/lab/ledger.py): results.tsv rows, crash safety, disk full, and the session's MLflow
+runs (src/lab/runs.py).
 
-Run: python -m pytest tests/test_ledger.py -q
+Run: python -m pytest -q tests/test_ledger.py
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_disk_full_is_a_clear_error_and_loses_nothing(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_session_runs_parent_children_tags(tmp_path):
+def test_session_runs_nest_one_child_per_experiment_under_a_reopenable_parent(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     runs = SessionRuns(uri, "ledger-test")
     pid = runs.open_parent(None, "t", {"agent": "tpe"}, {"search.branch": "research/t"})

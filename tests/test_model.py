@@ -1,6 +1,6 @@
 """The GPT: preset parameter counts, derived widths, sliding windows and the forward contract.
 
-Run: python -m pytest tests/test_model.py -q
+Run: python -m pytest -q tests/test_model.py
 """
 import math
 
@@ -9,7 +9,7 @@ import torch
 
 from src.config import ModelConfig
 from src.model import GPT, GPTConfig
-from tests.test_config import compose_train
+from tests.helpers import compose_train_cfg
 
 
 def build(model_cfg: ModelConfig, vocab: int, device="meta") -> GPT:
@@ -18,8 +18,8 @@ def build(model_cfg: ModelConfig, vocab: int, device="meta") -> GPT:
 
 
 @pytest.mark.parametrize("preset,vocab,expected", [("small", 8192, 11_534_472), ("h100", 8192, 50_332_176)])
-def test_preset_parameter_counts(preset, vocab, expected):
-    cfg = compose_train([f"model={preset}", "data=climbmix"])
+def test_presets_have_the_reference_parameter_counts(preset, vocab, expected):
+    cfg = compose_train_cfg([f"model={preset}", "data=climbmix"])
     assert cfg.data.vocab_size == vocab
     counts = build(cfg.model, vocab).param_counts()
     assert counts["total"] == expected
@@ -34,14 +34,14 @@ def test_widths_derive_from_depth():
     assert (c.n_embd, c.n_head, c.n_kv_head) == (192, 3, 1)  # 150 rounded up to a multiple of 64
 
 
-def test_window_pattern_and_value_embed_layers():
+def test_window_pattern_repeats_with_a_full_last_layer_and_value_embeds_alternate():
     c = GPTConfig.from_model_config(ModelConfig(depth=5, sequence_len=256, window_pattern="SSL"), 257)
     assert c.window_sizes() == [128, 128, 256, 128, 256]  # last layer always full
     assert [i for i in range(5) if c.has_ve(i)] == [0, 2, 4]  # alternating, last included
 
 
 @pytest.mark.parametrize("bad", [dict(window_pattern="SXL"), dict(activation="tanh"), dict(n_kv_head=3)])
-def test_bad_knobs_are_named(bad):
+def test_bad_model_knobs_are_refused_naming_the_knob(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         GPTConfig.from_model_config(ModelConfig(depth=4, aspect_ratio=32, head_dim=64, **bad), 257)
 

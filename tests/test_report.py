@@ -1,25 +1,27 @@
-"""The session report (src/report.py): leaderboard, progress plot, best diff and overrides, MLflow.
+"""The session report (src/lab/report.py): leaderboard, progress plot, best diff and overrides, MLflow.
 
 Builds a real session in-process (git repo, stand-in train from tests/search_fake_train.py), then
-runs `python -m src.report` on it.
+runs the `python -m src.report` entry point (src/report.py main) on it.
 
-Run: python -m pytest tests/test_report.py -q
+Run: python -m pytest -q tests/test_report.py   (the session-building test is marked slow)
 """
 from __future__ import annotations
 
 import json
 import os
 
+import pytest
 import yaml
 
 from src.lab.ledger import Experiment
 from src.lab.report import leaderboard
 from src.report import main
 from src.lab.loop import Search, train_overrides
-from tests.search_support import comment_patch, compose_search, fake_command, make_repo
+from tests.helpers import comment_patch, compose_search, fake_command, make_repo
 
 
-def test_report_of_a_session(tmp_path, capsys):
+@pytest.mark.slow
+def test_the_report_ranks_the_session_explains_refusals_and_crashes_and_goes_to_mlflow(tmp_path, capsys):
     repo = make_repo(tmp_path)
     f = tmp_path / "p.yaml"
     f.write_text(yaml.safe_dump([
@@ -59,7 +61,7 @@ def test_report_of_a_session(tmp_path, capsys):
     assert main(["--root", str(tmp_path / "empty")]) == 2
 
 
-def test_leaderboard_orders_scored_rows_only():
+def test_the_leaderboard_ranks_scored_rows_best_first_and_leaves_out_unscored_ones():
     rows = [Experiment("base-1", "baseline", "b", val_bpb=3.0), Experiment("exp-001", "invalid", "i"),
             Experiment("exp-002", "keep", "k", val_bpb=2.5), Experiment("exp-003", "crash", "c"),
             Experiment("exp-004", "discard", "d", val_bpb=2.7)]

@@ -2,7 +2,7 @@
 training runs of src.train in the session's worktree, a real git repo and the test MLflow store.
 Includes Ctrl-C and kill -9 of the search process in the middle of an experiment, then resume.
 
-Run: python -m pytest tests/test_search_cli.py -q
+Run: python -m pytest -q tests/test_search_cli.py   (all slow: real CLI runs)
 """
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ import pytest
 import yaml
 
 from src.lab.runner import alive
-from tests.conftest import REPO, run_cli
-from tests.search_support import TINY_TRAIN, crash_patch, comment_patch, git, make_repo, read_tsv, session_children
+from tests.helpers import (REPO, TINY_TRAIN, comment_patch, crash_patch, git, make_repo, read_summary, read_tsv,
+                           run_cli, session_children)
+
+pytestmark = pytest.mark.slow
 
 
 def search_args(tmp: Path, repo: Path, proposals: list, *extra: str) -> list[str]:
@@ -29,8 +31,8 @@ def search_args(tmp: Path, repo: Path, proposals: list, *extra: str) -> list[str
             f"hydra.run.dir={tmp / 'hydra'}", *TINY_TRAIN, *extra]
 
 
-@pytest.mark.slow
-def test_replay_session_real_training_then_report(tmp_path):
+@pytest.mark.usefixtures("shakespeare")
+def test_a_replay_session_with_real_training_keeps_refuses_and_crashes_then_reports(tmp_path):
     repo = make_repo(tmp_path)
     proposals = [
         {"description": "smaller batch", "hypothesis": "twice the steps for the same tokens",
@@ -54,9 +56,8 @@ def test_replay_session_real_training_then_report(tmp_path):
     assert "patched model crashes" not in (d / "worktree" / "src" / "model.py").read_text()
     assert git(repo, "rev-list", "--count", "main..research/cli") == "1"
     # what ran is what the branch reproduces: the run's config carries the committed preset
-    summary = json.loads((d / "runs" / "exp-001" / "summary.json").read_text())
-    assert summary["status"] == "ok" and summary["val_bpb"] == float(rows[1]["val_bpb"]) or \
-        abs(summary["val_bpb"] - float(rows[1]["val_bpb"])) < 1e-6
+    summary = read_summary(d / "runs" / "exp-001")
+    assert summary["status"] == "ok" and summary["val_bpb"] == pytest.approx(float(rows[1]["val_bpb"]), abs=1e-6)
     # MLflow agrees row for row
     state = json.loads((d / "state.json").read_text())
     uri = os.environ["MLFLOW_TRACKING_URI"]
@@ -66,8 +67,7 @@ def test_replay_session_real_training_then_report(tmp_path):
     for r in rows:
         assert tagged[r["exp"]].info.run_id == r["mlflow_run_id"]
         assert tagged[r["exp"]].data.tags["search.status"] == r["status"]
-    if summary.get("mlflow_run_id"):  # the train run itself is the child
-        assert summary["mlflow_run_id"] == rows[1]["mlflow_run_id"]
+    assert summary["mlflow_run_id"] == rows[1]["mlflow_run_id"]  # the train run itself is the child
 
     rep = run_cli("src.report", "cli", "--root", str(repo / "outputs" / "research"))
     assert "Leaderboard" in rep.stdout and "exp-001" in rep.stdout
@@ -97,8 +97,8 @@ def _in_flight(d: Path, exp: str):
     return fl if fl and fl["exp"] == exp and fl.get("pid") and alive(fl["pid"]) else None
 
 
-@pytest.mark.slow
-def test_ctrl_c_then_kill_9_mid_experiment_then_resume(tmp_path):
+@pytest.mark.usefixtures("shakespeare")
+def test_ctrl_c_then_kill_9_mid_experiment_then_resume_finishes_it_once(tmp_path):
     repo = make_repo(tmp_path)
     proposals = [{"description": f"matrix lr {lr}", "overrides": [f"optimizer.matrix_lr={lr}"]}
                  for lr in (0.05, 0.03, 0.06)]

@@ -1,8 +1,8 @@
-"""The research loop in-process (src/search.py), on a real git repo and a real MLflow store, with a
+"""The research loop in-process (src/lab/loop.py), on a real git repo and a real MLflow store, with a
 stand-in for src.train (tests/search_fake_train.py: same CLI contract, no torch, a val_bpb that is a
 known function of the overrides) so that decisions, faults and resume are fast to exercise.
 
-Run: python -m pytest tests/test_search_loop.py -q
+Run: python -m pytest -q tests/test_search_loop.py   (sessions of several runs are marked slow)
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from src.lab.decision import NoiseFloor
 from src.lab.loop import Search, train_overrides
 from src.lab.session import Session, SessionError
-from tests.search_support import (comment_patch, compose_search, fake_command, git, make_repo, read_tsv,
-                                  session_children)
+from tests.helpers import comment_patch, compose_search, fake_command, git, make_repo, read_tsv, session_children
 
 
 @pytest.fixture
@@ -42,6 +42,7 @@ def sdir(lab, tag="t") -> Path:
     return lab["repo"] / "outputs" / "research" / tag
 
 
+@pytest.mark.slow
 def test_replay_keeps_discards_refuses_and_the_branch_follows_the_best(lab):
     repo = lab["repo"]
     main_head = git(repo, "rev-parse", "main")
@@ -105,7 +106,8 @@ def test_replay_keeps_discards_refuses_and_the_branch_follows_the_best(lab):
     assert "matrix_lr: 0.06" in (sdir(lab) / "best_overrides.yaml").read_text()
 
 
-def test_crash_timeout_and_stall_retry(lab, monkeypatch):
+@pytest.mark.slow
+def test_crashes_and_timeouts_are_recorded_and_a_stalled_run_is_rerun(lab, monkeypatch):
     monkeypatch.setenv("FAKE_STALL_FILE", str(lab["tmp"] / "stalled-once"))
     proposals = [{"description": "crashes", "overrides": ["model.activation=crash"]},
                  {"description": "hangs", "overrides": ["model.activation=sleep"]},
@@ -124,15 +126,19 @@ def test_crash_timeout_and_stall_retry(lab, monkeypatch):
     assert git(lab["repo"], "rev-parse", "research/t").startswith(rows[3]["commit"])
 
 
-def test_noise_margin_and_confirmation(lab, monkeypatch):
+@pytest.mark.slow
+def test_the_margin_comes_from_baseline_noise_and_a_would_be_keep_is_confirmed(lab, monkeypatch):
     monkeypatch.setenv("FAKE_NOISE", "0.04")
     proposals = [{"description": "tiny lr change", "overrides": ["optimizer.matrix_lr=0.041"]},
                  {"description": "smaller batch", "overrides": ["batch.total_tokens=4096", "batch.device_tokens=4096"]}]
     s, out = start(lab, "search.baseline_repeats=3", "search.confirm=true", "search.min_delta=0",
                    proposals=proposals)
     rows = read_tsv(sdir(lab) / "results.tsv")
-    margin = float(rows[3]["margin"])
-    assert margin > 0  # from the noisy baseline repeats, not from min_delta
+    baseline = [float(r["val_bpb"]) for r in rows[:3]]
+    assert [r["status"] for r in rows[:3]] == ["baseline"] * 3
+    # from the noisy baseline repeats (noise_sigmas x their sigma), not from min_delta=0
+    expected = NoiseFloor.pooled([baseline]).margin(s.cfg.search.noise_sigmas, 0.0)
+    assert expected > 0.001 and float(rows[3]["margin"]) == pytest.approx(expected, abs=1e-5)
     assert rows[3]["status"] == "discard"  # within the noise
     assert rows[4]["status"] == "keep" and "confirmation re-run" in rows[4]["reason"]
     rec = json.loads((sdir(lab) / "proposals" / "exp-002.json").read_text())
@@ -140,6 +146,7 @@ def test_noise_margin_and_confirmation(lab, monkeypatch):
     assert s.lab.standings().noise.dof == 3  # 2 from the baseline triple + 1 from the confirmation pair
 
 
+@pytest.mark.slow
 def test_tpe_proposes_inside_the_space_and_resumes_its_history(lab):
     s, out = start(lab, "agent=tpe", "agent.n_startup_trials=2", "search.max_experiments=3", "search.baseline_repeats=1")
     rows = read_tsv(sdir(lab) / "results.tsv")
@@ -159,6 +166,7 @@ def test_tpe_proposes_inside_the_space_and_resumes_its_history(lab):
     assert [t.user_attrs.get("exp") for t in trials[:4]] == ["baseline", "exp-001", "exp-002", "exp-003"]
 
 
+@pytest.mark.slow
 def test_resume_finishes_the_in_flight_experiment_once(lab):
     """What kill -9 leaves behind (an in-flight experiment with no row) is finished on resume, once."""
     proposals = [{"description": "smaller batch", "overrides": ["batch.total_tokens=4096", "batch.device_tokens=4096"]},
@@ -182,7 +190,7 @@ def test_resume_finishes_the_in_flight_experiment_once(lab):
     assert json.loads((d / "state.json").read_text())["in_flight"] is None
 
 
-def test_refusals_before_anything_runs(lab, tmp_path):
+def test_bad_sessions_are_refused_before_anything_runs(lab, tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
     with pytest.raises(SessionError, match="not a git checkout"):
@@ -206,7 +214,7 @@ def test_refusals_before_anything_runs(lab, tmp_path):
     assert not sdir(lab, "u").exists() and "research/u" not in git(lab["repo"], "branch", "--list")
 
 
-def test_invalid_streak_stops_the_session(lab):
+def test_a_streak_of_invalid_proposals_stops_the_session(lab):
     proposals = [{"description": f"seed {i}", "overrides": [f"seed={i}"]} for i in range(5)]
     s, out = start(lab, "search.baseline_repeats=1", "search.max_invalid_in_row=2", proposals=proposals)
     rows = read_tsv(sdir(lab) / "results.tsv")
@@ -214,6 +222,7 @@ def test_invalid_streak_stops_the_session(lab):
     assert "invalid proposals in a row" in out["stop_reason"]
 
 
+@pytest.mark.slow
 def test_resume_with_another_agent_warns_and_names_the_original(lab, caplog):
     start(lab, "agent=tpe", "agent.n_startup_trials=1", "search.max_experiments=1", "search.baseline_repeats=1")
     proposals = [{"description": "smaller batch", "overrides": ["batch.total_tokens=4096", "batch.device_tokens=4096"]}]

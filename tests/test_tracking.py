@@ -1,10 +1,11 @@
 """MLflow tracking of `python -m src.train`: what a run records, the real server's REST API, faults.
 
 One 30-s run with a 5-s stall injected at step 10 (via $OVERNIGHT_INJECT_STALL) is shared by the
-tests that read its record: from summary.json, from the sqlite store, and over the REST API of a
-real `mlflow server` on 127.0.0.1 started on the same store. Every test uses a store in a tmp dir.
+tests that read its record: from summary.json and from the sqlite store. Only the tests that talk to
+a real `mlflow server` (127.0.0.1, on the same store) start one: the REST API reading that run back,
+and a run logged through the server and killed. Every test uses a store in a tmp dir.
 
-Run: python -m pytest tests/test_tracking.py -q
+Run: python -m pytest -q tests/test_tracking.py   (without the real runs and the server: -m "not slow")
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -25,16 +26,10 @@ import pytest
 from src.config import TrackingConfig
 from src.sweep import format_table, sweep_table
 from src.tracking import Tracker, TrackingError, artifact_location, final_metrics, flatten, resolve_uri
-from tests.conftest import REPO, TINY, run_cli
+from tests.helpers import REPO, TINY_ONE_THREAD as FAST, compose_train_cfg, free_port, read_summary, run_cli
 
-FAST = [*TINY, "device.threads=1"]  # one thread: steady step times on a shared 2-core machine
 STALL_STEP, STALL_S, BUDGET_S = 10, 5.0, 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+WARMUP_STEPS = compose_train_cfg(FAST).budget.warmup_steps  # not counted; the MLflow run is ready after them
 
 
 def get_json(url: str) -> dict:
@@ -53,8 +48,8 @@ def store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(store):
-    """The real `mlflow server` on 127.0.0.1 and a free port, on the module's store; started early."""
+def mlflow_server(store):
+    """The real `mlflow server` on 127.0.0.1 and a free port, on the module's store: its URL, once it answers."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                              f"sqlite:///{store}/mlflow.db", "--host", "127.0.0.1", "--port", str(port),
@@ -62,12 +57,15 @@ def server(store):
                             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
                             start_new_session=True)  # its own process group: its workers end with it
     url = f"http://127.0.0.1:{port}"
-    yield url, proc
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        wait_up(url, proc)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def wait_up(url: str, proc, timeout: float = 120) -> None:
@@ -83,13 +81,15 @@ def wait_up(url: str, proc, timeout: float = 120) -> None:
 
 
 @pytest.fixture(scope="module")
-def stalled_run(store, server, tmp_path_factory):
+def stalled_run(store, shakespeare, tmp_path_factory):
+    """The shared 30-s run with a 5-s stall, logged straight to the sqlite store: (summary, stdout, run dir)."""
     out = tmp_path_factory.mktemp("stalled")
     proc = run_cli("src.train", *FAST, f"budget.seconds={BUDGET_S}", f"tracking.uri=sqlite:///{store}/mlflow.db",
                    f"hydra.run.dir={out}", env={"OVERNIGHT_INJECT_STALL": f"{STALL_STEP}:{STALL_S}"})
-    return json.loads((out / "summary.json").read_text()), proc.stdout, out
+    return read_summary(out), proc.stdout, out
 
 
+@pytest.mark.slow
 def test_a_stall_does_not_steal_the_budget_and_is_reported(stalled_run):
     s, stdout, _ = stalled_run
     assert s["status"] == "ok" and math.isfinite(s["val_bpb"])
@@ -103,6 +103,7 @@ def test_a_stall_does_not_steal_the_budget_and_is_reported(stalled_run):
         assert line in stdout
 
 
+@pytest.mark.slow
 def test_every_run_is_recorded_in_mlflow(store, stalled_run):
     from mlflow import MlflowClient
 
@@ -115,8 +116,9 @@ def test_every_run_is_recorded_in_mlflow(store, stalled_run):
     assert p["model.depth"] == "2" and p["budget.seconds"] == str(BUDGET_S) and p["device.threads"] == "1"
     assert p["derived.num_params"] == str(round(s["num_params_M"] * 1e6))
     assert p["derived.grad_accum_steps"] == "1" and p["derived.device"] == "cpu" and p["derived.dtype"] == s["dtype"]
-    assert p["git.sha"] == s["git_sha"] and p["git.dirty"] in ("True", "False")
-    assert p["version.torch"] and p["version.mlflow"] and p["version.hydra-core"]
+    assert p["git.sha"] == s["git_sha"] and p["git.dirty"] == str(s["git_dirty"])
+    for lib in ("torch", "mlflow", "hydra-core"):
+        assert p[f"version.{lib}"] == metadata.version(lib), lib
     m = run.data.metrics
     assert m["val/bpb"] == pytest.approx(s["val_bpb"])
     for key in ("step_time_p50", "step_time_p90", "step_time_p99", "step_time_max", "training_seconds",
@@ -134,9 +136,9 @@ def test_every_run_is_recorded_in_mlflow(store, stalled_run):
     assert (out / "step_times.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_real_server_serves_a_finished_run_over_rest(server, stalled_run):
-    url, proc = server
-    wait_up(url, proc)
+@pytest.mark.slow
+def test_the_real_server_serves_a_finished_run_over_rest(mlflow_server, stalled_run):
+    url = mlflow_server
     s, _, _ = stalled_run
     rid = s["mlflow_run_id"]
     run = get_json(f"{url}/api/2.0/mlflow/runs/get?run_id={rid}")["run"]
@@ -158,9 +160,10 @@ def test_the_real_server_serves_a_finished_run_over_rest(server, stalled_run):
         assert r.read()[:4] == b"\x89PNG"
 
 
-def test_a_killed_run_logged_through_the_server_is_failed_with_reason_killed(server, tmp_path):
-    url, proc = server
-    wait_up(url, proc)
+@pytest.mark.slow
+@pytest.mark.usefixtures("shakespeare")
+def test_a_killed_run_logged_through_the_server_is_failed_with_reason_killed(mlflow_server, tmp_path):
+    url = mlflow_server
     p = subprocess.Popen([sys.executable, "-m", "src.train", *FAST, "budget.seconds=60", f"tracking.uri={url}",
                           f"hydra.run.dir={tmp_path}"], cwd=REPO, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -177,46 +180,57 @@ def test_a_killed_run_logged_through_the_server_is_failed_with_reason_killed(ser
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode != 0
-    s = json.loads((tmp_path / "summary.json").read_text())
-    assert s["status"] == "killed" and "SIGTERM" in s["error"] and s["num_steps"] > 0
+    assert p.returncode == 1
+    s = read_summary(tmp_path)
+    assert s["status"] == "killed" and "SIGTERM" in s["error"] and s["num_steps"] >= WARMUP_STEPS
     run = get_json(f"{url}/api/2.0/mlflow/runs/get?run_id={s['mlflow_run_id']}")["run"]
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert run["info"]["status"] == "FAILED" and tags["status"] == "killed" and "SIGTERM" in tags["error"]
-    assert any(m["key"] == "train/loss" for m in run["data"]["metrics"])  # buffered steps were sent
+    # the buffered steps were sent: every step from 1 on, all but at most the one the signal cut short
+    hist = get_json(f"{url}/api/2.0/mlflow/metrics/get-history?run_id={s['mlflow_run_id']}&metric_key="
+                    + urllib.parse.quote("train/loss"))["metrics"]
+    steps = sorted(h["step"] for h in hist)
+    assert steps == list(range(1, len(steps) + 1)) and s["num_steps"] - 1 <= len(steps) <= s["num_steps"]
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("shakespeare")
 def test_an_unreachable_server_costs_the_log_not_the_run(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     proc = run_cli("src.train", *FAST, "budget.seconds=2", f"tracking.uri={uri}", f"hydra.run.dir={tmp_path}")
-    s = json.loads((tmp_path / "summary.json").read_text())
-    assert s["status"] == "ok" and math.isfinite(s["val_bpb"]) and s["num_steps"] > 0
+    s = read_summary(tmp_path)
+    assert s["status"] == "ok" and math.isfinite(s["val_bpb"])
+    assert s["training_seconds"] >= 2.0 and s["num_steps"] > WARMUP_STEPS  # the whole budget was trained
     assert "not logged to MLflow" in s["tracking_error"] and uri in s["tracking_error"]
     assert "MLflow: NOT logged: the whole run (params, metrics, artifacts)" in proc.stdout
     assert "unreachable" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("shakespeare")
 def test_strict_tracking_refuses_to_train_without_its_server(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     proc = run_cli("src.train", *FAST, "budget.seconds=2", f"tracking.uri={uri}", "tracking.strict=true",
                    f"hydra.run.dir={tmp_path}", check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert "unreachable" in proc.stderr and "refusing to train" in proc.stderr
-    assert json.loads((tmp_path / "summary.json").read_text())["num_steps"] == 0
+    assert read_summary(tmp_path)["num_steps"] == 0
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("shakespeare")
 @pytest.mark.parametrize("kind", ["garbage", "directory"])
 def test_a_store_that_cannot_be_opened_is_a_clear_error_before_training(tmp_path, kind):
     db = tmp_path / "mlflow.db"
     db.mkdir() if kind == "directory" else db.write_text("not a database")
     proc = run_cli("src.train", *FAST, "budget.seconds=2", f"tracking.uri=sqlite:///{db}",
                    f"hydra.run.dir={tmp_path / 'run'}", check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert f"cannot open the MLflow store sqlite:///{db}" in proc.stderr and "tracking.enabled=false" in proc.stderr
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["num_steps"] == 0
+    assert read_summary(tmp_path / "run")["num_steps"] == 0
 
 
-def test_uri_precedence_and_artifacts_beside_the_db(monkeypatch, tmp_path):
+def test_the_uri_is_the_argument_then_the_env_then_the_repo_store_with_artifacts_beside_the_db(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_uri() == f"sqlite:///{REPO / 'mlruns' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
@@ -226,7 +240,7 @@ def test_uri_precedence_and_artifacts_beside_the_db(monkeypatch, tmp_path):
     assert artifact_location("http://tracking:5000") is None  # a server decides where artifacts go
 
 
-def test_params_are_dotted_and_summary_numbers_are_metrics():
+def test_params_are_dotted_config_keys_and_only_summary_numbers_become_metrics():
     from src.config import TrainConfig
 
     p = flatten(TrainConfig())
@@ -256,6 +270,7 @@ def test_a_tracker_that_is_off_touches_nothing(tmp_path):
         Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}")).start()  # a directory, not a db file
 
 
+@pytest.mark.slow
 def test_statuses_map_to_finished_or_failed_with_the_reason_as_a_tag(tmp_path):
     from mlflow import MlflowClient
 
