@@ -11,6 +11,8 @@ Throughput: 20,000 tokens/s (MFU 30%), except runs named in $FAKE_SLOW ("base-1:
 run dir name -> slowdown), which are that many times slower and, as fewer tokens fit the time
 budget, score 0.3 * ln(slowdown) worse: the disturbed-run drill. $FAKE_SHIFT ("base-1:1.2") adds to the
 val_bpb of the runs it names and nothing else: a wild score that throughput cannot explain.
+$FAKE_COUNTED ("exp-001:500") reports that many counted training seconds for the runs it names:
+a budget clock that was slowed (the process lived far shorter than what it counted).
 Env var names it saw are written to summary.json (`env`), for the env-stripping tests.
 """
 import hashlib
@@ -77,7 +79,7 @@ def main() -> int:
     slowdown = by_run("FAKE_SLOW", 1.0)
     bpb += 0.3 * math.log(slowdown) + by_run("FAKE_SHIFT", 0.0)
     tps = 20000.0 / slowdown
-    summary = {"status": status, "val_bpb": bpb, "training_seconds": 1.0, "total_seconds": 1.2,
+    summary = {"status": status, "val_bpb": bpb, "training_seconds": by_run("FAKE_COUNTED", 1.0), "total_seconds": 1.2,
                "peak_vram_mb": 512.0, "num_steps": 10, "stalled_seconds": 3.0 if status == "stalled" else 0.0,
                "depth": 4, "env": sorted(os.environ), "tokens_per_sec": tps, "mfu_percent": 30.0 / slowdown,
                "step_time_p50": float(eff.get("batch.total_tokens", "8192")) / tps, "device": "cpu", "dtype": "fp32"}

@@ -6,10 +6,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import math
+import os
+
+import pytest
+import yaml
+
 from src.lab.config import SearchConfig
 from src.lab.integrity import clock_mismatch, fixed_costs, implausible
 from src.lab.ledger import Experiment
+from src.lab.loop import Search, train_overrides
 from src.lab.runner import Outcome
+from tests.helpers import compose_search, fake_command, make_repo, read_tsv
 
 S = SearchConfig()  # clock_factor 3, clock_slack_s 60, plausible_gain 0.25, plausible_factor 5
 
@@ -68,3 +76,45 @@ def test_a_gain_far_beyond_what_was_kept_is_implausible():
     rows = [keep(-0.1)]  # a kept gain of 0.1 raises the limit to 5 x 0.1
     assert implausible(2.2, 2.5, rows, S, floor=None) == ""
     assert "limit 0.5000" in implausible(1.9, 2.5, rows, S, floor=None)
+
+
+# ---------------------------------------------------------------------------- in a session (the stand-in train)
+
+def session(tmp_path, *overrides, proposals=()):
+    repo = make_repo(tmp_path)
+    f = tmp_path / "proposals.yaml"
+    f.write_text(yaml.safe_dump(list(proposals)))
+    ovs = [f"search.repo={repo}", "search.progress=false", f"tracking.uri={os.environ['MLFLOW_TRACKING_URI']}",
+           "device=cpu", "search.tag=i", "search.timeout_s=60", "agent=replay", f"agent.file={f}", *overrides]
+    Search(compose_search(ovs), train_overrides(ovs), fake_command(), cli=ovs).run()
+    return {r["exp"]: r for r in read_tsv(repo / "outputs" / "research" / "i" / "results.tsv")}
+
+
+def test_a_run_that_counted_more_than_it_lived_is_tampered_in_a_session(tmp_path, monkeypatch, shakespeare):
+    monkeypatch.setenv("FAKE_COUNTED", "exp-001:500")
+    rows = session(tmp_path, "search.max_experiments=1",
+                   proposals=[{"description": "smaller batch", "overrides": ["batch.total_tokens=4096",
+                                                                            "batch.device_tokens=4096"]}])
+    assert rows["exp-001"]["status"] == "tampered"
+    assert "counted 500.0 s of training in a process that lived" in rows["exp-001"]["reason"]
+    assert rows["exp-001"]["best_val_bpb"] == rows["base-1"]["best_val_bpb"]  # the best did not move
+
+
+@pytest.mark.parametrize("lr,decision", [("0.039", "discard"), ("0.041", "keep")])
+def test_an_implausible_gain_is_re_scored_and_confirmed_before_it_counts(tmp_path, monkeypatch, shakespeare, lr,
+                                                                         decision):
+    """exp-001's one run scores 1.0 lower than anything can explain (FAKE_SHIFT names that run only), even with
+    search.confirm=false. Its confirmation pairs, back to back with the best, decide: lr 0.039 is really a bit
+    worse (discarded), 0.041 really 0.0097 better (kept, at the score of its confirmation run, not the wild one)."""
+    monkeypatch.setenv("FAKE_SHIFT", "exp-001:-1.0")
+    rows = session(tmp_path, "search.max_experiments=1", "search.confirm=false",
+                   proposals=[{"description": "a lucky change", "overrides": [f"optimizer.matrix_lr={lr}"]}])
+    e = rows["exp-001"]
+    assert e["status"] == decision
+    assert "implausible (a gain of" in e["reason"] and "re-scored identically in a fresh process; confirming" in e["reason"]
+    confirm = [r for r in rows.values() if r["status"] == "confirm" and r["exp"].startswith("exp-001-c")]
+    assert confirm  # the pairs ran, each its own row
+    if decision == "keep":
+        assert e["val_bpb"] == confirm[0]["val_bpb"] == e["best_val_bpb"]  # the wild 2.07 stands for nothing
+    else:
+        assert float(e["best_val_bpb"]) == pytest.approx(3.0 + 0.5 * math.log(0.04 / 0.06) ** 2, abs=1e-6)

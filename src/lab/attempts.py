@@ -20,11 +20,12 @@ from typing import Optional
 from src.lab import candidate
 from src.lab.context import Lab
 from src.lab.disturbance import Judgement, Throughput, judge
+from src.lab.integrity import clock_mismatch
 from src.lab.ledger import Experiment
 from src.lab.proposal import merge_overrides
 from src.lab.runner import Outcome, attempt_name
 from src.lab.session import InFlight
-from src.status import DISTURBED, OK, STALLED
+from src.status import DISTURBED, OK, STALLED, TAMPERED
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,10 @@ class Attempts:
             attempt += 1
             run_name = attempt_name(name, attempt)
             out = self._launch(run_name, name, attempt, commit, args, in_flight)
+            why = clock_mismatch(out, rows, s) if out.status in (OK, STALLED) else ""
+            if why:  # the runner's own wall time cannot back the counted training time
+                out.status, out.note = TAMPERED, why
+                out.summary["error"] = why
             if out.status == STALLED and stalls < s.stall_retries:
                 stalls += 1
                 log.warning("%s stalled (%s); re-running (%d of %d)", run_name, out.error_line, stalls, s.stall_retries)

@@ -118,6 +118,7 @@ class SearchConfig:
     clock_slack_s: float = 60.0  # ... or the baseline's + this many seconds; beyond both the run is `tampered`
     plausible_gain: float = 0.25  # a gain over the best beyond this (bpb) ...
     plausible_factor: float = 5.0  # ... and beyond this x the largest kept gain is re-scored and re-run first
+    keep_checkpoints: str = "best"  # checkpoints kept once an experiment is decided: all | best (kept + baselines) | none
 
 
 # knob -> (test, what is accepted): every one is checked before anything is created
@@ -135,6 +136,11 @@ KNOB_RANGES = {
     "disturbed_factor_new_shape": (lambda v, s: v > 1, "> 1"),
     "disturbed_retries": (lambda v, s: v >= 0, ">= 0"),
     "stall_retries": (lambda v, s: v >= 0, ">= 0"),
+    "clock_factor": (lambda v, s: v >= 1, ">= 1"),
+    "clock_slack_s": (lambda v, s: v >= 0, ">= 0"),
+    "plausible_gain": (lambda v, s: v > 0, "> 0 (bpb)"),
+    "plausible_factor": (lambda v, s: v >= 1, ">= 1"),
+    "keep_checkpoints": (lambda v, s: v in ("all", "best", "none"), "all, best or none"),
 }
 
 

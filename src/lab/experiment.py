@@ -15,6 +15,7 @@ import datetime as dt
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Optional
 
 from src.lab import candidate
@@ -22,12 +23,14 @@ from src.lab.attempts import Attempt, Attempts
 from src.lab.confirm import Confirmation
 from src.lab.context import Lab
 from src.lab.decision import decide, weak
+from src.lab.integrity import implausible
 from src.lab.ledger import Experiment
 from src.lab.proposal import InvalidProposal, Proposal, merge_overrides
 from src.lab.runner import Outcome, RunInterrupted
+from src.score import CHECKPOINT
 from src.lab.session import InFlight
 from src.lab.standings import Standings
-from src.status import DISTURBED, INTERRUPTED, TAMPERED
+from src.status import DISTURBED, INTERRUPTED, OK, TAMPERED
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,9 @@ class Experiments:
             self.record(e, rows, out)
             raise KeyboardInterrupt from None
         sess.reset(e.commit if e.status == "keep" else best.commit)  # the branch tip: the best
-        return self.record(e, rows, a.out)
+        self.record(e, rows, a.out)
+        prune_checkpoints(sess.runs_dir, e.exp, e.status, lab.cfg.search.keep_checkpoints)
+        return e
 
     def _baseline(self, e: Experiment, a: Attempt) -> None:
         out = a.out
@@ -110,7 +115,16 @@ class Experiments:
         v = decide(out.val_bpb, best.val_bpb, st.margin)
         e.delta, e.margin, e.status = v.delta, v.margin, v.decision
         notes = [f"{a.disturbed_note}; re-run"] if a.disturbed else []
-        if v.keep and weak(st.noise, s.confirm, s.confirm_min_dof):
+        doubt = implausible(out.val_bpb, best.val_bpb, rows, s, self.lab.base_config.data.bpb_floor) if v.keep else ""
+        if doubt:  # score it again in a fresh scorer process, then confirm it whatever the noise floor says
+            again = self.lab.runner.rescore(out)
+            if not (again.get("status") == OK and abs(again["val_bpb"] - out.val_bpb) <= 1e-6 * out.val_bpb):
+                e.status, e.delta = TAMPERED, None
+                e.reason = (f"implausible ({doubt}) and a fresh scorer process gave {again.get('val_bpb')} "
+                            f"({again.get('status')}: {again.get('reason', '')}) instead of {out.val_bpb}")
+                return
+            notes.append(f"implausible ({doubt}): re-scored identically in a fresh process; confirming")
+        if v.keep and (doubt or weak(st.noise, s.confirm, s.confirm_min_dof)):
             c = Confirmation(self.lab, self.attempts, self.record).run(e, best, e.commit, overrides, rows, st.noise)
             notes.append(f"screen: {v.delta:+.4f} beat the margin {v.margin:.4f} (noise {st.noise.describe()}); "
                          f"{c.reason}")
@@ -118,6 +132,8 @@ class Experiments:
             if c.verdict is not None:
                 e.delta, e.margin = c.verdict.delta, c.verdict.margin
             runs = [out.val_bpb, *c.candidate_runs]
+            if doubt and c.candidate_runs:  # an implausible screen run stands for nothing: its confirmations do
+                runs, e.values = list(c.candidate_runs), []
             e.val_bpb = sum(runs) / len(runs)  # the candidate's score; each run stays on its own row
             if c.decision == DISTURBED:
                 e.delta = None
@@ -151,6 +167,15 @@ class Experiments:
             sess.save()
         log_row(e)
         return e
+
+
+def prune_checkpoints(runs_dir: Path, exp: str, status: str, policy: str) -> None:
+    """Delete the checkpoints of an experiment's runs once decided (search.keep_checkpoints: all | best | none).
+    `best` keeps those of kept experiments and baselines: a 50M-parameter model is 200 MB a run."""
+    if policy == "all" or (policy == "best" and status in ("keep", "baseline")):
+        return
+    for run in [runs_dir / exp, *runs_dir.glob(f"{exp}-*")]:
+        (run / CHECKPOINT).unlink(missing_ok=True)
 
 
 def log_row(e: Experiment) -> None:

@@ -228,6 +228,13 @@ class Runner:
             out.summary["error"] = f"scorer: {verdict.get('reason', '')}"
             out.note = out.summary["error"]
 
+    def rescore(self, out: Outcome) -> dict:
+        """The checkpoint of a finished run scored again, in a fresh scorer process (the plausibility gate).
+        Without checkpoints (the tests' stand-in train) the run's own figure is all there is."""
+        if not self.score_checkpoints:
+            return {"status": OK, "val_bpb": out.val_bpb}
+        return Scorer(self.cwd, out.run_dir / "rescore.log", self.env).start().score(out.run_dir / CHECKPOINT)
+
     def _tampering(self, out: Outcome) -> str:
         """What the runner itself saw that the run's report cannot explain: '' when nothing."""
         counted = out.summary.get("training_seconds")
