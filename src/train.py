@@ -319,7 +319,7 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
             summary["warmup_seconds"] = clock.wall_seconds  # compilation and the first (uncounted) steps
             if tracker.enabled:
                 tracking_ready()
-        if len(clock.step_times) == 3 and cfg.budget.mode == "time":  # three counted steps: a throughput to go by
+        if len(clock.step_times) == 1 and cfg.budget.mode == "time":  # the first step after warm-up: a throughput
             warn_epochs(clock.tokens + clock.tokens_per_sec * (cfg.budget.seconds - clock.training_seconds),
                         parts["train_tokens"])
         if tracker.enabled:
