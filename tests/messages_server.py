@@ -326,6 +326,11 @@ class MessagesServer:
         """The POST /v1/messages requests the script answered (count_tokens, models and refused ones left out)."""
         return [r for r in self.requests if r["path"] == "/v1/messages" and r["status"] == 200]
 
+    def usage_log(self) -> list[dict]:
+        """The `usage` of every answered messages request, in order."""
+        with self._lock:
+            return [dict(u) for u in self._usage]
+
     def totals(self) -> dict:
         """Usage summed over every answered messages request (what the account would be billed for)."""
         with self._lock:

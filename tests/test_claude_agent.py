@@ -254,7 +254,7 @@ def test_a_session_is_one_append_only_conversation_with_breakpoints_on_its_stabl
     assert crash_turn[0]["type"] == "tool_result" and crash_turn[0]["content"].startswith("CRASHED (exp-003")
     assert "## Last failure: exp-003" in crash_turn[-1]["text"] and "RuntimeError: boom" in crash_turn[-1]["text"]
     # prompt caching: the prefix is written once, then each request reads all that came before it
-    u = [Usage.from_dict(r) for r in [srv_usage for srv_usage in server._usage]]
+    u = [Usage.from_dict(x) for x in server.usage_log()]
     assert u[0].cache_creation_input_tokens > 1000 and u[0].cache_read_input_tokens == 0
     for a, b in zip(u, u[1:]):
         assert b.cache_read_input_tokens == a.cache_read_input_tokens + a.cache_creation_input_tokens
@@ -276,7 +276,7 @@ def test_a_kept_patch_changes_the_prefix_a_kept_override_does_not(server, key, t
     s1, s2, s3 = (r["body"]["system"][0]["text"] for r in server.messages_requests())
     assert s1 == s2 and "# kept change" in s3 and "# kept change" not in s2
     assert "matrix_lr: 0.03" not in s2  # the config at the best lives in the state block, not in the cached prefix
-    u3 = Usage.from_dict(server._usage[2])
+    u3 = Usage.from_dict(server.usage_log()[2])
     assert u3.cache_read_input_tokens == 0 and u3.cache_creation_input_tokens > 1000  # a new prefix is written
 
 
@@ -321,7 +321,7 @@ def test_the_conversation_is_saved_and_a_resume_continues_it(server, key, tmp_pa
     assert r3["body"]["messages"][3]["content"][0]["thinking"] == "second thought"  # sent back unchanged
     answer = last_user(r3)[0]
     assert answer["tool_use_id"] == p2.meta["tool_use_id"] and answer["content"].startswith("KEPT (exp-002)")
-    assert Usage.from_dict(server._usage[2]).cache_read_input_tokens > 0 and server.requests[-1]["status"] == 200
+    assert Usage.from_dict(server.usage_log()[2]).cache_read_input_tokens > 0 and server.requests[-1]["status"] == 200
 
 
 def test_the_journal_is_written_to_the_session_and_shown_every_turn(server, key, tmp_path):

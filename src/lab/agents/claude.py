@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from src.lab.agents.base import Agent, AgentStop, SearchState
-from src.lab.agents.claude_api import Capabilities, Failure, Options, Usage, classify, price_for, write_price
+from src.lab.agents.claude_api import Capabilities, Options, Usage, classify, price_for, write_price
 from src.lab.agents.claude_context import (FIELDS, TOOL_NAME, Extras, LossCurves, dashboard, digest_text,
                                            editable_files, estimate_tokens, journal_markdown, new_rows_text,
                                            outcome_text, system_text, tool_schema)
@@ -218,15 +218,19 @@ class ClaudeAgent(Agent):
         self._write_journal(state)
 
     def observe(self, e: Experiment, state: SearchState) -> None:
+        self._bind(state)
         if self.fallback is not None:
             self.fallback.observe(e, state)
         self._write_journal(state)
 
     def usage(self) -> dict[str, float]:
-        """Session totals for the parent MLflow run: tokens, cost, cache-read share, cost per proposal."""
+        """Session totals for the parent MLflow run: tokens, cost, cache-read share, cost per proposal and per
+        experiment run (by any agent: the fallback's cost nothing)."""
+        ran = sum(1 for e in self._state.history if e.counted) if self._state is not None else 0
         return self.spent.metrics("agent") | {
             "agent/proposals": float(self.proposals), "agent/fallback_proposals": float(self.fallback_proposals),
-            "agent/cost_per_proposal": self.spent.cost_usd / self.proposals if self.proposals else 0.0}
+            "agent/cost_per_proposal": self.spent.cost_usd / self.proposals if self.proposals else 0.0,
+            "agent/cost_per_experiment": self.spent.cost_usd / ran if ran else 0.0}
 
     def close(self) -> None:
         if self.spent.calls:
@@ -589,11 +593,13 @@ class ClaudeAgent(Agent):
         from src.lab.session import atomic_write
 
         s = self.spent
+        ran = sum(1 for e in self._state.history if e.counted) if self._state is not None else 0
         atomic_write(self.usage_path, json.dumps({
             "agent": "claude", "model": self.cfg.model, "proposals": self.proposals,
             "fallback_proposals": self.fallback_proposals, "session": s.to_dict(),
             "cache_read_share": round(s.cache_read_share, 4),
             "cost_per_proposal_usd": round(s.cost_usd / self.proposals, 6) if self.proposals else None,
+            "experiments_run": ran, "cost_per_experiment_usd": round(s.cost_usd / ran, 6) if ran else None,
             "max_cost_usd": self.cfg.max_cost_usd, "options": self.opts.describe() if self.opts else None,
             "stopped": self.stopped or None, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
 
