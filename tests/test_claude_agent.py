@@ -345,6 +345,7 @@ def test_the_journal_is_written_to_the_session_and_shown_every_turn(server, key,
 # ---------------------------------------------------------------------------- the state shown
 
 
+@pytest.mark.slow  # real MLflow runs with long metric histories
 def test_learning_curves_of_the_best_and_the_last_run_come_from_mlflow(tmp_path):
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient

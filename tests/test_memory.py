@@ -77,6 +77,7 @@ def test_the_simulated_cpu_limit_raises_out_of_memory_when_a_forward_keeps_too_m
     assert not Memory(cpu()).simulated  # no limit: nothing is counted
 
 
+@pytest.mark.slow  # real forward/backward passes at several micro-batch sizes
 def test_the_probe_takes_the_largest_micro_batch_that_fits_and_caches_it():
     mem, calls = Memory(cpu(limit_mb=1)), []
 

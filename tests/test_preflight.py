@@ -37,6 +37,7 @@ def assert_nothing_left(repo: Path) -> None:
     assert len(git(repo, "worktree", "list").splitlines()) == 1  # the checkout itself
 
 
+@pytest.mark.slow  # the real CLI
 def test_unprepared_data_fails_in_one_line_naming_the_prepare_command(tmp_path):
     repo = make_repo(tmp_path)
     corpus = tmp_path / "corpus.txt"
@@ -48,6 +49,7 @@ def test_unprepared_data_fails_in_one_line_naming_the_prepare_command(tmp_path):
     assert_nothing_left(repo)
 
 
+@pytest.mark.slow  # the real CLI
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the CUDA GPU the test asks for in vain")
 def test_a_device_that_is_not_there_fails_in_one_line(tmp_path, shakespeare):
     repo = make_repo(tmp_path)
@@ -57,6 +59,7 @@ def test_a_device_that_is_not_there_fails_in_one_line(tmp_path, shakespeare):
     assert_nothing_left(repo)
 
 
+@pytest.mark.slow  # the real CLI
 def test_a_baseline_that_does_not_compose_fails_in_one_line(tmp_path, shakespeare):
     repo = make_repo(tmp_path)
     git(repo, "rm", "-q", "conf/model/small.yaml")  # the session branches from a commit without it

@@ -90,6 +90,7 @@ def session(lab, *overrides, proposals=(), tag="v"):
     return {r["exp"]: r for r in rows}, rows, s
 
 
+@pytest.mark.slow  # a session of several stand-in runs
 def test_a_disturbed_first_baseline_is_found_by_a_faster_repeat_and_replaced(lab, monkeypatch):
     """The quick start's failure: the first baseline ran while the machine was busy (4x slower, 0.42 worse)."""
     monkeypatch.setenv("FAKE_SLOW", "base-1:4")
@@ -108,6 +109,7 @@ def test_a_disturbed_first_baseline_is_found_by_a_faster_repeat_and_replaced(lab
     assert "1 disturbed run(s) set aside" in s.summary()["verdicts"]
 
 
+@pytest.mark.slow  # a session of several stand-in runs
 def test_a_disturbed_experiment_is_rerun_and_decided_on_the_rerun(lab, monkeypatch):
     monkeypatch.setenv("FAKE_SLOW", "exp-001:3,exp-002:3,exp-002-a2:3,exp-002-a3:3")
     by, rows, s = session(lab, "search.confirm=false", "search.disturbed_retries=2",
@@ -131,6 +133,7 @@ def test_a_disturbed_experiment_is_rerun_and_decided_on_the_rerun(lab, monkeypat
     assert rows_runs["exp-002"].info.status == "FAILED" and rows_runs["exp-001"].info.status == "FINISHED"
 
 
+@pytest.mark.slow  # a session of several stand-in runs
 def test_baseline_repeats_that_disagree_bring_more_until_one_is_shown_the_outlier(lab, monkeypatch):
     monkeypatch.setenv("FAKE_SHIFT", "base-2:1.2")  # scored far off, yet ran at full speed: not disturbed
     by, rows, s = session(lab, "search.confirm=false", "search.max_experiments=0", proposals=[{"description": "x",
@@ -141,6 +144,7 @@ def test_baseline_repeats_that_disagree_bring_more_until_one_is_shown_the_outlie
     assert st.best.val_bpb == pytest.approx(float(by["base-1"]["val_bpb"]), abs=1e-6)  # a score its code got
 
 
+@pytest.mark.slow  # a session of several stand-in runs
 def test_baseline_repeats_stop_at_the_bound_when_they_keep_disagreeing(lab, monkeypatch):
     monkeypatch.setenv("FAKE_NOISE", "0.5")  # every run a different, wide score
     by, rows, s = session(lab, "search.confirm=false", "search.baseline_max_repeats=4", "search.max_experiments=0",
@@ -149,6 +153,7 @@ def test_baseline_repeats_stop_at_the_bound_when_they_keep_disagreeing(lab, monk
     assert s.lab.standings().noise.dof >= 1
 
 
+@pytest.mark.slow  # a session of several stand-in runs
 def test_with_weak_noise_a_would_be_keep_is_confirmed_and_null_changes_are_not_kept(lab, monkeypatch):
     """Defaults: 2 baseline runs (1 dof) make the noise weak, so a keep needs a paired confirmation."""
     monkeypatch.setenv("FAKE_NOISE", "0.04")
@@ -164,6 +169,7 @@ def test_with_weak_noise_a_would_be_keep_is_confirmed_and_null_changes_are_not_k
     assert st.count("confirm") >= 2 and s.summary()["noise_dof"] == st.noise.dof
 
 
+@pytest.mark.slow  # a session of several stand-in runs
 def test_confirmation_with_no_noise_estimate_runs_two_pairs(lab):
     by, rows, s = session(lab, "search.baseline_repeats=1", proposals=[{"description": "smaller batch",
                                                                         "overrides": SMALLER_BATCH}])
@@ -171,6 +177,7 @@ def test_confirmation_with_no_noise_estimate_runs_two_pairs(lab):
     assert by["exp-001"]["status"] == "keep" and float(by["exp-001"]["delta"]) == pytest.approx(-0.2)
 
 
+@pytest.mark.slow  # a session of several stand-in runs
 def test_a_noop_patch_is_an_invalid_proposal_that_costs_no_run(lab):
     repo = lab["repo"]
     a, b, c = (repo / "src" / "optim.py").read_text().splitlines()[:3]
