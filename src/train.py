@@ -242,159 +242,203 @@ def fill_summary(summary: dict, cfg: TrainConfig, rt: Runtime, clock: BudgetCloc
 
 def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
     """Run one timed training run; returns the summary dict (also written to out_dir/summary.json)."""
-    t_start = time.time()
-    rt = resolve(cfg.device)
-    torch.manual_seed(cfg.seed)
-    B, accum = derive_batch(cfg)
-    vocab = cfg.data.vocab_size
     if cfg.dry_run:
-        with torch.device("meta"):
-            model = GPT(GPTConfig.from_model_config(cfg.model, vocab))
-        print(describe(model, cfg, accum))
-        print(runtime_line(rt))
-        counts = model.param_counts()
-        print(f"num_params: {counts['total']:,} ({counts['total'] / 1e6:.1f}M)")
-        return {"status": "dry_run", "num_params": counts["total"], "num_params_M": counts["total"] / 1e6,
-                "flops_per_token": model.flops_per_token(), "depth": cfg.model.depth}
+        return dry_run(cfg)
+    return TimedRun(cfg, out_dir).run()
 
-    if cfg.score not in ("process", "caller"):
-        raise ValueError(f"score={cfg.score!r}; expected process (this run starts the scorer) or caller")
-    # the scorer process imports torch now, while this one trains; it sees only the checkpoint
-    scorer = Scorer(REPO, out_dir / "score.log" if out_dir else None).start() if cfg.score == "process" else None
-    memory = Memory(rt)  # device.memory_limit_mb, enforced from here on
-    tracker = Tracker(cfg.tracking, out_dir, tags={"mlflow.source.name": "src.train", "output_dir": str(out_dir or "")})
-    prov = provenance(REPO)
-    summary = {"status": "ok", "device": str(rt.device), "device_name": rt.name, "dtype": rt.dtype_name,
-               "compile": rt.compile, "seed": cfg.seed, "grad_accum_steps": accum, "device_batch_size": B,
-               **{k: v for k, v in prov.items() if k != "versions"}, "mlflow_run_id": None}
-    parts: dict = {}  # model and clock, once they exist
-    lock, result = threading.Lock(), {}
 
-    def finish(status: str | None = None, error: str | None = None) -> dict:
-        """Fill in the numbers, print the block, write summary.json, end the MLflow run; once only."""
-        with lock:
-            if result:
-                return result
-            if status:
-                summary.update(status=status, error=error, val_bpb=float("nan"))
-            clock = parts.get("clock")
-            if "warmup_seconds" not in summary:  # the run ended before its warm-up did (or never began)
-                summary["warmup_seconds"] = clock.wall_seconds if clock else 0.0
-            fill_summary(summary, cfg, rt, clock, parts.get("model"), t_start)
-            summary.update(train_epochs=clock.tokens / parts["train_tokens"] if clock and parts.get("train_tokens")
-                           else 0.0, process_seconds=process_age())
-            print(format_summary(summary), flush=True)
-            path = out_dir / "summary.json" if out_dir is not None else None
-            if path is not None:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(summary, indent=2, default=str))
-            logs = sorted(out_dir.glob("*.log")) if out_dir is not None else []
-            tracker.finish(summary["status"], summary, files=[p for p in [path, *logs] if p],
-                           texts=run_texts(cfg, prov, out_dir), step_times=clock.step_times if clock else None,
-                           stalled_steps=clock.stalled_steps if clock else None,
-                           first_step=cfg.budget.warmup_steps + 1)
-            print(tracker.report(), flush=True)
-            if tracker.not_logged and path is not None:
-                summary["tracking_error"] = "not logged to MLflow: " + "; ".join(tracker.not_logged)
-                path.write_text(json.dumps(summary, indent=2, default=str))
-            result.update(summary)
-            return summary
+def dry_run(cfg: TrainConfig) -> dict:
+    """Build the model on the meta device and print what it is: no data, no training."""
+    rt = resolve(cfg.device)
+    _, accum = derive_batch(cfg)
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_model_config(cfg.model, cfg.data.vocab_size))
+    print(describe(model, cfg, accum))
+    print(runtime_line(rt))
+    counts = model.param_counts()
+    print(f"num_params: {counts['total']:,} ({counts['total'] / 1e6:.1f}M)")
+    return {"status": "dry_run", "num_params": counts["total"], "num_params_M": counts["total"] / 1e6,
+            "flops_per_token": model.flops_per_token(), "depth": cfg.model.depth}
 
-    def on_stuck():  # the watchdog: a step still running long after the ceiling (a hung device)
-        finish("timeout", f"a training step was still running {parts['clock'].elapsed():.0f} s after training "
-                          "began, past the hard wall-clock ceiling: the device hung; re-run the experiment")
+
+class TimedRun:
+    """One run: data, model, the budgeted loop, the checkpoint and its score, then the summary and MLflow.
+
+    finish() runs once whatever happens (a crash, NaN, a signal, the watchdog), so every run leaves a
+    summary.json and an ended MLflow run with its status.
+    """
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path | None):
+        self.t_start = time.time()
+        self.cfg, self.out_dir = cfg, out_dir
+        if cfg.score not in ("process", "caller"):
+            raise ValueError(f"score={cfg.score!r}; expected process (this run starts the scorer) or caller")
+        self.rt = resolve(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.B, self.accum = derive_batch(cfg)
+        # the scorer process imports torch now, while this one trains; it sees only the checkpoint
+        self.scorer = Scorer(REPO, out_dir / "score.log" if out_dir else None).start() \
+            if cfg.score == "process" else None
+        self.memory = Memory(self.rt)  # device.memory_limit_mb, enforced from here on
+        self.tracker = Tracker(cfg.tracking, out_dir, tags={"mlflow.source.name": "src.train",
+                                                            "output_dir": str(out_dir or "")})
+        self.prov = provenance(REPO)
+        self.summary = {"status": "ok", "device": str(self.rt.device), "device_name": self.rt.name,
+                        "dtype": self.rt.dtype_name, "compile": self.rt.compile, "seed": cfg.seed,
+                        "grad_accum_steps": self.accum, "device_batch_size": self.B,
+                        **{k: v for k, v in self.prov.items() if k != "versions"}, "mlflow_run_id": None}
+        self.model = self.clock = None
+        self.train_tokens = 0
+        self.harness = _HARNESS  # the library snapshot the end of the run is checked against
+        self._lock, self._result = threading.Lock(), {}
+
+    def run(self) -> dict:
+        try:
+            with killed_by_signals():
+                self.tracker.start()  # checks the store now; imports mlflow and opens it in the background
+                opt, fwd, batches = self.build()
+                self.train(fwd, opt, batches)
+                self.checkpoint_and_score()
+        except RunFailed as e:
+            log.error("run failed (%s): %s", e.status, e)
+            return self.finish(e.status, str(e))
+        except BaseException as e:  # out of memory: the status oom with the fix; anything else: a crash, propagated
+            if not is_oom(e):
+                self.finish("crash", f"{type(e).__name__}: {e}")
+                raise
+            message = oom_message(self.rt, self.B, self.cfg.model.sequence_len,
+                                  self.summary.get("device_tokens_auto", False))
+            log.error("run failed (%s): %s", OOM, message)
+            return self.finish(OOM, message)
+        finally:
+            if self.scorer is not None:
+                self.scorer.close()
+        return self.finish()
+
+    def build(self):
+        """Data (the train split only), the micro-batch, the model, the optimizer, the compiled forward."""
+        cfg, rt, vocab = self.cfg, self.rt, self.cfg.data.vocab_size
+        data = load_prepared(cfg.data, splits=("train",))  # the validation split is the scorer's alone
+        if data.vocab_size != vocab:
+            raise ValueError(f"data.vocab_size={vocab} but the prepared tokenizer in {data.dir} has "
+                             f"{data.vocab_size}; set data.vocab_size={data.vocab_size} or re-run prepare.py "
+                             "with the same data options")
+        self.train_tokens = len(data.train)
+        if cfg.budget.mode == "tokens":
+            warn_epochs(cfg.budget.tokens, len(data.train))
+        if cfg.batch.device_tokens == "auto":
+            B = pick_micro_batch(cfg, rt, self.memory, vocab)
+            torch.manual_seed(cfg.seed)  # the probe drew random numbers: the run starts as if it had not
+            cfg.batch.device_tokens = B * cfg.model.sequence_len
+            self.B, self.accum = derive_batch(cfg)
+            self.summary.update(grad_accum_steps=self.accum, device_batch_size=self.B, device_tokens_auto=True)
+        model = self.model = GPT(GPTConfig.from_model_config(cfg.model, vocab)).to(rt.device)
+        model.init_weights()
+        log.info("%s", describe(model, cfg, self.accum))
+        log.info("%s", runtime_line(rt))
+        opt = build_optimizer(model, cfg.optimizer)
+        if rt.compile:
+            self.harness = prime_compiler(_HARNESS)
+        fwd = compile_model(model, rt)
+        if self.tracker.enabled and cfg.budget.warmup_steps == 0:
+            self.tracking_ready()
+        batches = train_batches(data, self.B, cfg.model.sequence_len, cfg.seed, rt.device)
+        if os.environ.get(STALL_ENV):  # fault drill for tests; the loop itself stays untouched
+            batches = inject_stalls(batches, self.accum, os.environ[STALL_ENV])
+        return opt, fwd, batches
+
+    def train(self, fwd, opt, batches) -> None:
+        """The budgeted loop, under the wall-clock watchdog; `stalled` when stalls ate too much of it."""
+        cfg = self.cfg
+        self.rt.reset_peak_memory()
+        self.summary["startup_seconds"] = process_age()  # process start to the first step: imports, data, model, probe
+        clock = self.clock = BudgetClock(cfg.budget, cfg.batch.total_tokens)
+        watchdog = threading.Timer(clock.deadline + cfg.budget.wall_grace, self.on_stuck) if clock.deadline else None
+        if watchdog:
+            watchdog.daemon = True
+            watchdog.start()
+        try:
+            train_loop(fwd, opt, batches, clock, cfg, self.rt, self.accum, self.on_step,
+                       self.memory if self.memory.simulated else None)
+        finally:
+            if watchdog:
+                watchdog.cancel()
+        if clock.stalled:
+            self.summary.update(status="stalled", error=(
+                f"{clock.stalls} stalls took {clock.stalled_seconds:.1f} s, more than budget.stall_max_share="
+                f"{cfg.budget.stall_max_share} of the budget: the score is suspect; re-run the experiment"))
+
+    def checkpoint_and_score(self) -> None:
+        """Check that the harness was left alone, save the checkpoint, and (score=process) have it scored."""
+        changed = library_changes(self.harness)
+        if changed:
+            raise RunFailed(TAMPERED, f"the research code rebinds {', '.join(changed[:5])}: the harness, its clock "
+                                      "and the libraries are not part of the research surface")
+        t0 = time.time()
+        ckpt = save_checkpoint((self.out_dir or Path(tempfile.mkdtemp())) / CHECKPOINT, self.model,
+                               config_dict(self.cfg), self.rt.device.type, self.rt.dtype_name)
+        self.summary.update(checkpoint=str(ckpt), checkpoint_seconds=time.time() - t0)
+        if self.scorer is not None:
+            score(self.scorer, ckpt, self.summary)
+
+    # ------------------------------------------------------------------ callbacks
+    def tracking_ready(self) -> None:
+        """mlflow was imported and the run created while the model was built and warmed up."""
+        self.tracker.wait_ready()  # a store that cannot be opened stops the run here, before counted training
+        self.summary.update(mlflow_run_id=self.tracker.run_id, tracking_uri=self.tracker.uri)
+        self.tracker.log_params(run_params(self.cfg, self.model, self.rt, self.accum, self.B, self.prov))
+        self.tracker.set_tags({"mlflow.source.git.commit": self.prov["git_sha"]})
+
+    def on_step(self, step: int, values: dict) -> None:
+        clock, cfg = self.clock, self.cfg
+        if step == cfg.budget.warmup_steps:
+            self.summary["warmup_seconds"] = clock.wall_seconds  # compilation and the first (uncounted) steps
+            if self.tracker.enabled:
+                self.tracking_ready()
+        if len(clock.step_times) == 1 and cfg.budget.mode == "time":  # the first step after warm-up: a throughput
+            warn_epochs(clock.tokens + clock.tokens_per_sec * (cfg.budget.seconds - clock.training_seconds),
+                        self.train_tokens)
+        if self.tracker.enabled:
+            self.tracker.log_step(step, values)
+
+    def on_stuck(self) -> None:
+        """The watchdog: a step still running long after the ceiling (a hung device)."""
+        self.finish("timeout", f"a training step was still running {self.clock.elapsed():.0f} s after training "
+                               "began, past the hard wall-clock ceiling: the device hung; re-run the experiment")
         sys.stderr.write("run ended by the wall-clock watchdog (status timeout)\n")
         sys.stderr.flush()
         os._exit(3)
 
-    def tracking_ready():  # mlflow was imported and the run created while the model was built and warmed up
-        tracker.wait_ready()  # a store that cannot be opened stops the run here, before counted training
-        summary.update(mlflow_run_id=tracker.run_id, tracking_uri=tracker.uri)
-        tracker.log_params(run_params(cfg, parts["model"], rt, accum, B, prov))
-        tracker.set_tags({"mlflow.source.git.commit": prov["git_sha"]})
-
-    def on_step(step: int, values: dict) -> None:
-        clock = parts["clock"]
-        if step == cfg.budget.warmup_steps:
-            summary["warmup_seconds"] = clock.wall_seconds  # compilation and the first (uncounted) steps
-            if tracker.enabled:
-                tracking_ready()
-        if len(clock.step_times) == 1 and cfg.budget.mode == "time":  # the first step after warm-up: a throughput
-            warn_epochs(clock.tokens + clock.tokens_per_sec * (cfg.budget.seconds - clock.training_seconds),
-                        parts["train_tokens"])
-        if tracker.enabled:
-            tracker.log_step(step, values)
-
-    try:
-        with killed_by_signals():
-            tracker.start()  # checks the store now; imports mlflow and opens it in the background, overlapped
-            data = load_prepared(cfg.data, splits=("train",))  # the validation split is the scorer's alone
-            if data.vocab_size != vocab:
-                raise ValueError(f"data.vocab_size={vocab} but the prepared tokenizer in {data.dir} has "
-                                 f"{data.vocab_size}; set data.vocab_size={data.vocab_size} or re-run prepare.py "
-                                 "with the same data options")
-            parts["train_tokens"] = len(data.train)
-            if cfg.budget.mode == "tokens":
-                warn_epochs(cfg.budget.tokens, len(data.train))
-            if cfg.batch.device_tokens == "auto":
-                B = pick_micro_batch(cfg, rt, memory, vocab)
-                torch.manual_seed(cfg.seed)  # the probe drew random numbers: the run starts as if it had not
-                cfg.batch.device_tokens = B * cfg.model.sequence_len
-                B, accum = derive_batch(cfg)
-                summary.update(grad_accum_steps=accum, device_batch_size=B, device_tokens_auto=True)
-            model = parts["model"] = GPT(GPTConfig.from_model_config(cfg.model, vocab)).to(rt.device)
-            model.init_weights()
-            log.info("%s", describe(model, cfg, accum))
-            log.info("%s", runtime_line(rt))
-            opt = build_optimizer(model, cfg.optimizer)
-            if rt.compile:
-                parts["harness"] = prime_compiler(_HARNESS)
-            fwd = compile_model(model, rt)
-            if tracker.enabled and cfg.budget.warmup_steps == 0:
-                tracking_ready()
-            batches = train_batches(data, B, cfg.model.sequence_len, cfg.seed, rt.device)
-            if os.environ.get(STALL_ENV):  # fault drill for tests; the loop itself stays untouched
-                batches = inject_stalls(batches, accum, os.environ[STALL_ENV])
-            rt.reset_peak_memory()
-            summary["startup_seconds"] = process_age()  # process start to the first step: imports, data, model, probe
-            clock = parts["clock"] = BudgetClock(cfg.budget, cfg.batch.total_tokens)
-            watchdog = threading.Timer(clock.deadline + cfg.budget.wall_grace, on_stuck) if clock.deadline else None
-            if watchdog:
-                watchdog.daemon = True
-                watchdog.start()
-            try:
-                train_loop(fwd, opt, batches, clock, cfg, rt, accum, on_step, memory if memory.simulated else None)
-            finally:
-                if watchdog:
-                    watchdog.cancel()
-            if clock.stalled:
-                summary.update(status="stalled", error=(
-                    f"{clock.stalls} stalls took {clock.stalled_seconds:.1f} s, more than budget.stall_max_share="
-                    f"{cfg.budget.stall_max_share} of the budget: the score is suspect; re-run the experiment"))
-            changed = library_changes(parts.get("harness", _HARNESS))
-            if changed:
-                raise RunFailed(TAMPERED, f"the research code rebinds {', '.join(changed[:5])}: the harness, its clock "
-                                          "and the libraries are not part of the research surface")
-            t_ckpt = time.time()
-            ckpt = save_checkpoint((out_dir or Path(tempfile.mkdtemp())) / CHECKPOINT, model, config_dict(cfg),
-                                   rt.device.type, rt.dtype_name)
-            summary.update(checkpoint=str(ckpt), checkpoint_seconds=time.time() - t_ckpt)
-            if scorer is not None:
-                score(scorer, ckpt, summary)
-    except RunFailed as e:
-        log.error("run failed (%s): %s", e.status, e)
-        return finish(e.status, str(e))
-    except BaseException as e:  # out of memory: the status oom with the fix; anything else: a crash, propagated
-        if not is_oom(e):
-            finish("crash", f"{type(e).__name__}: {e}")
-            raise
-        message = oom_message(rt, B, cfg.model.sequence_len, summary.get("device_tokens_auto", False))
-        log.error("run failed (%s): %s", OOM, message)
-        return finish(OOM, message)
-    finally:
-        if scorer is not None:
-            scorer.close()
-    return finish()
+    def finish(self, status: str | None = None, error: str | None = None) -> dict:
+        """Fill in the numbers, print the block, write summary.json, end the MLflow run; once only."""
+        with self._lock:
+            if self._result:
+                return self._result
+            s, clock, out_dir = self.summary, self.clock, self.out_dir
+            if status:
+                s.update(status=status, error=error, val_bpb=float("nan"))
+            if "warmup_seconds" not in s:  # the run ended before its warm-up did (or never began)
+                s["warmup_seconds"] = clock.wall_seconds if clock else 0.0
+            fill_summary(s, self.cfg, self.rt, clock, self.model, self.t_start)
+            s.update(train_epochs=clock.tokens / self.train_tokens if clock and self.train_tokens else 0.0,
+                     process_seconds=process_age())
+            print(format_summary(s), flush=True)
+            path = out_dir / "summary.json" if out_dir is not None else None
+            if path is not None:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(s, indent=2, default=str))
+            logs = sorted(out_dir.glob("*.log")) if out_dir is not None else []
+            self.tracker.finish(s["status"], s, files=[p for p in [path, *logs] if p],
+                                texts=run_texts(self.cfg, self.prov, out_dir),
+                                step_times=clock.step_times if clock else None,
+                                stalled_steps=clock.stalled_steps if clock else None,
+                                first_step=self.cfg.budget.warmup_steps + 1)
+            print(self.tracker.report(), flush=True)
+            if self.tracker.not_logged and path is not None:
+                s["tracking_error"] = "not logged to MLflow: " + "; ".join(self.tracker.not_logged)
+                path.write_text(json.dumps(s, indent=2, default=str))
+            self._result.update(s)
+            return s
 
 
 def prime_compiler(snapshot: dict) -> dict:

