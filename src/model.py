@@ -140,6 +140,9 @@ class CausalSelfAttention(nn.Module):
         if window >= T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif self.use_flex(q.device):
+            if torch.is_autocast_enabled(q.device.type):  # one low-precision dtype, as autocast gives SDPA
+                dt = torch.get_autocast_dtype(q.device.type)
+                q, k, v = q.to(dt), k.to(dt), v.to(dt)
             y = flex_attention(q, k, v, block_mask=self.sliding_mask(T, window, q.device))
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.sliding_mask(T, window, q.device))

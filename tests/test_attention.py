@@ -60,6 +60,17 @@ def test_flexattention_gives_the_logits_of_the_sdpa_mask(kw, T):
     assert (a - b).abs().max().item() < 1e-4
 
 
+def test_under_bf16_autocast_both_paths_agree_to_bf16_precision():
+    """Value embeddings are fp32 parameters, so V of a windowed layer with one is fp32 under autocast while Q and K
+    are bf16: FlexAttention gets the one dtype SDPA's autocast rule gives it."""
+    sdpa, flex = pair(depth=3, seq=128, pattern="S")  # layer 0: window 64 and a value embedding
+    assert flex.config.has_ve(0) and flex.window_sizes[0] < 128
+    x = torch.randint(0, V, (2, 128))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = logits(sdpa, x), logits(flex, x)
+    assert (a - b).abs().max().item() < 0.05  # bf16 carries ~3 significant digits; the scorer allows 0.15
+
+
 def test_the_window_is_the_same_on_both_paths_a_token_just_outside_it_changes_nothing():
     sdpa, flex = pair(depth=1, seq=128, pattern="S")
     x = torch.randint(0, V, (1, 128))
