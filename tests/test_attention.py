@@ -47,8 +47,10 @@ def logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("kw,T", [
     (dict(), 96),  # a window of 48 on a context that is no multiple of FlexAttention's 128-token blocks
-    (dict(seq=256, pattern="SSL", depth=3), 256),  # windows across blocks, a full middle layer
-    (dict(seq=256, pattern="S", head_dim=16, n_kv_head=1), 256),  # grouped-query attention
+    # windows across blocks, a full middle layer (slow: a deeper model over 256 tokens)
+    pytest.param(dict(seq=256, pattern="SSL", depth=3), 256, marks=pytest.mark.slow),
+    # grouped-query attention (slow: 256 tokens)
+    pytest.param(dict(seq=256, pattern="S", head_dim=16, n_kv_head=1), 256, marks=pytest.mark.slow),
     (dict(seq=256), 200),  # a shorter input (the scorer's last window): windows clipped to it
     (dict(seq=256), 100),  # shorter than the window: plain causal attention
 ])
@@ -94,6 +96,7 @@ def test_auto_takes_flexattention_only_inside_a_compiled_graph_on_cuda():
         GPT(dataclasses.replace(cfg, attention="flash"))
 
 
+@pytest.mark.slow  # the scorer's checks run the model many times
 @pytest.mark.parametrize("path", ["sdpa", "flex"])
 def test_the_scorers_integrity_checks_pass_a_windowed_model_on_either_path(path):
     sdpa, flex = pair(depth=2, seq=64, pattern="S")

@@ -19,6 +19,7 @@ def bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([*BENCH, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # the real script, a subprocess importing torch
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_without_cuda_it_exits_with_a_clear_message_and_runs_nothing():
     p = bench()

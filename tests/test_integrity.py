@@ -90,6 +90,7 @@ def session(tmp_path, *overrides, proposals=()):
     return {r["exp"]: r for r in read_tsv(repo / "outputs" / "research" / "i" / "results.tsv")}
 
 
+@pytest.mark.slow  # a session of stand-in runs
 def test_a_run_that_counted_more_than_it_lived_is_tampered_in_a_session(tmp_path, monkeypatch, shakespeare):
     monkeypatch.setenv("FAKE_COUNTED", "exp-001:500")
     rows = session(tmp_path, "search.max_experiments=1",
@@ -100,6 +101,7 @@ def test_a_run_that_counted_more_than_it_lived_is_tampered_in_a_session(tmp_path
     assert rows["exp-001"]["best_val_bpb"] == rows["base-1"]["best_val_bpb"]  # the best did not move
 
 
+@pytest.mark.slow  # sessions of stand-in runs
 @pytest.mark.parametrize("lr,decision", [("0.039", "discard"), ("0.041", "keep")])
 def test_an_implausible_gain_is_re_scored_and_confirmed_before_it_counts(tmp_path, monkeypatch, shakespeare, lr,
                                                                          decision):
