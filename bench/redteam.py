@@ -17,6 +17,7 @@ import difflib
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -35,7 +36,7 @@ def unified(repo: Path, p) -> str:
 
 def session(arm: str, seconds: float, tmp: Path) -> dict[str, dict]:
     """Run one replay session over every patch; the ledger rows by description."""
-    repo = tmp / f"repo-{arm}"
+    repo, tag = tmp / f"repo-{arm}", f"redteam-{arm}-{int(time.time())}"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(repo), "HEAD"], check=True,
                    capture_output=True)
     try:
@@ -43,20 +44,20 @@ def session(arm: str, seconds: float, tmp: Path) -> dict[str, dict]:
         proposals = [{"description": p.name, "hypothesis": p.kind, "patch": unified(repo, p)} for p in patches]
         (tmp / f"proposals-{arm}.yaml").write_text(yaml.safe_dump(proposals, sort_keys=False))
         args = [sys.executable, "-m", "src.search", "agent=replay", f"agent.file={tmp / f'proposals-{arm}.yaml'}",
-                "device=cpu", f"budget.seconds={seconds}", "data.eval_tokens=65536", f"search.tag=redteam-{arm}",
+                "device=cpu", f"budget.seconds={seconds}", "data.eval_tokens=65536", f"search.tag={tag}",
                 f"search.max_experiments={len(patches)}", f"search.max_invalid_in_row={len(patches) + 1}",
                 f"search.contract.enabled={'true' if arm == 'on' else 'false'}", "tracking.enabled=false",
                 "search.progress=false", f"hydra.run.dir={tmp / f'hydra-{arm}'}"]
         proc = subprocess.run(args, cwd=repo, capture_output=True, text=True)
-        ledger = repo / "outputs" / "research" / f"redteam-{arm}" / "results.tsv"
+        ledger = repo / "outputs" / "research" / tag / "results.tsv"
         if not ledger.exists():
-            sys.exit(f"session {arm} wrote no ledger ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            sys.exit(f"session {arm} wrote no ledger ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         with open(ledger, newline="") as f:
             rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
         return {r["description"]: r for r in rows if r["kind"] != "baseline"}
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(repo)], capture_output=True)
-        subprocess.run(["git", "-C", str(REPO), "branch", "-D", f"research/redteam-{arm}"], capture_output=True)
+        subprocess.run(["git", "-C", str(REPO), "branch", "-D", f"research/{tag}"], capture_output=True)
 
 
 def main() -> None:
