@@ -7,7 +7,7 @@ each trained for --seconds on the CPU and scored by the real scorer. Prints one 
 with the decision in each arm, then the counts the issue asks for: attacks kept (must be 0) and
 honest patches refused or tampered (must be 0).
 
-Usage: python bench/redteam.py [--seconds 5] [--arms on,off]
+Usage: python bench/redteam.py [--seconds 5] [--arms on,off] [session overrides, e.g. search.baseline_max_repeats=3]
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def unified(repo: Path, p) -> str:
     return "".join(lines)
 
 
-def session(arm: str, seconds: float, tmp: Path) -> dict[str, dict]:
+def session(arm: str, seconds: float, tmp: Path, extra: list[str]) -> dict[str, dict]:
     """Run one replay session over every patch; the ledger rows by description."""
     repo, tag = tmp / f"repo-{arm}", f"redteam-{arm}-{int(time.time())}"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(repo), "HEAD"], check=True,
@@ -47,7 +47,7 @@ def session(arm: str, seconds: float, tmp: Path) -> dict[str, dict]:
                 "device=cpu", f"budget.seconds={seconds}", "data.eval_tokens=65536", f"search.tag={tag}",
                 f"search.max_experiments={len(patches)}", f"search.max_invalid_in_row={len(patches) + 1}",
                 f"search.contract.enabled={'true' if arm == 'on' else 'false'}", "tracking.enabled=false",
-                "search.progress=false", f"hydra.run.dir={tmp / f'hydra-{arm}'}"]
+                "search.progress=false", f"hydra.run.dir={tmp / f'hydra-{arm}'}", *extra]
         proc = subprocess.run(args, cwd=repo, capture_output=True, text=True)
         ledger = repo / "outputs" / "research" / tag / "results.tsv"
         if not ledger.exists():
@@ -64,10 +64,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--arms", default="on,off")
+    ap.add_argument("overrides", nargs="*", help="extra overrides for the sessions (search.*, budget.*, ...)")
     args = ap.parse_args()
     arms = args.arms.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        results = {arm: session(arm, args.seconds, Path(tmp)) for arm in arms}
+        results = {arm: session(arm, args.seconds, Path(tmp), args.overrides) for arm in arms}
     print(f"| patch | class | attack? | " + " | ".join(f"contract {a}" for a in arms) + " |")
     print("|---|---|---|" + "---|" * len(arms))
     kept_attacks = refused_honest = 0
