@@ -19,7 +19,7 @@ from src.lab.loop import Search, train_overrides
 from src.lab.runner import Outcome
 from tests.helpers import compose_search, fake_command, make_repo, read_tsv
 
-S = SearchConfig()  # clock_factor 3, clock_slack_s 60, plausible_gain 0.25, plausible_factor 5
+S = SearchConfig()  # clock_factor 3, clock_slack_s 60, plausible_gain 0.5, plausible_factor 5
 
 
 def baseline(wall: float, counted: float) -> Experiment:
@@ -72,10 +72,11 @@ def test_a_score_below_the_data_floor_is_implausible():
 
 
 def test_a_gain_far_beyond_what_was_kept_is_implausible():
-    assert "beyond anything this session has kept (limit 0.2500" in implausible(2.2, 2.5, [], S, floor=None)
-    rows = [keep(-0.1)]  # a kept gain of 0.1 raises the limit to 5 x 0.1
-    assert implausible(2.2, 2.5, rows, S, floor=None) == ""
-    assert "limit 0.5000" in implausible(1.9, 2.5, rows, S, floor=None)
+    assert implausible(2.2, 2.5, [], S, floor=None) == ""  # 0.3: within plausible_gain
+    assert "beyond anything this session has kept (limit 0.5000" in implausible(1.9, 2.5, [], S, floor=None)
+    rows = [keep(-0.2)]  # a kept gain of 0.2 raises the limit to 5 x 0.2
+    assert implausible(1.9, 2.5, rows, S, floor=None) == ""
+    assert "limit 1.0000" in implausible(1.4, 2.5, rows, S, floor=None)
 
 
 # ---------------------------------------------------------------------------- in a session (the stand-in train)
