@@ -28,6 +28,7 @@ def search_args(tmp: Path, repo: Path, proposals: list, *extra: str) -> list[str
     f = tmp / "proposals.yaml"
     f.write_text(yaml.safe_dump(proposals))
     return ["agent=replay", f"agent.file={f}", f"search.repo={repo}", "search.tag=cli", "search.baseline_repeats=1",
+            "search.confirm=false",  # paired confirmation has tests of its own (test_verdicts.py)
             f"hydra.run.dir={tmp / 'hydra'}", *TINY_TRAIN, *extra]
 
 

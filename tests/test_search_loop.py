@@ -29,7 +29,7 @@ def lab(tmp_path):
 def start(lab, *overrides, proposals=None, command=None, tag="t"):
     """Compose like the CLI and run a session; returns the Search (for inspection) and its summary."""
     ovs = [f"search.repo={lab['repo']}", "search.progress=false", f"tracking.uri={lab['uri']}", "device=cpu",
-           f"search.tag={tag}", "search.timeout_s=60", *overrides]
+           f"search.tag={tag}", "search.timeout_s=60", "search.confirm=false", *overrides]  # confirm: tested apart
     if proposals is not None:
         f = lab["tmp"] / f"proposals-{len(list(lab['tmp'].glob('proposals-*')))}.yaml"
         f.write_text(yaml.safe_dump(proposals))
@@ -137,13 +137,19 @@ def test_the_margin_comes_from_baseline_noise_and_a_would_be_keep_is_confirmed(l
     baseline = [float(r["val_bpb"]) for r in rows[:3]]
     assert [r["status"] for r in rows[:3]] == ["baseline"] * 3
     # from the noisy baseline repeats (noise_sigmas x their sigma), not from min_delta=0
-    expected = NoiseFloor.pooled([baseline]).margin(s.cfg.search.noise_sigmas, 0.0)
+    expected = NoiseFloor.pooled([baseline], s.cfg.search.baseline_spread).margin(s.cfg.search.noise_sigmas, 0.0)
     assert expected > 0.001 and float(rows[3]["margin"]) == pytest.approx(expected, abs=1e-5)
-    assert rows[3]["status"] == "discard"  # within the noise
-    assert rows[4]["status"] == "keep" and "confirmation re-run" in rows[4]["reason"]
-    rec = json.loads((sdir(lab) / "proposals" / "exp-002.json").read_text())
-    assert len(rec["values"]) == 2 and float(rows[4]["val_bpb"]) == pytest.approx(sum(rec["values"]) / 2, abs=1e-6)
-    assert s.lab.standings().noise.dof == 3  # 2 from the baseline triple + 1 from the confirmation pair
+    assert rows[3]["status"] == "discard"  # within the noise: not even confirmed
+    # the keep was confirmed by the best and the candidate re-run back to back, each run a row of its own
+    by = {r["exp"]: r for r in rows}
+    assert [r["exp"] for r in rows][4:] == ["exp-002-b1", "exp-002-c1", "exp-002"]
+    assert by["exp-002"]["status"] == "keep" and "paired confirmation" in by["exp-002"]["reason"]
+    assert by["exp-002-b1"]["status"] == by["exp-002-c1"]["status"] == "confirm"
+    assert by["exp-002-b1"]["commit"] == by["base-1"]["commit"] and by["exp-002-c1"]["commit"] == by["exp-002"]["commit"]
+    runs = [json.loads((sdir(lab) / "proposals" / f"{x}.json").read_text())["values"][0] for x in ("exp-002", "exp-002-c1")]
+    assert float(by["exp-002"]["val_bpb"]) == pytest.approx(sum(runs) / 2, abs=1e-6)  # the candidate's mean
+    # 2 dof from the baseline triple, + 1 from the baseline's confirmation re-run, + 1 from the candidate's two runs
+    assert s.lab.standings().noise.dof == 4
 
 
 @pytest.mark.slow
