@@ -3,7 +3,7 @@ robust noise floor and the paired rule, then whole sessions on a real git repo a
 with the stand-in train (tests/search_fake_train.py), whose $FAKE_SLOW makes named runs slow (a
 busy machine), $FAKE_SHIFT makes named runs score off, and $FAKE_NOISE adds run-to-run noise.
 
-Run: python -m pytest -q tests/test_verdicts.py
+Run: python -m pytest -q tests/test_verdicts.py   (sessions of several runs are marked slow)
 """
 from __future__ import annotations
 
