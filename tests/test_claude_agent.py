@@ -745,7 +745,7 @@ def test_the_server_refuses_what_the_api_refuses(key):
 
 TINY_SEARCH = ["device=cpu", "model.depth=2", "budget.mode=tokens", "budget.tokens=8192", "batch.total_tokens=2048",
                "batch.device_tokens=2048", "data.eval_tokens=8192", "search.baseline_repeats=1",
-               "search.preflight=false", "search.progress=false"]
+               "search.preflight=false", "search.progress=false", "search.confirm=false"]  # confirmations: tested apart
 
 
 def _search(args: list[str], tmp: Path, name: str):

@@ -293,7 +293,7 @@ class ClaudeAgent(Agent):
         notes: list[str] = []
         plain, refusals = False, 0
         for attempt in range(1, cfg.attempts + 1):
-            reply, request = self._send(lambda: self._request(state, notes, plain), deadline)
+            reply = self._send(lambda: self._request(state, notes, plain), deadline)
             u = Usage.of_reply(reply.usage, self.price, self.conv.ttl)
             used.add(u)
             self.spent.add(u)
@@ -429,7 +429,7 @@ class ClaudeAgent(Agent):
     def _send(self, build: Callable[[], dict], deadline: float):
         """One reply. Transient failures are retried (agent.max_retries, within agent.patience_s); a 400 first
         condenses the conversation, then drops one optional feature at a time (strict, effort, thinking, the
-        forced tool); a spend limit, billing or key problem stops Claude. Returns (reply, request)."""
+        forced tool); a spend limit, billing or key problem stops Claude."""
         import anthropic
 
         cfg = self.cfg
@@ -442,7 +442,7 @@ class ClaudeAgent(Agent):
                 self.gaps = (self.gaps + [now - self.last_request])[-8:]
             self.last_request = now
             try:
-                return self.client.messages.create(**kw), kw
+                return self.client.messages.create(**kw)
             except (anthropic.APIStatusError, anthropic.APIConnectionError) as e:
                 err, f = e, classify(e)
             if f.kind == "stop":

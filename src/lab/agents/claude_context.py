@@ -220,8 +220,9 @@ def history_table(rows: list, max_chars: int, recent_full: int = 12) -> str:
     def line(e, full: bool) -> str:
         note = status_reason(e) if e.status != "keep" else "NEW BEST"
         ovs = e.overrides if e.kind != "baseline" else ""
+        tps = f"{e.tokens_per_sec / 1000:.1f}k" if e.tokens_per_sec else "-"
         return (f"| {e.exp} | {proposed_by(e)} | {e.status} | {_fmt(e.val_bpb)} | {_fmt(e.delta, '.4f', True)} | "
-                f"{e.num_steps or '-'} | {_fmt((e.tokens_per_sec or 0) / 1000 or None, '.1f')}k | "
+                f"{e.num_steps or '-'} | {tps} | "
                 f"{_one_line(ovs, 120 if full else 60) or '-'} | {_one_line(e.description, 100 if full else 50)} | "
                 f"{_one_line(note, 160 if full else 0)} |")
 
