@@ -375,7 +375,8 @@ class ClaudeAgent(Agent):
         key = hashlib.sha256((text + json.dumps(tool, sort_keys=True) + json.dumps(opts.request(),
                                                                                     sort_keys=True)).encode()).hexdigest()
         budget = int(cfg.context_tokens * self.shrink)
-        fixed = estimate_tokens(text, cpt) + estimate_tokens([tool], cpt)
+        # sizes as sent (JSON: escaped newlines and quotes count), plus message wrappers and cache markers
+        fixed = estimate_tokens([{"type": "text", "text": text}, tool], cpt) + 100
         if self.conv.turns and self.conv.static_key != key and self.conv.tokens(cpt) > 0.25 * (budget - fixed):
             self.conv.reset("the static prefix changed: every cached turn would be written again anyway")
         self.conv.static_key = key
@@ -383,13 +384,13 @@ class ClaudeAgent(Agent):
                         tail_chars=cfg.log_tail_chars, journal_chars=cfg.journal_chars, curves=self.curves,
                         notes=list(notes), plain=plain)
         board = dashboard(state, extras)
-        user, seen = self._user_turn(state, budget - fixed - estimate_tokens(board, cpt))
+        user, seen = self._user_turn(state, budget - fixed - estimate_tokens([board], cpt))
         if self.conv.turns and fixed + self.conv.tokens(cpt) + estimate_tokens([user, board], cpt) > budget:
             self.conv.reset(f"the conversation outgrew agent.context_tokens={budget:,}")
-            user, seen = self._user_turn(state, budget - fixed - estimate_tokens(board, cpt))
-        if fixed + estimate_tokens(board, cpt) > budget:
+            user, seen = self._user_turn(state, budget - fixed - estimate_tokens([board], cpt))
+        if fixed + estimate_tokens([board], cpt) > budget:
             log.warning("agent.context_tokens=%d is smaller than the static prefix and the state (~%d tokens); raise it",
-                        budget, fixed + estimate_tokens(board, cpt))
+                        budget, fixed + estimate_tokens([board], cpt))
         if not self.conv.ttl:
             self.conv.ttl = self._ttl(state)
         cc = ({"type": "ephemeral", **({"ttl": "1h"} if self.conv.ttl == "1h" else {})} if cfg.cache else None)
