@@ -29,6 +29,7 @@ def search_args(tmp: Path, repo: Path, proposals: list, *extra: str) -> list[str
     f.write_text(yaml.safe_dump(proposals))
     return ["agent=replay", f"agent.file={f}", f"search.repo={repo}", "search.tag=cli", "search.baseline_repeats=1",
             "search.confirm=false",  # paired confirmation has tests of its own (test_verdicts.py)
+            "search.plausible_gain=10",  # tiny runs gain a lot at once; the plausibility gate is tested in test_integrity.py
             f"hydra.run.dir={tmp / 'hydra'}", *TINY_TRAIN, *extra]
 
 

@@ -227,6 +227,9 @@ class Runner:
             out.status = TAMPERED if verdict.get("status") == TAMPERED else "crash"
             out.summary["error"] = f"scorer: {verdict.get('reason', '')}"
             out.note = out.summary["error"]
+            out.summary["status"] = out.status
+        # summary.json carries the scorer's figure (what the train process wrote there is replaced)
+        atomic_write(out.run_dir / "summary.json", json.dumps(out.summary, indent=2, default=str))
 
     def rescore(self, out: Outcome) -> dict:
         """The checkpoint of a finished run scored again, in a fresh scorer process (the plausibility gate).
