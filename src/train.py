@@ -13,6 +13,11 @@ Usage: python -m src.train [model=small] [budget.seconds=60] [dry_run=true] ...
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # run the importable module, not this __main__ copy: its harness snapshot is taken
+    import sys  # before the research code is imported, and process pools (hydra/launcher=joblib) pickle its
+    from src.train import _hydra_main  # functions by reference, so each worker imports and checks it afresh
+    sys.exit(_hydra_main())
+
 import contextlib
 import gc
 import json
@@ -516,7 +521,7 @@ def _hydra_main():
 
     register_configs()
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+    @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="train")
     def main(dcfg) -> float:
         cfg = to_object(dcfg)
         hc = HydraConfig.get()
@@ -544,6 +549,3 @@ def _hydra_main():
     finally:
         gc.freeze()  # the run is over: spare the exit-time GC scan of torch's and mlflow's objects (~1-2 s)
 
-
-if __name__ == "__main__":
-    _hydra_main()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
 import math
 import os
 
@@ -14,7 +15,7 @@ import yaml
 
 from src.lab.config import SearchConfig
 from src.lab.integrity import clock_mismatch, fixed_costs, implausible
-from src.lab.ledger import Experiment
+from src.lab.ledger import Experiment, Ledger
 from src.lab.loop import Search, train_overrides
 from src.lab.runner import Outcome
 from tests.helpers import compose_search, fake_command, make_repo, read_tsv
@@ -119,5 +120,12 @@ def test_an_implausible_gain_is_re_scored_and_confirmed_before_it_counts(tmp_pat
     assert confirm  # the pairs ran, each its own row
     if decision == "keep":
         assert e["val_bpb"] == confirm[0]["val_bpb"] == e["best_val_bpb"]  # the wild 2.07 stands for nothing
+        # ... and the row itself carries no run: its confirmation run counts once, on its own row
+        session_dir = tmp_path / "repo" / "outputs" / "research" / "i"
+        assert json.loads((session_dir / "proposals" / "exp-001.json").read_text())["values"] == []
+        rows_now = Ledger(session_dir).rows()
+        assert [r.runs for r in rows_now if r.exp == "exp-001"] == [[]]
+        assert sum(len(r.runs) for r in rows_now if r.commit == next(x.commit for x in rows_now if x.exp == "exp-001")) \
+            == len(confirm)
     else:
         assert float(e["best_val_bpb"]) == pytest.approx(3.0 + 0.5 * math.log(0.04 / 0.06) ** 2, abs=1e-6)

@@ -153,7 +153,7 @@ class Experiments:
         now = lab.rows()
         after = lab.standings(now + [e]).best
         e.best_val_bpb = _finite(after.val_bpb)
-        if e.values:
+        if e.values is not None:
             lab.ledger.save(e.exp, e.proposal, e.overrides_in_effect, commit=e.commit, values=e.values)
         run_id, created = lab.runs.row_run(e, out)
         e.mlflow_run_id = run_id or ""

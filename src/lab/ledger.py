@@ -69,7 +69,9 @@ class Experiment:
     dof: Optional[int] = None  # ... and its degrees of freedom
     proposal: Optional[Proposal] = field(default=None, repr=False)  # from proposals/<exp>.json
     overrides_in_effect: list[str] = field(default_factory=list, repr=False)  # research overrides: the kept ones + this
-    values: list[float] = field(default_factory=list, repr=False)  # full-precision val_bpb of each run behind it
+    # full-precision val_bpb of each run behind it; None: not recorded (the TSV value stands), []: none (an
+    # implausible screen run, which only its confirmation runs, on rows of their own, stand for)
+    values: Optional[list[float]] = field(default=None, repr=False)
 
     @property
     def agent(self) -> str:
@@ -84,7 +86,9 @@ class Experiment:
         ledgers written before confirmation runs had rows of their own)."""
         if self.status not in SCORED:
             return []
-        return list(self.values) or ([self.val_bpb] if self.val_bpb is not None else [])
+        if self.values is not None:
+            return list(self.values)
+        return [self.val_bpb] if self.val_bpb is not None else []
 
     @property
     def is_experiment(self) -> bool:
@@ -156,7 +160,7 @@ class Ledger:
             if rec:
                 e.commit = rec.get("commit") or e.commit
                 e.overrides_in_effect = list(rec.get("config") or [])  # the file keeps its original key
-                e.values = [float(v) for v in rec.get("values") or []]
+                e.values = [float(v) for v in rec["values"]] if rec.get("values") is not None else None
                 if rec.get("proposal"):
                     e.proposal = Proposal.from_dict(rec["proposal"])
             out.append(e)
@@ -209,7 +213,7 @@ class Ledger:
         after it ran, the full-precision val_bpb of its runs (`values`)."""
         self.proposals.mkdir(parents=True, exist_ok=True)
         rec = {"exp": exp, "proposal": proposal.to_dict() if proposal else None, "config": list(overrides),
-               "commit": commit, **({"values": list(values)} if values else {})}
+               "commit": commit, **({"values": list(values)} if values is not None else {})}
         atomic_write(self.proposals / f"{exp}.json", json.dumps(rec, indent=2))
         if proposal is not None and proposal.patch:
             atomic_write(self.proposals / f"{exp}.diff", proposal.patch)
