@@ -47,7 +47,7 @@ def test_a_token_budget_of_many_epochs_is_warned_about_and_the_summary_counts_th
 
 def test_a_time_budget_forecasts_its_epochs_after_a_few_steps(tmp_path, small_text):
     run_cli("src.train", *TINY, *small_text, "device=cpu", "budget.seconds=3", "tracking.enabled=false",
-            f"hydra.run.dir={tmp_path}")
+            "budget.stall_max_share=1.0", f"hydra.run.dir={tmp_path}")  # a busy machine's stall is not the point here
     s = read_summary(tmp_path)
     assert s["status"] == "ok" and s["train_epochs"] > 4 and WARNING in (tmp_path / "train.log").read_text()
 

@@ -28,7 +28,7 @@ from src.sweep import format_table, sweep_table
 from src.tracking import Tracker, TrackingError, artifact_location, final_metrics, flatten, resolve_uri
 from tests.helpers import REPO, TINY_ONE_THREAD as FAST, compose_train_cfg, free_port, read_summary, run_cli
 
-STALL_STEP, STALL_S, BUDGET_S = 10, 5.0, 30.0
+STALL_STEP, STALL_S, BUDGET_S = 10, 3.0, 15.0
 WARMUP_STEPS = compose_train_cfg(FAST).budget.warmup_steps  # not counted; the MLflow run is ready after them
 
 
