@@ -198,6 +198,8 @@ def score_checkpoint(path: Path, snapshot: dict, log=sys.stderr) -> dict:
     t0 = _now()
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg, model = build_model(ckpt)
+    if cfg.device.threads:  # the run's share of the machine (on a busy CPU, more threads than cores is far slower)
+        torch.set_num_threads(cfg.device.threads)
     device, dtype = torch.device(ckpt["device"]), DTYPES[ckpt["dtype"]]
     rt = Runtime(device=device, dtype=dtype, compile=False, peak_flops=0.0, name=ckpt["device"])
     model.to(device).eval()
@@ -239,6 +241,7 @@ def score_checkpoint(path: Path, snapshot: dict, log=sys.stderr) -> dict:
         return {"status": "nan", "val_bpb": float("nan"), "reason": "val_bpb is not finite"}
     t_end = _now()
     return {"status": "ok", "val_bpb": bpb, "reason": "", "device": str(device), "dtype": ckpt["dtype"],
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
             "tolerances": tolerances,
             "seconds": {"load": t_load - t0, "checks": t_checks - t_load, "score": t_end - t_checks}}
 

@@ -504,6 +504,7 @@ def score(scorer: Scorer, ckpt: Path, summary: dict) -> None:
     verdict = scorer.score(ckpt)
     summary["val_bpb"] = verdict.get("val_bpb", float("nan"))
     summary["score_seconds"] = verdict.get("total_seconds", 0.0)
+    summary["score_threads"] = verdict.get("threads")  # the scorer keeps to the run's device.threads
     for k, v in (verdict.get("seconds") or {}).items():  # load, checks, score
         summary[f"score_{k}_seconds"] = v
     if verdict.get("status") != OK:

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.usefixtures("shakespeare")
 def test_short_run_prints_a_finite_val_bpb_and_honours_the_budget(tmp_path):
-    overrides = [*TINY, "budget.seconds=4"]
+    overrides = [*TINY, "budget.seconds=4", "device.threads=1"]
     cfg = compose_train_cfg(overrides)
     proc = run_cli("src.train", *overrides, f"hydra.run.dir={tmp_path}")
     s = read_summary(tmp_path)
@@ -32,6 +32,7 @@ def test_short_run_prints_a_finite_val_bpb_and_honours_the_budget(tmp_path):
     assert s["tokens_per_sec"] == pytest.approx(counted * cfg.batch.total_tokens / s["training_seconds"])
     assert s["peak_vram_mb"] > 0 and s["mfu_percent"] > 0
     assert s["device"] == "cpu" and s["dtype"] in ("fp32", "bf16")
+    assert s["score_threads"] == 1  # the scorer process keeps to the run's share of the machine
 
 
 @pytest.mark.usefixtures("shakespeare")

@@ -223,6 +223,7 @@ class Runner:
         atomic_write(out.run_dir / "score.json", json.dumps(verdict, indent=2))
         out.summary["val_bpb"] = verdict.get("val_bpb", float("nan"))
         out.summary["score_seconds"] = verdict.get("total_seconds", 0.0)
+        out.summary["score_threads"] = verdict.get("threads")
         if verdict.get("status") != OK:
             out.status = TAMPERED if verdict.get("status") == TAMPERED else "crash"
             out.summary["error"] = f"scorer: {verdict.get('reason', '')}"
