@@ -13,6 +13,8 @@ budget, score 0.3 * ln(slowdown) worse: the disturbed-run drill. $FAKE_SHIFT ("b
 val_bpb of the runs it names and nothing else: a wild score that throughput cannot explain.
 $FAKE_COUNTED ("exp-001:500") reports that many counted training seconds for the runs it names:
 a budget clock that was slowed (the process lived far shorter than what it counted).
+$FAKE_AFTER ("exp-002:exp-003") holds the runs it names until the session's results.tsv records the other
+experiment (at most 60 s): the order in which parallel workers finish (search.workers > 1).
 Env var names it saw are written to summary.json (`env`), for the env-stripping tests.
 """
 import hashlib
@@ -76,6 +78,11 @@ def main() -> int:
         pairs = (s.partition(":") for s in os.environ.get(var, "").split(",") if s)
         return dict((k, float(v)) for k, _, v in pairs).get(out.name, default)
 
+    after = dict(p.split(":", 1) for p in os.environ.get("FAKE_AFTER", "").split(",") if ":" in p).get(out.name)
+    if after:  # hold this run until the other experiment is recorded
+        ledger, t0 = out.parent.parent / "results.tsv", time.time()
+        while time.time() - t0 < 60 and not (ledger.exists() and f"\t{after}\t" in ledger.read_text()):
+            time.sleep(0.05)
     slowdown = by_run("FAKE_SLOW", 1.0)
     bpb += 0.3 * math.log(slowdown) + by_run("FAKE_SHIFT", 0.0)
     tps = 20000.0 / slowdown

@@ -131,15 +131,11 @@ class Attempts:
         lab, sess = self.lab, self.lab.session
         run_dir = sess.runs_dir / run_name
         if in_flight:
-            sess.state.in_flight = InFlight(exp=name, attempt=attempt, commit=commit, run_dir=str(run_dir),
-                                            started=time.time())
-            sess.save()
+            sess.track(InFlight(exp=name, attempt=attempt, commit=commit, run_dir=str(run_dir), started=time.time()))
         ovs = merge_overrides(args, self._tracking_overrides(run_name))  # ours replace the same keys of the command line
 
-        def started(pid: int) -> None:
-            if sess.state.in_flight is not None:
-                sess.state.in_flight.pid = pid
-                sess.save()
+        def started(pid: int, job: str = "", job_folder: str = "") -> None:
+            sess.track_pid(pid, job, job_folder)  # a confirmation run too: the experiment stays in flight
 
         log.info("%s: running (attempt %d, commit %s, timeout %.0f s) -> %s", run_name, attempt, commit[:7],
                  self.timeout_s(), run_dir)

@@ -113,6 +113,8 @@ class SessionRuns:
                 "search.run_status": e.run_status, "search.reason": e.reason, "search.overrides": e.overrides,
                 "search.disturbed_runs": e.disturbed_runs, "search.shape": e.shape, "search.agent": e.agent,
                 "mlflow.note.content": f"{e.description}\n\n{e.hypothesis}".strip()}
+        if e.worker is not None:  # search.workers > 1: where it ran, on what, when it was proposed
+            tags.update({"search.worker": e.worker, "search.parent": e.parent, "search.proposed": e.proposed})
         for k, v in tags.items():
             c.set_tag(run_id, k, str(v)[:MAX_TAG_LEN])
         metrics = {"search/val_bpb": e.val_bpb, "search/delta": e.delta, "search/margin": e.margin,

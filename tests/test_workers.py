@@ -1,0 +1,224 @@
+"""search.workers > 1 (src/lab/workers.py): device slots, the asynchronous pool, decisions under concurrency
+(rebase + confirmation, conflicts), Ctrl-C / kill -9 / resume with several experiments in flight. Sessions run
+the stand-in train (tests/search_fake_train.py) on real git repositories and a real MLflow store; the order in
+which workers finish is forced with $FAKE_AFTER, so every drill is deterministic.
+
+Run: python -m pytest -q tests/test_workers.py   (the sessions are marked slow)
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from src.lab.loop import Search, train_overrides
+from src.lab.runner import alive
+from src.lab.session import SessionError
+from src.lab.workers import plan_slots
+from tests.helpers import REPO, compose_search, fake_command, git, make_patch, make_repo, read_tsv, session_children
+
+
+def search_overrides(tmp: Path, repo: Path, proposals: list, *more: str, tag: str = "w") -> list[str]:
+    f = tmp / f"proposals-{tag}.yaml"
+    f.write_text(yaml.safe_dump(proposals))
+    return [f"search.repo={repo}", "search.progress=false", f"tracking.uri={os.environ['MLFLOW_TRACKING_URI']}",
+            "device=cpu", "device.threads=1", f"search.tag={tag}", "search.timeout_s=60", "search.confirm=false",
+            "search.workers=2", "search.baseline_repeats=1", "agent=replay", f"agent.file={f}", *more]
+
+
+def start(ovs: list[str]) -> dict:
+    return Search(compose_search(ovs), train_overrides(ovs), fake_command()).run()
+
+
+def lr(v: float) -> dict:
+    return {"description": f"lr {v}", "overrides": [f"optimizer.matrix_lr={v}"]}
+
+
+def test_each_worker_gets_its_own_device_slot_or_the_session_is_refused(monkeypatch):
+    cfg = compose_search(["device=cpu", "search.workers=2"])
+    with pytest.raises(SessionError, match=r"needs a fixed thread count per worker: set device.threads"):
+        plan_slots(cfg)
+    cfg = compose_search(["device=cpu", "search.workers=2", "device.threads=64"])
+    with pytest.raises(SessionError, match=r"2 x device.threads=64 = 128 threads, but this machine has \d+ cores"):
+        plan_slots(cfg)
+    cfg = compose_search(["device=cpu", "search.workers=2", "device.threads=1"])
+    slots = plan_slots(cfg)
+    assert [s.env["OMP_NUM_THREADS"] for s in slots] == ["1", "1"] and [s.index for s in slots] == [0, 1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    cfg = compose_search(["device=cuda", "search.workers=2"])
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in plan_slots(cfg)] == ["3", "5"]
+    cfg = compose_search(["device=cuda", "search.workers=3", "search.gpus=[0,1]"])
+    with pytest.raises(SessionError, match="needs a GPU per worker but 2 are available"):
+        plan_slots(cfg)
+
+
+@pytest.mark.slow
+def test_two_workers_one_ledger_one_branch_one_parent_run(tmp_path):
+    """6 replay proposals on 2 workers: each run once, ledger/branch/MLflow agree row for row."""
+    repo = make_repo(tmp_path)
+    proposals = [lr(v) for v in (0.05, 0.03, 0.06, 0.07, 0.02, 0.055)]
+    out = start(search_overrides(tmp_path, repo, proposals))
+    d = repo / "outputs" / "research" / "w"
+    rows = read_tsv(d / "results.tsv")
+    exps = [r["exp"] for r in rows if r["exp"].startswith("exp-")]
+    assert sorted(exps) == [f"exp-{i:03d}" for i in range(1, 7)]  # each proposal once (rows in finish order)
+    assert {r["worker"] for r in rows if r["exp"].startswith("exp-")} == {"0", "1"}
+    assert all(r["proposed"] and r["finished"] and r["parent"] for r in rows if r["exp"].startswith("exp-"))
+    by = {r["exp"]: r for r in rows}
+    for r in rows:  # every proposal is in the agent's file order: exp ids are the proposal order
+        if r["exp"].startswith("exp-"):
+            assert r["description"] == proposals[int(r["exp"][4:]) - 1]["description"]
+    # the branch: one commit per keep, in the ledger's order, linear; its tip is the best
+    keeps = [r for r in rows if r["status"] == "keep"]
+    log = git(repo, "log", "--format=%h %s", "main..research/w").splitlines()
+    assert [line.split(":")[0].split()[1] for line in reversed(log)] == [r["exp"] for r in keeps]
+    assert git(repo, "rev-list", "--merges", "--count", "main..research/w") == "0"
+    assert git(repo, "rev-parse", "research/w") == out["best_commit"] and out["best_val_bpb"] == pytest.approx(3.0)
+    for k in keeps:  # each keep sits on the best of its time: its parent is the previous keep (or the base)
+        assert git(repo, "rev-parse", f"{k['commit']}^").startswith(k["parent"])
+    state = json.loads((d / "state.json").read_text())
+    assert state["running"] == [] and state["in_flight"] is None
+    children = session_children(os.environ["MLFLOW_TRACKING_URI"], state["parent_run_id"])
+    tagged = sorted(r.data.tags["search.exp"] for r in children if "search.exp" in r.data.tags)
+    assert tagged == sorted(by)  # one child per row, no duplicate
+    assert {r.data.tags.get("search.worker") for r in children if r.data.tags.get("search.exp", "").startswith("exp")} \
+        == {"0", "1"}
+    u = json.loads((d / "workers.json").read_text())
+    assert u["workers"] == 2 and u["experiments"] == 6 and u["experiments_per_hour"] > 0
+    assert 0 <= u["training"] <= 1 and 0 <= u["waiting"] <= 1
+    assert (d / "workers" / "w0" / ".git").exists() and (d / "workers" / "w1" / ".git").exists()
+
+
+def _first_line(tag: str):
+    def t(text: str) -> str:
+        first, rest = text.split("\n", 1)
+        return f"{first} ({tag})\n{rest}"
+    return t
+
+
+@pytest.mark.slow
+def test_a_keep_whose_parent_moved_is_rebased_and_confirmed_and_a_conflict_is_recorded(tmp_path, monkeypatch):
+    repo = make_repo(tmp_path)
+    proposals = [
+        {"description": "patch A + lr", "overrides": ["optimizer.matrix_lr=0.05"],
+         "patch": make_patch(repo, "src/model.py", _first_line("A"))},
+        {"description": "patch B + batch", "overrides": ["batch.total_tokens=4096", "batch.device_tokens=4096"],
+         "patch": make_patch(repo, "src/model.py", _first_line("B"))},  # the same line as A: a conflict
+        {"description": "batch 2048", "overrides": ["batch.total_tokens=2048", "batch.device_tokens=2048"]},
+        {"description": "batch 4096", "overrides": ["batch.total_tokens=4096", "batch.device_tokens=4096"]},
+        lr(0.06),
+    ]
+    # exp-002 finishes after exp-003 is kept, exp-004 after exp-005 is kept: their parents are no longer the best
+    monkeypatch.setenv("FAKE_AFTER", "exp-002:exp-003,exp-004:exp-005")
+    out = start(search_overrides(tmp_path, repo, proposals))
+    d = repo / "outputs" / "research" / "w"
+    rows = read_tsv(d / "results.tsv")
+    by = {r["exp"]: r for r in rows}
+    assert [r["exp"] for r in rows if r["exp"].startswith("exp-") and r["exp"].count("-") == 1] == \
+        ["exp-001", "exp-003", "exp-002", "exp-005", "exp-004"]  # the finish order
+    assert by["exp-001"]["status"] == by["exp-003"]["status"] == by["exp-005"]["status"] == "keep"
+    c = by["exp-002"]
+    assert c["status"] == "conflict" and "cannot be re-applied" in c["reason"] and "exp-003" in c["reason"]
+    r = by["exp-004"]
+    assert r["status"] == "keep" and "rebased" in r["reason"] and r["parent"] == by["exp-003"]["commit"]
+    assert git(repo, "rev-parse", f"{r['commit']}^").startswith(by["exp-005"]["commit"])  # re-staged on the new best
+    assert [x["status"] for x in rows if x["exp"].startswith("exp-004-")] == ["confirm"] * 4  # 2 pairs (sigma: 0 dof)
+    rec = json.loads((d / "proposals" / "exp-004.json").read_text())
+    assert sorted(rec["config"]) == sorted(["optimizer.matrix_lr=0.06", "batch.total_tokens=4096",
+                                            "batch.device_tokens=4096"])  # overrides merged with the new best's
+    assert out["best_exp"] == "exp-004" and out["best_val_bpb"] == pytest.approx(2.8)
+    assert git(repo, "rev-list", "--count", "main..research/w") == "4"  # linear: 4 keeps
+    assert git(repo, "rev-list", "--merges", "--count", "main..research/w") == "0"
+    assert git(repo, "rev-parse", "research/w") == out["best_commit"]
+
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+from src.lab.loop import Search, train_overrides
+from tests.helpers import compose_search, fake_command
+ovs = {ovs!r}
+try:
+    Search(compose_search(ovs), train_overrides(ovs), fake_command()).run()
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def _running(d: Path, n: int):
+    try:
+        st = json.loads((d / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    fls = [f for f in st.get("running") or [] if f.get("pid") and alive(f["pid"])]
+    return fls if len(fls) == n else None
+
+
+def _wait(cond, timeout: float = 60):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_kill_9_with_two_in_flight_then_resume_loses_nothing_and_runs_nothing_twice(tmp_path):
+    repo = make_repo(tmp_path)
+    proposals = [lr(v) for v in (0.05, 0.03, 0.07, 0.02, 0.06)]
+    ovs = search_overrides(tmp_path, repo, proposals, "search.max_experiments=3")
+    d = repo / "outputs" / "research" / "w"
+    script = tmp_path / "session.py"
+    env = {**os.environ, "FAKE_AFTER": "exp-001:never,exp-002:never,exp-003:never,exp-004:never"}  # held
+
+    def launch(*more):
+        script.write_text(SCRIPT.format(repo=str(REPO), ovs=[*ovs, *more]))
+        return subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    # 1. Ctrl-C with exp-001 and exp-002 in flight: both stopped and recorded `interrupted`
+    p = launch()
+    fls = _wait(lambda: _running(d, 2))
+    p.send_signal(signal.SIGINT)
+    assert p.wait(60) == 130, p.stdout.read()[-3000:]
+    assert not any(alive(f["pid"]) for f in fls)
+    rows = read_tsv(d / "results.tsv")
+    assert sorted((r["exp"], r["status"]) for r in rows[1:]) == [("exp-001", "interrupted"), ("exp-002", "interrupted")]
+    assert json.loads((d / "state.json").read_text())["running"] == []
+
+    # 2. resume, kill -9 with exp-003 and exp-004 in flight: their runs die with it, no row is written
+    p = launch("search.resume=true")
+    fls = _wait(lambda: _running(d, 2))
+    assert sorted(f["exp"] for f in fls) == ["exp-003", "exp-004"] and {f["worker"] for f in fls} == {0, 1}
+    before = (d / "results.tsv").read_bytes()
+    p.kill()
+    p.wait(30)
+    _wait(lambda: not any(alive(f["pid"]) for f in fls), 30)
+    assert (d / "results.tsv").read_bytes() == before
+
+    # 3. resume to the end: exp-003 and exp-004 finished once each (second attempts), then exp-005
+    env.pop("FAKE_AFTER")
+    p = launch("search.resume=true")
+    assert p.wait(120) == 0, p.stdout.read()[-3000:]
+    rows = read_tsv(d / "results.tsv")
+    exps = [r["exp"] for r in rows]
+    assert sorted(exps) == ["base-1", "exp-001", "exp-002", "exp-003", "exp-004", "exp-005"]
+    by = {r["exp"]: r for r in rows}
+    assert by["exp-003"]["attempts"] == by["exp-004"]["attempts"] == "2"
+    assert by["exp-005"]["attempts"] == "1" and by["exp-005"]["description"] == "lr 0.06"
+    assert (d / "runs" / "exp-003-a2" / "summary.json").exists() and (d / "runs" / "exp-004-a2").exists()
+    state = json.loads((d / "state.json").read_text())
+    assert state["running"] == []
+    children = session_children(os.environ["MLFLOW_TRACKING_URI"], state["parent_run_id"])
+    tagged = [r.data.tags["search.exp"] for r in children if "search.exp" in r.data.tags]
+    assert sorted(tagged) == sorted(exps)
+    assert all(r.info.status != "RUNNING" for r in children)
