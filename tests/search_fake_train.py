@@ -15,6 +15,7 @@ $FAKE_COUNTED ("exp-001:500") reports that many counted training seconds for the
 a budget clock that was slowed (the process lived far shorter than what it counted).
 $FAKE_AFTER ("exp-002:exp-003") holds the runs it names until the session's results.tsv records the other
 experiment (at most 60 s): the order in which parallel workers finish (search.workers > 1).
+$FAKE_HOLD ("exp-001,exp-002") holds the runs it names until the file $FAKE_HOLD_FILE exists (at most 60 s).
 Env var names it saw are written to summary.json (`env`), for the env-stripping tests.
 """
 import hashlib
@@ -82,6 +83,10 @@ def main() -> int:
     if after:  # hold this run until the other experiment is recorded
         ledger, t0 = out.parent.parent / "results.tsv", time.time()
         while time.time() - t0 < 60 and not (ledger.exists() and f"\t{after}\t" in ledger.read_text()):
+            time.sleep(0.05)
+    if out.name in os.environ.get("FAKE_HOLD", "").split(","):  # hold this run until the test lets it go
+        gate, t0 = Path(os.environ["FAKE_HOLD_FILE"]), time.time()
+        while time.time() - t0 < 60 and not gate.exists():
             time.sleep(0.05)
     slowdown = by_run("FAKE_SLOW", 1.0)
     bpb += 0.3 * math.log(slowdown) + by_run("FAKE_SHIFT", 0.0)

@@ -222,3 +222,77 @@ def test_ctrl_c_and_kill_9_with_two_in_flight_then_resume_loses_nothing_and_runs
     tagged = [r.data.tags["search.exp"] for r in children if "search.exp" in r.data.tags]
     assert sorted(tagged) == sorted(exps)
     assert all(r.info.status != "RUNNING" for r in children)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything under it, as a scheduler ending a job would."""
+    kids: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                stat = (p / "stat").read_text()
+                kids.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(p.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    todo, tree = [pid], []
+    while todo:
+        q = todo.pop()
+        tree.append(q)
+        todo += kids.get(q, [])
+    for q in tree:
+        try:
+            os.kill(q, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_submitit_jobs_survive_kill_9_are_reattached_and_a_job_killed_from_outside_is_run_again_once(tmp_path):
+    pytest.importorskip("submitit")
+    repo = make_repo(tmp_path)
+    gate = tmp_path / "gate"
+    proposals = [lr(v) for v in (0.05, 0.03, 0.07)]
+    ovs = search_overrides(tmp_path, repo, proposals, "search.max_experiments=3", "launcher=submitit_local",
+                           "launcher.poll_s=0.1")
+    d = repo / "outputs" / "research" / "w"
+    script = tmp_path / "session.py"
+    env = {**os.environ, "FAKE_HOLD": "exp-001,exp-002", "FAKE_HOLD_FILE": str(gate)}
+
+    def launch(*more):
+        script.write_text(SCRIPT.format(repo=str(REPO), ovs=[*ovs, *more]))
+        return subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    def jobs():
+        try:
+            st = json.loads((d / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+        fls = [f for f in st.get("running") or [] if f.get("job", "").startswith("local:")]
+        return {f["exp"]: f["job"] for f in fls} if len(fls) == 2 else None
+
+    # 1. two experiments run as submitit jobs; kill -9 the search: the jobs go on
+    p = launch()
+    first = _wait(jobs)
+    p.kill()
+    p.wait(30)
+    assert all(alive(int(j.split(":")[1])) for j in first.values())
+    # 2. resume: it re-attaches to both jobs (no new job, no second attempt)
+    env.pop("FAKE_HOLD")  # what the resumed search submits is not held
+    p = launch("search.resume=true")
+    _wait(lambda: (d / "search.log").exists() and (d / "search.log").read_text().count("re-attached to job") == 2)
+    assert jobs() == first
+    # 3. a scheduler kills exp-002's job: `killed`, submitted again once; exp-001's job finishes where it ran
+    _kill_tree(int(first["exp-002"].split(":")[1]))
+    _wait(lambda: "killed from outside" in (d / "runs" / "exp-002" / "run.log").read_text())
+    gate.write_text("go")
+    assert p.wait(120) == 0, p.stdout.read()[-3000:]
+    rows = read_tsv(d / "results.tsv")
+    by = {r["exp"]: r for r in rows}
+    assert sorted(by) == ["base-1", "exp-001", "exp-002", "exp-003"]
+    assert by["exp-001"]["attempts"] == by["exp-002"]["attempts"] == "1"  # nothing run twice as an attempt
+    assert not (d / "runs" / "exp-001-a2").exists() and not (d / "runs" / "exp-002-a2").exists()
+    assert all(by[x]["status"] in ("keep", "discard") for x in ("exp-001", "exp-002", "exp-003"))
+    assert (d / "runs" / "exp-001" / "run.log").read_text().count("fake train:") == 1  # its one run, re-attached
+    assert (d / "runs" / "exp-002" / "run.log").read_text().count("fake train:") == 2  # killed, then run again
+    assert json.loads((d / "state.json").read_text())["running"] == []

@@ -76,17 +76,18 @@ class Attempts:
         return max(walls) * s.timeout_factor + s.timeout_grace_s if walls else 3600.0
 
     def run(self, name: str, commit: str, overrides: list[str], done: int, rows: list[Experiment],
-            in_flight: bool = False) -> Attempt:
+            in_flight: bool = False, attach: bool = False) -> Attempt:
         """Run `commit` (+ the preset of `overrides`) until a run stands; RunInterrupted on Ctrl-C.
 
         name: the row's id (runs are name, name-a2, ...); done: attempts an earlier invocation made;
-        rows: the ledger the throughput is judged against; in_flight: persist each attempt in state.json.
+        rows: the ledger the throughput is judged against; in_flight: persist each attempt in state.json;
+        attach: attempt `done` is still running as a job (launcher=submitit_*): wait on it, do not start another.
         """
         lab, s = self.lab, self.lab.cfg.search
         if lab.session.head() != commit:  # a confirmation alternates the best and the candidate in the worktree
             lab.session.reset(commit)
         args = candidate.with_preset(lab, lab.base_overrides, bool(overrides))
-        attempt, stalls, notes = done, 0, []
+        attempt, stalls, notes = (done - 1 if attach else done), 0, []
         while True:
             attempt += 1
             run_name = attempt_name(name, attempt)

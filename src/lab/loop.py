@@ -172,7 +172,7 @@ class Search:
                 rest = [p for p in pendings if p is not base]
                 pending = run_baseline(lab, base)
                 rest = ([pending] if pending is not None else []) + rest
-                if self.cfg.search.workers > 1:
+                if self.cfg.search.workers > 1 or self.cfg.launcher.name != "local":
                     from src.lab.workers import Pool
 
                     Pool(self).run(rest, bar)

@@ -61,10 +61,17 @@ def reconcile(lab: Lab) -> list[Pending]:
         if fl.exp in recorded:
             log.info("resume: %s was recorded before the stop", fl.exp)
             continue
-        job = fl.job if fl.job and job_running(fl.job, fl.job_folder) else ""
+        job = fl.job if fl.job and fl.worker is not None and job_resumable(fl.job, fl.job_folder) else ""
         if job:
-            log.warning("resume: %s (attempt %d) is still running as job %s: re-attaching to it", fl.exp, fl.attempt,
-                        job)
+            log.warning("resume: %s (attempt %d) ran as job %s, still running or finished since: re-attaching to "
+                        "it", fl.exp, fl.attempt, job)
+        elif fl.job:  # a job nobody will wait on (the sequential loop's, a baseline run): cancel it
+            from src.lab.launcher import JobHandle
+
+            try:
+                JobHandle(fl.job, fl.job_folder).cancel()
+            except Exception as e:
+                log.warning("resume: could not cancel job %s of %s: %s", fl.job, fl.exp, e)
         elif fl.pid and alive(fl.pid) and is_train_process(fl.pid, fl.run_dir):
             log.warning("resume: stopping the orphaned run of %s (pid %d)", fl.exp, fl.pid)
             stop_group(fl.pid, 5.0)
@@ -86,13 +93,11 @@ def reconcile(lab: Lab) -> list[Pending]:
     return sorted(pendings, key=lambda p: p.exp)
 
 
-def job_running(job_id: str, folder: str) -> bool:
-    """Is the submitit job still queued or running (launcher=submitit_*)?"""
-    try:
-        from src.lab.launcher import job_state
-    except ImportError:
-        return False
-    return job_state(job_id, folder) in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
+def job_resumable(ref: str, folder: str) -> bool:
+    """Is the submitit job still queued or running, or did it run to its end (launcher=submitit_*)?"""
+    from src.lab.launcher import FINISHED, RUNNING, job_state
+
+    return job_state(ref, folder) in RUNNING + FINISHED
 
 
 # ---------------------------------------------------------------------------- the session's knobs

@@ -116,9 +116,10 @@ def plan_slots(cfg) -> list[Slot]:
     if n * (threads or 0) > cores:
         raise SessionError(f"search.workers={n} x device.threads={threads} = {n * threads} threads, but this machine "
                            f"has {cores} cores; lower device.threads (at most {max(1, cores // n)}) or search.workers")
-    t = threads or cores
-    env = {"OMP_NUM_THREADS": str(t), "MKL_NUM_THREADS": str(t)}
-    return [Slot(i, env, f"cpu x{t} thread{'s' if t > 1 else ''}") for i in range(n)]
+    if not threads:  # one worker, every core (the sequential loop's runs, through the pool: launcher=submitit_*)
+        return [Slot(0, {}, f"cpu x{cores} (all)")]
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return [Slot(i, env, f"cpu x{threads} thread{'s' if threads > 1 else ''}") for i in range(n)]
 
 
 def check_workers(cfg) -> None:
@@ -211,6 +212,9 @@ class Job:
     proposed: str = ""
     attach: str = ""  # launcher=submitit_*: a running job of attempt `attempt` to re-attach to
     attach_folder: str = ""
+    worker: Optional[int] = None  # re-attaching: the worker whose worktree the job runs in
+    commit: str = ""  # re-attaching: the candidate commit the job runs
+    parent: str = ""
 
 
 @dataclass
@@ -256,6 +260,8 @@ class Worker(Experiments):
         """Stage on the best (under the lock), run (outside it), settle, record; an interrupted run is recorded."""
         lab, sess, lock = self.lab, self.session, self.pool.lock
         proposal, attempt = job.proposal, job.attempt
+        if job.attach:
+            return self._reattach(job)
         with lock:
             rows = lab.rows()
             st = lab.standings(rows)
@@ -287,6 +293,32 @@ class Worker(Experiments):
             out = ri.outcome
             e.status, e.run_status, e.reason = INTERRUPTED, INTERRUPTED, out.error_line
             e.attempts = max(e.attempts, attempt + 1)
+            self.record(e, lab.rows(), out)
+        self.usage.experiments += 1
+        return e
+
+    def _reattach(self, job: Job) -> Experiment:
+        """A resumed session: the job of attempt `job.attempt` runs on (or has finished) in this worker's worktree;
+        wait on it rather than run the experiment again, then settle it like any other."""
+        lab, sess, lock = self.lab, self.session, self.pool.lock
+        with lock:
+            rows = lab.rows()
+            st = lab.standings(rows)
+            rec = lab.ledger.load(job.exp) or {}
+            overrides = list(rec.get("config") or merge_overrides(st.best.overrides, job.proposal.overrides))
+            sess.parent, sess.proposed = job.parent or st.best.commit, job.proposed
+            e = new_row(job.exp, job.proposal, lab.base_overrides, overrides)
+            e.commit, e.sigma, e.dof = job.commit, st.noise.sigma, st.noise.dof
+            e.worker, e.proposed, e.parent = self.slot.index, job.proposed, sess.parent
+        lab.runner.attach(job.attach, job.attach_folder)
+        try:
+            a = self.attempts.run(job.exp, e.commit, overrides, job.attempt, lab.rows(), in_flight=True, attach=True)
+            a.fill(e)
+            self._settle(e, a, job.proposal, overrides)
+        except RunInterrupted as ri:
+            out = ri.outcome
+            e.status, e.run_status, e.reason = INTERRUPTED, INTERRUPTED, out.error_line
+            e.attempts = max(e.attempts, job.attempt)
             self.record(e, lab.rows(), out)
         self.usage.experiments += 1
         return e
@@ -377,7 +409,8 @@ class Pool:
         """Fill every free worker with a proposal (resumed experiments first) until the session stops."""
         lab, s, search = self.lab, self.search.cfg.search, self.search
         log.info("%d workers: %s", len(self.workers), ", ".join(f"w{w.slot.index} {w.slot.label}" for w in self.workers))
-        queue = [Job(p.exp, p.proposal, p.attempt, p.proposed or _now(), p.job, p.job_folder) for p in pendings]
+        queue = [Job(p.exp, p.proposal, p.attempt, p.proposed or _now(), p.job, p.job_folder, p.worker, p.commit,
+                     p.parent) for p in pendings]
         free = list(self.workers)
         running: dict[cf.Future, tuple[Worker, Job]] = {}
         invalid_streak = 0
@@ -388,7 +421,9 @@ class Pool:
                     job = queue.pop(0) if queue else self._next(running)
                     if job is None:
                         break
-                    w = free.pop(0)
+                    # a job to re-attach to runs in the worktree of the worker that started it
+                    w = next((x for x in free if job.attach and x.slot.index == job.worker), free[0])
+                    free.remove(w)
                     running[ex.submit(w.execute, job)] = (w, job)
                 if not running:
                     return
