@@ -296,3 +296,74 @@ def test_submitit_jobs_survive_kill_9_are_reattached_and_a_job_killed_from_outsi
     assert (d / "runs" / "exp-001" / "run.log").read_text().count("fake train:") == 1  # its one run, re-attached
     assert (d / "runs" / "exp-002" / "run.log").read_text().count("fake train:") == 2  # killed, then run again
     assert json.loads((d / "state.json").read_text())["running"] == []
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with a database backend (sqlite) and proxied artifacts."""
+    import urllib.request
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    log = open(tmp_path / "mlflow-server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-2000:]
+                return False
+        _wait(up, 90)
+        yield uri, tmp_path / "mlflow-server.log"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.mark.slow
+def test_two_workers_log_to_a_shared_mlflow_server(tmp_path, mlflow_server, monkeypatch):
+    """One parent, one child per row (the runs log themselves, concurrently), no error from concurrent creation."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow.tracking import MlflowClient
+
+    from src.tracking import ensure_experiment
+
+    uri, server_log = mlflow_server
+    warnings = lambda: [ln for ln in (d / "search.log").read_text().splitlines() if "MLflow" in ln]  # noqa: E731
+    with ThreadPoolExecutor(4) as ex:  # four processes' worth of first runs creating one experiment at once
+        ids = set(ex.map(lambda _: ensure_experiment(MlflowClient(uri), "race", uri).experiment_id, range(4)))
+    assert len(ids) == 1
+    monkeypatch.setenv("FAKE_MLFLOW", "1")
+    repo = make_repo(tmp_path)
+    d = repo / "outputs" / "research" / "w"
+    proposals = [lr(v) for v in (0.05, 0.03, 0.06)]
+    out = start(search_overrides(tmp_path, repo, proposals, f"tracking.uri={uri}", "tracking.experiment=shared"))
+    rows = read_tsv(d / "results.tsv")
+    state = json.loads((d / "state.json").read_text())
+    assert not warnings(), warnings()
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("shared")
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("search.role") == "session"]
+    assert [p.info.run_id for p in parents] == [state["parent_run_id"]] and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]
+    assert len(children) == len(runs) - 1  # nothing outside the session
+    assert sorted(r.data.tags["search.exp"] for r in children) == sorted(r["exp"] for r in rows)
+    trained = [r for r in children if "val/bpb" in r.data.metrics]  # the runs' own, tagged by the search
+    assert sorted(r.data.tags["search.exp"] for r in trained) == sorted(r["exp"] for r in rows)
+    workers = {r.data.tags["search.exp"]: r.data.tags.get("search.worker") for r in trained}
+    assert {w for x, w in workers.items() if x.startswith("exp")} == {"0", "1"}, workers
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert out["best_val_bpb"] == pytest.approx(3.0)
+    assert "database is locked" not in server_log.read_text() and " 500 " not in server_log.read_text()
