@@ -45,18 +45,38 @@ def test_each_worker_gets_its_own_device_slot_or_the_session_is_refused(monkeypa
     cfg = compose_search(["device=cpu", "search.workers=2"])
     with pytest.raises(SessionError, match=r"needs a fixed thread count per worker: set device.threads"):
         plan_slots(cfg)
-    cfg = compose_search(["device=cpu", "search.workers=2", "device.threads=64"])
+    cfg.device.threads = 64
     with pytest.raises(SessionError, match=r"2 x device.threads=64 = 128 threads, but this machine has \d+ cores"):
         plan_slots(cfg)
-    cfg = compose_search(["device=cpu", "search.workers=2", "device.threads=1"])
+    cfg.device.threads = 1
     slots = plan_slots(cfg)
     assert [s.env["OMP_NUM_THREADS"] for s in slots] == ["1", "1"] and [s.index for s in slots] == [0, 1]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    cfg = compose_search(["device=cuda", "search.workers=2"])
+    cfg.device.type = "cuda"
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in plan_slots(cfg)] == ["3", "5"]
-    cfg = compose_search(["device=cuda", "search.workers=3", "search.gpus=[0,1]"])
+    cfg.search.workers, cfg.search.gpus = 3, [0, 1]
     with pytest.raises(SessionError, match="needs a GPU per worker but 2 are available"):
         plan_slots(cfg)
+
+
+def test_agents_see_what_is_in_flight(tmp_path):
+    """replay resumes after the proposals in flight; claude's state lists them."""
+    from types import SimpleNamespace
+
+    from src.lab.agents.claude_context import in_flight_line
+    from src.lab.agents.replay import ReplayAgent
+    from src.lab.config import ReplayAgentConfig
+    from src.lab.experiment import new_row
+    from src.lab.proposal import Proposal
+
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump([lr(v) for v in (0.05, 0.03, 0.07)]))
+    agent = ReplayAgent(ReplayAgentConfig(name="replay", file=str(f)))
+    running = new_row("exp-002", Proposal("lr 0.03", "", ["optimizer.matrix_lr=0.03"], None, {"replay_index": 1}),
+                      [], [])
+    agent.restore([], SimpleNamespace(in_flight=[running]))
+    assert agent.propose(None).description == "lr 0.07"
+    assert in_flight_line(running) == "- exp-002: lr 0.03; overrides: optimizer.matrix_lr=0.03"
 
 
 @pytest.mark.slow
@@ -94,6 +114,8 @@ def test_two_workers_one_ledger_one_branch_one_parent_run(tmp_path):
     assert u["workers"] == 2 and u["experiments"] == 6 and u["experiments_per_hour"] > 0
     assert 0 <= u["training"] <= 1 and 0 <= u["waiting"] <= 1
     assert (d / "workers" / "w0" / ".git").exists() and (d / "workers" / "w1" / ".git").exists()
+    report = (d / "report.md").read_text()
+    assert "- workers: 2 (w0 cpu x1 thread" in report and "per hour; worker time: training" in report
 
 
 def _first_line(tag: str):
