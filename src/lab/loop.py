@@ -127,8 +127,8 @@ class Search:
                         st.base_overrides, self.base_overrides)
         self.base_overrides = list(st.base_overrides)
         explicit = self.explicit if self.explicit is not None else \
-            {f"{g}.{k}" for g in ("search", "agent", "search_space") for k in asdict(getattr(self.cfg, g))} | \
-            {"agent", "search_space"}
+            {f"{g}.{k}" for g in ("search", "agent", "search_space", "launcher") for k in asdict(getattr(self.cfg, g))} | \
+            {"agent", "search_space", "launcher"}
         changes = restore_knobs(self.cfg, st, explicit)
         if changes:
             log.warning("resume: session %s continues as it was started, except what this command line gives: %s",

@@ -157,7 +157,7 @@ def restore_knobs(cfg: SearchAppConfig, st: SessionState, explicit: set[str]) ->
 
     Returns one line per difference from the session's own values, for the warning.
     """
-    from src.lab.config import AGENT_SCHEMAS, AgentConfig, SearchConfig, SearchSpaceConfig
+    from src.lab.config import AGENT_SCHEMAS, AgentConfig, LauncherConfig, SearchConfig, SearchSpaceConfig
 
     changes = []
     if st.search:
@@ -179,6 +179,11 @@ def restore_knobs(cfg: SearchAppConfig, st: SessionState, explicit: set[str]) ->
         changes += ch
     elif st.search_space:
         changes.append(f"search_space: {st.search_space.get('name')!r} -> {cfg.search_space.name!r}")
+    if st.launcher and not ("launcher" in explicit and cfg.launcher.name != st.launcher.get("name")):
+        cfg.launcher, ch = _restore(cfg.launcher, st.launcher, LauncherConfig, "launcher", explicit)
+        changes += ch
+    elif st.launcher:
+        changes.append(f"launcher: {st.launcher.get('name')!r} -> {cfg.launcher.name!r}")
     return changes
 
 
@@ -187,3 +192,4 @@ def record_knobs(cfg: SearchAppConfig, st: SessionState) -> None:
     st.search, st.agent = asdict(cfg.search), cfg.agent.name
     st.agent_config, st.agent_schema = asdict(cfg.agent), type(cfg.agent).__name__
     st.search_space = asdict(cfg.search_space)
+    st.launcher = asdict(cfg.launcher)

@@ -127,6 +127,7 @@ class SessionState:
     agent_config: dict = field(default_factory=dict)  # the agent's options (AgentConfig subclass `agent_schema`)
     agent_schema: str = ""
     search_space: dict = field(default_factory=dict)  # SearchSpaceConfig
+    launcher: dict = field(default_factory=dict)  # LauncherConfig (a resume re-attaches to its jobs)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

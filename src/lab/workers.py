@@ -260,8 +260,14 @@ class Worker(Experiments):
         """Stage on the best (under the lock), run (outside it), settle, record; an interrupted run is recorded."""
         lab, sess, lock = self.lab, self.session, self.pool.lock
         proposal, attempt = job.proposal, job.attempt
-        if job.attach:
+        if job.attach and hasattr(lab.runner, "attach"):
             return self._reattach(job)
+        if job.attach:  # resumed with launcher=local: the job is not waited on; stop it and run the experiment again
+            from src.lab.launcher import JobHandle
+
+            log.warning("%s: job %s is left by a launcher this invocation does not use; cancelling it", job.exp,
+                        job.attach)
+            JobHandle(job.attach, job.attach_folder).cancel()
         with lock:
             rows = lab.rows()
             st = lab.standings(rows)
