@@ -36,7 +36,7 @@ import re
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from src.lab import candidate
@@ -252,6 +252,8 @@ class Worker(Experiments):
         super().__init__(lab)
 
     def record(self, e: Experiment, rows: list[Experiment], out=None) -> Experiment:
+        if e.worker is None:  # a confirmation run: on this worker too
+            e.worker, e.parent = self.slot.index, self.session.parent
         with self.pool.lock:
             return super().record(e, rows, out)
 
