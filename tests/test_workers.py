@@ -59,6 +59,30 @@ def test_each_worker_gets_its_own_device_slot_or_the_session_is_refused(monkeypa
         plan_slots(cfg)
 
 
+def test_a_slurm_job_is_submitted_with_submitits_parameters_and_keeps_the_nodes_gpu(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    from src.lab.config import LauncherConfig
+    from src.lab.launcher import SubmititRunner
+
+    (tmp_path / "srun").write_text("#!/bin/sh\nexit 0\n")  # submitit checks that it is on a SLURM cluster
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-secret")
+    lc = LauncherConfig(name="submitit_slurm", partition="gpu", account="acc", gpus_per_node=1, cpus_per_task=8,
+                        mem_gb=32, setup=["module load cuda"], additional_parameters={"exclusive": True})
+    cfg = compose_search(["device=cuda", "search.workers=16", "launcher=submitit_slurm"])
+    slots = plan_slots(cfg)  # no local GPUs needed: each job gets its own from SLURM
+    assert len(slots) == 16 and all("CUDA_VISIBLE_DEVICES" not in s.env for s in slots)
+    r = SubmititRunner(tmp_path, launcher=lc, folder=str(tmp_path / "jobs"), extra_env=slots[3].env)
+    text = r.executor(300)._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
+    for line in ("--partition=gpu", "--account=acc", "--gpus-per-node=1", "--cpus-per-task=8", "--mem=32GB",
+                 "--exclusive", "--time=6"):
+        assert f"#SBATCH {line}\n" in text
+    assert "module load cuda" in text
+    prefix = r.env_prefix()
+    assert "ANTHROPIC_API_KEY" in prefix.split(";")[0] and "sk-secret" not in prefix and "CUDA_VISIBLE" not in prefix
+
+
 def test_agents_see_what_is_in_flight(tmp_path):
     """replay resumes after the proposals in flight; claude's state lists them."""
     from types import SimpleNamespace

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from src.lab.config import ENV_STRIP
 from src.lab.runner import Outcome, RunInterrupted, Runner, alive
 from src.status import INTERRUPTED
 
@@ -91,7 +92,7 @@ def job_state(ref: str, folder: str) -> str:
 class SubmititRunner(Runner):
     """A Runner whose train runs are submitit jobs (scorer and dry runs stay in this process's machine)."""
 
-    def __init__(self, cwd: Path, strip=(), keep=(), command: Optional[list[str]] = None, extra_env=None,
+    def __init__(self, cwd: Path, strip=ENV_STRIP, keep=(), command: Optional[list[str]] = None, extra_env=None,
                  launcher=None, folder: Optional[str] = None, **kw):
         super().__init__(cwd, strip, keep, command=command, extra_env=extra_env, **kw)
         self.launcher = launcher
@@ -139,12 +140,22 @@ class SubmititRunner(Runner):
     def _submit(self, cmd: list[str], run_dir: Path, timeout_s: float) -> JobHandle:
         submitit = _submitit()
         log_path = run_dir / "run.log"
-        shell = f"exec {shlex.join(cmd)} >> {shlex.quote(str(log_path))} 2>&1"
-        fn = submitit.helpers.CommandFunction(["bash", "-c", shell], verbose=False, cwd=str(self.cwd),
-                                              env=dict(self.env))
+        shell = f"{self.env_prefix()}exec {shlex.join(cmd)} >> {shlex.quote(str(log_path))} 2>&1"
+        fn = submitit.helpers.CommandFunction(["bash", "-c", shell], verbose=False, cwd=str(self.cwd))
         job = self.executor(timeout_s).submit(fn)
         kind = "local" if self.launcher.name == "submitit_local" else "slurm"
         return JobHandle(f"{kind}:{job.job_id}", str(self.folder), job)
+
+    def env_prefix(self) -> str:
+        """The run's environment as shell: the job keeps its own (SLURM sets CUDA_VISIBLE_DEVICES and SLURM_* on the
+        node), minus what the runner strips (API keys, ...), plus what it sets (the worker's device slot)."""
+        base = os.environ
+        unset = sorted(k for k in base if k not in self.env and k.isidentifier())
+        exports = {k: v for k, v in self.env.items() if base.get(k) != v and k.isidentifier()}
+        if self.launcher.name == "submitit_local" and "CUDA_VISIBLE_DEVICES" in self.env:
+            exports["CUDA_VISIBLE_DEVICES"] = self.env["CUDA_VISIBLE_DEVICES"]  # its controller sets "" otherwise
+        return ((f"unset {' '.join(unset)}; " if unset else "")
+                + "".join(f"export {k}={shlex.quote(v)}; " for k, v in sorted(exports.items())))
 
     def _train(self, overrides: list[str], run_dir: Path, timeout_s: float,
                on_start: Optional[Callable[..., None]]) -> Outcome:

@@ -97,6 +97,10 @@ def device_kind(device_type: str) -> str:
 def plan_slots(cfg) -> list[Slot]:
     """One device slot per worker; SessionError when the machine cannot give each worker its own."""
     n, threads = cfg.search.workers, cfg.device.threads
+    launcher = getattr(getattr(cfg, "launcher", None), "name", "local")
+    if launcher == "submitit_slurm":  # each run a job of its own: SLURM gives it its GPU(s) and cores
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
+        return [Slot(i, env, f"slurm job {i}") for i in range(n)]
     kind = device_kind(cfg.device.type)
     if kind == "cuda":
         gpus = [str(g) for g in cfg.search.gpus] if cfg.search.gpus else visible_gpus()
