@@ -37,7 +37,8 @@ from src.lab.runs import open_session_runs
 from src.lab.session import Session, SessionError
 
 log = logging.getLogger(__name__)
-SEARCH_ROOTS = ("search", "agent", "search_space", "launcher", "hydra")  # command-line keys that do not set the baseline
+# command-line keys that do not set the baseline
+SEARCH_ROOTS = ("search", "agent", "search_space", "launcher", "hydra")
 
 
 def train_overrides(task_overrides: list[str]) -> list[str]:
@@ -127,8 +128,8 @@ class Search:
                         st.base_overrides, self.base_overrides)
         self.base_overrides = list(st.base_overrides)
         explicit = self.explicit if self.explicit is not None else \
-            {f"{g}.{k}" for g in ("search", "agent", "search_space", "launcher") for k in asdict(getattr(self.cfg, g))} | \
-            {"agent", "search_space", "launcher"}
+            {f"{g}.{k}" for g in ("search", "agent", "search_space", "launcher")
+             for k in asdict(getattr(self.cfg, g))} | {"agent", "search_space", "launcher"}
         changes = restore_knobs(self.cfg, st, explicit)
         if changes:
             log.warning("resume: session %s continues as it was started, except what this command line gives: %s",
