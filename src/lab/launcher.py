@@ -169,13 +169,12 @@ class SubmititRunner(Runner):
             if self._attach is not None:
                 ref, folder = self._attach
                 self._attach = None
-                handle = JobHandle(ref, folder)
-                log.info("%s: re-attached to job %s", run_dir.name, ref)
+                handle, what = JobHandle(ref, folder), "re-attached to job"
             else:
-                handle = self._submit(cmd, run_dir, timeout_s)
-                log.info("%s: submitted job %s (%s)", run_dir.name, handle.ref, handle.folder)
+                handle, what = self._submit(cmd, run_dir, timeout_s), "submitted job"
             if on_start is not None:
                 on_start(handle.pid, handle.ref, handle.folder)
+            log.info("%s: %s %s (%s)", run_dir.name, what, handle.ref, handle.folder)
             state, note = self._wait(handle, run_dir, timeout_s, t0)
             out = self._outcome(run_dir, 0 if state in FINISHED else None, t0, note)
             if state in FINISHED or note.startswith("timeout"):

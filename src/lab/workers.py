@@ -175,6 +175,9 @@ class WorkerSession:
         fl.worker, fl.parent, fl.proposed = self.index, self.parent, self.proposed
         with self.main.lock:
             st = self.main.state
+            old = next((x for x in st.running if x.worker == self.index), None)
+            if old is not None and (old.exp, old.attempt) == (fl.exp, fl.attempt) and old.job and not fl.job:
+                fl.pid, fl.job, fl.job_folder = old.pid, old.job, old.job_folder  # a re-attached job stays known
             st.running = [x for x in st.running if x.worker != self.index] + [fl]
             self.main.save()
 
@@ -322,6 +325,8 @@ class Worker(Experiments):
             e = new_row(job.exp, job.proposal, lab.base_overrides, overrides)
             e.commit, e.sigma, e.dof = job.commit, st.noise.sigma, st.noise.dof
             e.worker, e.proposed, e.parent = self.slot.index, job.proposed, sess.parent
+            sess.track(InFlight(exp=job.exp, attempt=job.attempt, commit=job.commit, run_dir="", started=time.time(),
+                                job=job.attach, job_folder=job.attach_folder))  # never a moment without its job
         lab.runner.attach(job.attach, job.attach_folder)
         try:
             a = self.attempts.run(job.exp, e.commit, overrides, job.attempt, lab.rows(), in_flight=True, attach=True)
