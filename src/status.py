@@ -18,17 +18,18 @@ INTERRUPTED = "interrupted"  # the search stopped the run (Ctrl-C / SIGTERM); no
 TAMPERED = "tampered"  # the scorer's integrity checks (or the runner's clock) caught the research code cheating
 DISTURBED = "disturbed"  # the machine was busy: throughput far off the session's for that shape; re-run
 CONFIRM = "confirm"  # a confirmation run (the candidate or the best re-run back to back) backing a decision
+CONFLICT = "conflict"  # search.workers > 1: a would-be keep whose patch no longer applies on the best kept meanwhile
 
 # the `status` column of results.tsv: the reference's keep/discard/crash plus ours
-DECISIONS = ("baseline", "keep", "discard", "crash", "invalid", INTERRUPTED, TAMPERED, DISTURBED, CONFIRM)
+DECISIONS = ("baseline", "keep", "discard", "crash", "invalid", INTERRUPTED, TAMPERED, DISTURBED, CONFIRM, CONFLICT)
 SCORED = ("baseline", "keep", "discard", CONFIRM)  # decisions that carry a val_bpb of a finished, undisturbed run
 # experiments that count toward search.max_experiments (a disturbed one too: it cost its runs, and a machine
 # that stays busy must not keep the session going forever)
-COUNTED = ("keep", "discard", "crash", TAMPERED, DISTURBED)
+COUNTED = ("keep", "discard", "crash", TAMPERED, DISTURBED, CONFLICT)
 
 
 def mlflow_status(status: str) -> str:
     """The MLflow run status of a run status or a decision: FINISHED, KILLED (we stopped it) or FAILED."""
     if status == INTERRUPTED:
         return "KILLED"
-    return "FINISHED" if status in (OK, STALLED, DRY_RUN, *SCORED) else "FAILED"
+    return "FINISHED" if status in (OK, STALLED, DRY_RUN, CONFLICT, *SCORED) else "FAILED"

@@ -13,6 +13,11 @@ budget, score 0.3 * ln(slowdown) worse: the disturbed-run drill. $FAKE_SHIFT ("b
 val_bpb of the runs it names and nothing else: a wild score that throughput cannot explain.
 $FAKE_COUNTED ("exp-001:500") reports that many counted training seconds for the runs it names:
 a budget clock that was slowed (the process lived far shorter than what it counted).
+$FAKE_AFTER ("exp-002:exp-003") holds the runs it names until the session's results.tsv records the other
+experiment (at most 60 s): the order in which parallel workers finish (search.workers > 1).
+$FAKE_HOLD ("exp-001,exp-002") holds the runs it names until the file $FAKE_HOLD_FILE exists (at most 60 s).
+$FAKE_MLFLOW=1 makes each run log itself like src.train does (tracking.*: an MLflow child run of the session's
+parent, its experiment created race-free with src.tracking.ensure_experiment): the shared-server drill.
 Env var names it saw are written to summary.json (`env`), for the env-stripping tests.
 """
 import hashlib
@@ -76,6 +81,15 @@ def main() -> int:
         pairs = (s.partition(":") for s in os.environ.get(var, "").split(",") if s)
         return dict((k, float(v)) for k, _, v in pairs).get(out.name, default)
 
+    after = dict(p.split(":", 1) for p in os.environ.get("FAKE_AFTER", "").split(",") if ":" in p).get(out.name)
+    if after:  # hold this run until the other experiment is recorded
+        ledger, t0 = out.parent.parent / "results.tsv", time.time()
+        while time.time() - t0 < 60 and not (ledger.exists() and f"\t{after}\t" in ledger.read_text()):
+            time.sleep(0.05)
+    if out.name in os.environ.get("FAKE_HOLD", "").split(","):  # hold this run until the test lets it go
+        gate, t0 = Path(os.environ["FAKE_HOLD_FILE"]), time.time()
+        while time.time() - t0 < 60 and not gate.exists():
+            time.sleep(0.05)
     slowdown = by_run("FAKE_SLOW", 1.0)
     bpb += 0.3 * math.log(slowdown) + by_run("FAKE_SHIFT", 0.0)
     tps = 20000.0 / slowdown
@@ -83,6 +97,20 @@ def main() -> int:
                "peak_vram_mb": 512.0, "num_steps": 10, "stalled_seconds": 3.0 if status == "stalled" else 0.0,
                "depth": 4, "env": sorted(os.environ), "tokens_per_sec": tps, "mfu_percent": 30.0 / slowdown,
                "step_time_p50": float(eff.get("batch.total_tokens", "8192")) / tps, "device": "cpu", "dtype": "fp32"}
+    if os.environ.get("FAKE_MLFLOW") and eff.get("tracking.uri") and eff.get("tracking.enabled") != "false":
+        from mlflow.tracking import MlflowClient
+
+        sys.path.insert(0, os.getcwd())  # the worktree's src/
+        from src.tracking import ensure_experiment
+
+        uri = eff["tracking.uri"]
+        client = MlflowClient(uri)
+        exp = ensure_experiment(client, eff.get("tracking.experiment", "overnight"), uri)
+        tags = {"mlflow.parentRunId": eff["tracking.parent_run_id"]} if eff.get("tracking.parent_run_id") else {}
+        run = client.create_run(exp.experiment_id, run_name=eff.get("tracking.run_name"), tags=tags)
+        client.log_metric(run.info.run_id, "val/bpb", bpb, step=0)
+        client.set_terminated(run.info.run_id)
+        summary["mlflow_run_id"] = run.info.run_id
     (out / "summary.json").write_text(json.dumps(summary))
     print(f"---\nval_bpb: {bpb:.6f}\nstatus: {status}", flush=True)
     return 0 if status == "ok" else 1

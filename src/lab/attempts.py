@@ -76,17 +76,18 @@ class Attempts:
         return max(walls) * s.timeout_factor + s.timeout_grace_s if walls else 3600.0
 
     def run(self, name: str, commit: str, overrides: list[str], done: int, rows: list[Experiment],
-            in_flight: bool = False) -> Attempt:
+            in_flight: bool = False, attach: bool = False) -> Attempt:
         """Run `commit` (+ the preset of `overrides`) until a run stands; RunInterrupted on Ctrl-C.
 
         name: the row's id (runs are name, name-a2, ...); done: attempts an earlier invocation made;
-        rows: the ledger the throughput is judged against; in_flight: persist each attempt in state.json.
+        rows: the ledger the throughput is judged against; in_flight: persist each attempt in state.json;
+        attach: attempt `done` is still running as a job (launcher=submitit_*): wait on it, do not start another.
         """
         lab, s = self.lab, self.lab.cfg.search
         if lab.session.head() != commit:  # a confirmation alternates the best and the candidate in the worktree
             lab.session.reset(commit)
         args = candidate.with_preset(lab, lab.base_overrides, bool(overrides))
-        attempt, stalls, notes = done, 0, []
+        attempt, stalls, notes = (done - 1 if attach else done), 0, []
         while True:
             attempt += 1
             run_name = attempt_name(name, attempt)
@@ -131,15 +132,11 @@ class Attempts:
         lab, sess = self.lab, self.lab.session
         run_dir = sess.runs_dir / run_name
         if in_flight:
-            sess.state.in_flight = InFlight(exp=name, attempt=attempt, commit=commit, run_dir=str(run_dir),
-                                            started=time.time())
-            sess.save()
+            sess.track(InFlight(exp=name, attempt=attempt, commit=commit, run_dir=str(run_dir), started=time.time()))
         ovs = merge_overrides(args, self._tracking_overrides(run_name))  # ours replace the same keys of the command line
 
-        def started(pid: int) -> None:
-            if sess.state.in_flight is not None:
-                sess.state.in_flight.pid = pid
-                sess.save()
+        def started(pid: int, job: str = "", job_folder: str = "") -> None:
+            sess.track_pid(pid, job, job_folder)  # a confirmation run too: the experiment stays in flight
 
         log.info("%s: running (attempt %d, commit %s, timeout %.0f s) -> %s", run_name, attempt, commit[:7],
                  self.timeout_s(), run_dir)

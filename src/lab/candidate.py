@@ -20,10 +20,11 @@ from src.lab.standings import Best
 PRESET_GROUPS = set(GROUPS) | {"experiment"}  # config groups a preset selects with `override /<group>`
 
 
-def stage(lab: Lab, exp: str, p: Proposal, best: Best, overrides: list[str]) -> str:
+def stage(lab: Lab, exp: str, p: Proposal, best: Best, overrides: list[str], dry: bool = True) -> str:
     """Validate the proposal against the best commit and commit it as the candidate; InvalidProposal if not.
 
     overrides: the research overrides in effect for the candidate (the kept ones merged with the proposal's).
+    dry: dry-run it here (search.preflight); False: the caller does (search.workers > 1: outside the lock).
     """
     s, sess = lab.cfg.search, lab.session
     check_overrides(p.overrides, list(s.override_roots), lab.pinned)
@@ -50,7 +51,7 @@ def stage(lab: Lab, exp: str, p: Proposal, best: Best, overrides: list[str]) -> 
         check_files(sess.worktree, paths, s.contract)  # the patched files as they will run
     except ContractViolation as e:
         raise InvalidProposal(str(e)) from None
-    if s.preflight:
+    if s.preflight and dry:
         dry_run(lab, exp, bool(overrides))
     return commit
 

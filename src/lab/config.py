@@ -31,6 +31,7 @@ class OptunaAgentConfig(AgentConfig):
     n_startup_trials: int = 4  # TPE: random proposals before the density model takes over
     multivariate: bool = True  # TPE: model the knobs jointly (they interact: LR x batch)
     tell_baseline: bool = True  # give the baseline's knob values and val_bpb to the sampler as trial 0
+    constant_liar: Optional[bool] = None  # TPE: running trials count as bad while in flight; None: when search.workers > 1
 
 
 @dataclass
@@ -119,6 +120,9 @@ class SearchConfig:
     plausible_gain: float = 0.5  # a gain over the best beyond this (bpb; 120-s CPU TPE gains were 0.16-0.24) ...
     plausible_factor: float = 5.0  # ... and beyond this x the largest kept gain is re-scored and re-run first
     keep_checkpoints: str = "best"  # checkpoints kept once an experiment is decided: all | best (kept + baselines) | none
+    # many experiments at once (src/lab/workers.py): each worker its own worktree and device slot
+    workers: int = 1  # experiments in flight; 1 = one after another (the sequential loop)
+    gpus: Optional[List[int]] = None  # CUDA: the GPU ids the workers get, one each; None = every visible GPU
 
 
 # knob -> (test, what is accepted): every one is checked before anything is created
@@ -141,6 +145,7 @@ KNOB_RANGES = {
     "plausible_gain": (lambda v, s: v > 0, "> 0 (bpb)"),
     "plausible_factor": (lambda v, s: v >= 1, ">= 1"),
     "keep_checkpoints": (lambda v, s: v in ("all", "best", "none"), "all, best or none"),
+    "workers": (lambda v, s: v >= 1, ">= 1"),
 }
 
 
@@ -153,8 +158,33 @@ def check_search(s: SearchConfig) -> None:
 
 
 @dataclass
+class LauncherConfig:
+    """How an experiment's run is started (conf/launcher/): `local` (a subprocess of the search, the default),
+    `submitit_local` or `submitit_slurm` (one submitit job per run; the other fields are submitit's own
+    parameter names, passed through where set)."""
+    name: str = "local"  # local | submitit_local | submitit_slurm
+    folder: Optional[str] = None  # submitit's job folder; None = <session dir>/submitit
+    timeout_min: Optional[int] = None  # None = the run's hard timeout (search.timeout_*), rounded up
+    poll_s: float = 1.0  # how often a job's state is polled
+    requeue_killed: int = 1  # a job killed from outside (scheduler, preemption) is run again this many times
+    # submitit_slurm (as submitit names them; None = not passed)
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    gpus_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
+    mem: Optional[str] = None  # slurm_mem, e.g. 16G
+    constraint: Optional[str] = None
+    comment: Optional[str] = None
+    additional_parameters: dict = field(default_factory=dict)  # more slurm_* settings, passed as is
+    setup: List[str] = field(default_factory=list)  # shell lines run before the job (module load, source venv)
+
+
+@dataclass
 class SearchAppConfig(TrainConfig):
     search: SearchConfig = field(default_factory=SearchConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     search_space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
 
@@ -222,4 +252,5 @@ def register_search_configs() -> None:
     for kind, schema in AGENT_SCHEMAS.items():
         cs.store(group="agent", name=f"{kind}_schema", node=schema)
     cs.store(group="search_space", name="schema", node=SearchSpaceConfig)
+    cs.store(group="launcher", name="schema", node=LauncherConfig)
     cs.store(name="search_schema", node=SearchAppConfig)

@@ -57,8 +57,7 @@ class Experiments:
         best = st.best
         overrides = merge_overrides(best.overrides, proposal.overrides) if proposal else []
         lab.ledger.save(exp, proposal, overrides)
-        sess.state.in_flight = InFlight(exp=exp, attempt=attempt, commit="", run_dir="", started=time.time())
-        sess.save()
+        sess.track(InFlight(exp=exp, attempt=attempt, commit="", run_dir="", started=time.time()))
         e = new_row(exp, proposal, lab.base_overrides, overrides)
         e.commit, e.sigma, e.dof = best.commit, st.noise.sigma, st.noise.dof
         try:
@@ -163,8 +162,7 @@ class Experiments:
         except Exception as err:
             log.warning("MLflow: could not tag the run of %s: %s", e.exp, err)
         if e.kind != "confirm":
-            sess.state.in_flight = None
-            sess.save()
+            sess.untrack()
         log_row(e)
         return e
 

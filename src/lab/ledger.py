@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -29,11 +30,12 @@ log = logging.getLogger("src.lab.ledger")
 COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description", "exp", "hypothesis", "kind", "delta",
            "margin", "best_val_bpb", "run_status", "training_seconds", "stall_seconds", "num_steps",
            "wall_seconds", "attempts", "overrides", "reason", "mlflow_run_id", "finished",
-           "tokens_per_sec", "step_time_p50", "mfu_percent", "shape", "disturbed_runs", "sigma", "dof", "agent")
+           "tokens_per_sec", "step_time_p50", "mfu_percent", "shape", "disturbed_runs", "sigma", "dof", "agent",
+           "worker", "proposed", "parent")
 FLOATS = ("val_bpb", "memory_gb", "delta", "margin", "best_val_bpb", "training_seconds", "stall_seconds",
           "wall_seconds", "tokens_per_sec", "step_time_p50", "mfu_percent", "sigma")
 PRECISE = ("val_bpb", "delta", "margin", "best_val_bpb", "sigma", "step_time_p50")  # 6 decimals in the TSV
-INTS = ("num_steps", "attempts", "disturbed_runs", "dof")
+INTS = ("num_steps", "attempts", "disturbed_runs", "dof", "worker")
 EXPERIMENT_ID = re.compile(r"exp-\d+")  # an experiment's own row (not one of its confirmation runs)
 
 
@@ -67,6 +69,9 @@ class Experiment:
     disturbed_runs: int = 0  # attempts behind this row found disturbed and re-run
     sigma: Optional[float] = None  # the noise floor the row was decided with ...
     dof: Optional[int] = None  # ... and its degrees of freedom
+    worker: Optional[int] = None  # search.workers > 1: the worker slot (worktree, device) that ran it
+    proposed: str = ""  # search.workers > 1: when it was proposed (row order is finish order; exp ids proposal order)
+    parent: str = ""  # search.workers > 1: the best commit it was branched from (7 characters in the TSV)
     proposal: Optional[Proposal] = field(default=None, repr=False)  # from proposals/<exp>.json
     overrides_in_effect: list[str] = field(default_factory=list, repr=False)  # research overrides: the kept ones + this
     # full-precision val_bpb of each run behind it; None: not recorded (the TSV value stands), []: none (an
@@ -104,7 +109,7 @@ class Experiment:
         cells = []
         for c in COLUMNS:
             v = getattr(self, c)
-            if c == "commit":
+            if c in ("commit", "parent"):
                 v = (v or "")[:7]
             if v is None:
                 v = ""
@@ -133,9 +138,14 @@ class Ledger:
     def __init__(self, session_dir: Path):
         self.path = Path(session_dir) / "results.tsv"
         self.proposals = Path(session_dir) / "proposals"
+        self.lock = threading.RLock()  # search.workers > 1: worker threads append while others read
 
     def rows(self) -> list[Experiment]:
         """Every recorded experiment, in order, with its proposal and overrides in effect joined in."""
+        with self.lock:
+            return self._rows()
+
+    def _rows(self) -> list[Experiment]:
         if not self.path.exists():
             return []
         data = self.path.read_bytes()
@@ -168,6 +178,10 @@ class Ledger:
 
     def append(self, e: Experiment) -> None:
         """Append one row: a single write, then fsync; on failure the file is left as it was."""
+        with self.lock:
+            self._append(e)
+
+    def _append(self, e: Experiment) -> None:
         new = not self.path.exists() or self.path.stat().st_size == 0
         text = ("\t".join(COLUMNS) + "\n" if new else "") + e.to_row()
         try:
@@ -194,6 +208,10 @@ class Ledger:
 
         The file is rewritten whole via temp + rename: a reader sees the old ledger or the new one.
         """
+        with self.lock:
+            return self._amend(exp, **cells)
+
+    def _amend(self, exp: str, **cells) -> Experiment:
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
         header = lines[0].rstrip("\n").split("\t")
         for i, line in enumerate(lines[1:], 1):

@@ -27,7 +27,7 @@ from src.lab.agents import Agent, AgentStop, build_agent
 from src.lab.baseline import run_baseline
 from src.lab.config import SearchAppConfig, check_search
 from src.lab.context import Lab
-from src.lab.experiment import Experiments
+from src.lab.experiment import Experiments, new_row
 from src.lab.ledger import Ledger, next_experiment
 from src.lab.preflight import code_at, preflight
 from src.lab.proposal import override_key
@@ -37,7 +37,8 @@ from src.lab.runs import open_session_runs
 from src.lab.session import Session, SessionError
 
 log = logging.getLogger(__name__)
-SEARCH_ROOTS = ("search", "agent", "search_space", "hydra")  # command-line keys that do not set the baseline
+# command-line keys that do not set the baseline
+SEARCH_ROOTS = ("search", "agent", "search_space", "launcher", "hydra")
 
 
 def train_overrides(task_overrides: list[str]) -> list[str]:
@@ -73,6 +74,12 @@ class Search:
             check_search(s)
         except ValueError as e:
             raise SessionError(str(e)) from None
+        if s.workers > 1:
+            from src.lab.workers import check_workers
+
+            check_workers(self.cfg)  # a device slot per worker (GPUs, or threads x workers <= cores)
+            if getattr(self.cfg.agent, "constant_liar", False) is None:  # TPE: trials in flight count as running
+                self.cfg.agent.constant_liar = True
         # the agent first, checked (agent=claude: key, API): a missing key costs no session and no run
         self.agent = build_agent(self.cfg.agent, self.cfg.search_space)
         self.agent.preflight()
@@ -100,8 +107,18 @@ class Search:
                        base_config)
 
     def _runner(self, cwd: Path) -> Runner:
-        s = self.cfg.search
-        return Runner(cwd, s.env_strip, s.env_keep, command=self.train_command)
+        return self.make_runner(cwd)
+
+    def make_runner(self, cwd: Path, env: Optional[dict] = None) -> Runner:
+        """The runner of a worktree (env: a worker's device slot); launcher=submitit_*: runs are submitit jobs."""
+        s, launcher = self.cfg.search, self.cfg.launcher
+        if launcher.name != "local":
+            from src.lab.launcher import SubmititRunner
+
+            folder = launcher.folder or (str(self.session.dir / "submitit") if self.session is not None else None)
+            return SubmititRunner(cwd, s.env_strip, s.env_keep, command=self.train_command, extra_env=env,
+                                  launcher=launcher, folder=folder)
+        return Runner(cwd, s.env_strip, s.env_keep, command=self.train_command, extra_env=env)
 
     def _restore(self, st) -> None:
         """A resume keeps the session's train overrides, search knobs, agent and search space; what this command
@@ -111,8 +128,8 @@ class Search:
                         st.base_overrides, self.base_overrides)
         self.base_overrides = list(st.base_overrides)
         explicit = self.explicit if self.explicit is not None else \
-            {f"{g}.{k}" for g in ("search", "agent", "search_space") for k in asdict(getattr(self.cfg, g))} | \
-            {"agent", "search_space"}
+            {f"{g}.{k}" for g in ("search", "agent", "search_space", "launcher")
+             for k in asdict(getattr(self.cfg, g))} | {"agent", "search_space", "launcher"}
         changes = restore_knobs(self.cfg, st, explicit)
         if changes:
             log.warning("resume: session %s continues as it was started, except what this command line gives: %s",
@@ -138,9 +155,11 @@ class Search:
             raise
         lab = self.lab
         lab.deadline = time.time() + self.cfg.search.max_hours * 3600
-        pending = reconcile(lab)
+        pendings = reconcile(lab)
         rows = lab.rows()
-        self.agent.restore(rows, lab.state(rows, lab.deadline - time.time()))
+        state = lab.state(rows, lab.deadline - time.time())
+        state.in_flight = [new_row(p.exp, p.proposal, [], []) for p in pendings if p.proposal is not None]
+        self.agent.restore(rows, state)
         log.info("session %s: branch %s, dir %s, %d rows so far", self.session.tag, self.session.state.branch,
                  self.session.dir, len(rows))
         total = self.cfg.search.max_experiments
@@ -150,8 +169,16 @@ class Search:
         status = "FINISHED"
         try:
             with logging_redirect_tqdm():
-                pending = run_baseline(lab, pending)
-                self.loop(pending, bar)
+                base = next((p for p in pendings if p.proposal is None), None)
+                rest = [p for p in pendings if p is not base]
+                pending = run_baseline(lab, base)
+                rest = ([pending] if pending is not None else []) + rest
+                if self.cfg.search.workers > 1 or self.cfg.launcher.name != "local":
+                    from src.lab.workers import Pool
+
+                    Pool(self).run(rest, bar)
+                else:
+                    self.loop(rest, bar)
         except KeyboardInterrupt:
             status = "KILLED"
             self.stop_reason = "interrupted (Ctrl-C)"
@@ -164,19 +191,22 @@ class Search:
             self.finish(status)
         return self.summary()
 
-    def loop(self, pending: Optional[Pending], bar) -> None:
+    def loop(self, pendings: list[Pending], bar) -> None:
+        """One experiment after another (search.workers=1); pendings: what a resume finishes first."""
         lab, s = self.lab, self.cfg.search
         experiments = Experiments(lab)
         invalid_streak = 0
+        pendings = list(pendings)
         while True:
             rows = lab.rows()
+            pending = pendings.pop(0) if pendings else None
             if pending is None:
                 proposal = self._next_proposal(rows)
                 if proposal is None:
                     return
                 exp, attempt = next_experiment(rows), 0
             else:
-                exp, proposal, attempt, pending = pending.exp, pending.proposal, pending.attempt, None
+                exp, proposal, attempt = pending.exp, pending.proposal, pending.attempt
             e = experiments.execute(exp, proposal, rows, attempt)
             rows = lab.rows()
             self.agent.observe(e, lab.state(rows, lab.deadline - time.time()))

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
+
+COMPOSE_LOCK = threading.RLock()  # Hydra's global state: one composition at a time
 
 KINDS = ("overrides", "patch", "patch+overrides")
 
@@ -174,8 +177,14 @@ def check_patch_paths(patch: str, editable: list[str]) -> list[str]:
 def compose_train(conf_dir: Path, overrides: list[str]):
     """Compose conf/train.yaml with `overrides` into a typed TrainConfig, or raise InvalidProposal.
 
-    Works inside a running Hydra app too: the global Hydra state is set aside and restored.
+    Works inside a running Hydra app too: the global Hydra state is set aside and restored. Hydra's state
+    is global, so compositions are serialized (search.workers > 1 composes from several threads).
     """
+    with COMPOSE_LOCK:
+        return _compose_train(conf_dir, overrides)
+
+
+def _compose_train(conf_dir: Path, overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.singleton import Singleton

@@ -8,6 +8,8 @@ Usage: files = write_report(session_dir)        (python -m src.report [tag] is t
 """
 from __future__ import annotations
 
+import json
+
 import math
 from pathlib import Path
 from typing import Optional
@@ -94,6 +96,21 @@ def running_best(rows: list[Experiment], spread: float = 0.0) -> float:
     return Standings.of(rows, "", 0.0, 0.0, spread).best.val_bpb if rows else math.inf
 
 
+def workers_lines(d: Path, rows: list[Experiment]) -> list[str]:
+    """search.workers > 1: throughput and where the workers' time went (workers.json of the last invocation)."""
+    try:
+        u = json.loads((d / "workers.json").read_text())
+    except (OSError, ValueError):
+        return []
+    slots = ", ".join(f"w{p['worker']} {p['slot']} ({p['experiments']} exp.)" for p in u.get("per_worker", []))
+    rebased = sum(1 for e in rows if e.status == "keep" and "rebased" in e.reason)
+    return [f"- workers: {u['workers']} ({slots}); {u['experiments']} experiments in {u['elapsed_s'] / 3600:.2f} h of the "
+            f"last invocation = {u['experiments_per_hour']:.1f} per hour; worker time: training "
+            f"{100 * u['training']:.0f}%, rest of the runs {100 * u['run_overhead']:.0f}%, scoring "
+            f"{100 * u['scoring']:.0f}%, waiting {100 * u['waiting']:.0f}%; {rebased} keep(s) rebased on a newer best, "
+            f"{sum(1 for e in rows if e.status == 'conflict')} conflict(s)"]
+
+
 def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlflow: bool = False) -> list[Path]:
     """Write report.md, progress.png, best.diff and best_overrides.yaml; optionally log them to MLflow."""
     d = Path(session_dir)
@@ -135,6 +152,7 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
              f"disturbed {st.count(DISTURBED)}; {st.count(CONFIRM)} confirmation runs, "
              f"{st.disturbed_runs} disturbed runs set aside",
              f"- reproduce the best: `git checkout {best_commit[:12]} && python -m src.train {repro}`",
+             *workers_lines(d, rows),
              f"- proposed by: {by_agent(rows)}", "",
              "## Leaderboard (best first)", "",
              "| rank | exp | val_bpb | delta vs baseline | status | commit | description |",

@@ -8,7 +8,7 @@ branch is put back at the best commit, and the unfinished experiment is handed b
 It also puts back the session's own search knobs, agent and agent options, and search space
 (restore_knobs): a resume continues the session as it was started, unless told otherwise.
 
-Usage: pending = reconcile(lab)   # None, or the experiment to finish first
+Usage: pendings = reconcile(lab)   # the experiments to finish first (none, one, or several in flight)
        changes = restore_knobs(cfg, session.state, explicit_keys(command_line))
 """
 from __future__ import annotations
@@ -34,40 +34,70 @@ class Pending:
     attempt: int  # attempts already started
     commit: str
     run_dir: str
+    worker: Optional[int] = None  # search.workers > 1: the slot it ran on
+    parent: str = ""  # the best commit it was branched from
+    proposed: str = ""
+    job: str = ""  # launcher=submitit_*: a job of attempt `attempt` still running: re-attach to it, do not re-run
+    job_folder: str = ""
 
 
-def reconcile(lab: Lab) -> Optional[Pending]:
-    """Stop an orphaned run, fix MLflow, put the branch at the best; the experiment to finish, if any."""
+def reconcile(lab: Lab) -> list[Pending]:
+    """Stop orphaned runs, fix MLflow, put the branch at the best; the experiments to finish (in proposal order).
+
+    state.json's `in_flight` (the sequential loop) and `running` (search.workers > 1) both count. A submitit
+    job that is still running is not stopped: its Pending carries the job, and the resume re-attaches to it."""
     rows = lab.rows()
     st = lab.session.state
-    fl = st.in_flight
-    pending = None
+    pendings = []
     if rows and lab.runs.enabled:
         last = rows[-1]
         try:
             lab.runs.tag_row(last, len(rows), last.mlflow_run_id or None, lab.standings(rows).best)
         except Exception as e:
             log.warning("could not re-tag %s in MLflow: %s", last.exp, e)
-    if fl is not None:
-        if any(e.exp == fl.exp for e in rows):
+    recorded = {e.exp for e in rows}
+    flights = ([st.in_flight] if st.in_flight is not None else []) + list(st.running)
+    for fl in flights:
+        if fl.exp in recorded:
             log.info("resume: %s was recorded before the stop", fl.exp)
-        else:
-            if fl.pid and alive(fl.pid) and is_train_process(fl.pid, fl.run_dir):
-                log.warning("resume: stopping the orphaned run of %s (pid %d)", fl.exp, fl.pid)
-                stop_group(fl.pid, 5.0)
-            rec = lab.ledger.load(fl.exp) or {}
-            proposal = Proposal.from_dict(rec["proposal"]) if rec.get("proposal") else None
-            pending = Pending(fl.exp, proposal, fl.attempt, fl.commit, fl.run_dir)
+            continue
+        job = fl.job if fl.job and fl.worker is not None and job_resumable(fl.job, fl.job_folder) else ""
+        if job:
+            log.warning("resume: %s (attempt %d) ran as job %s, still running or finished since: re-attaching to "
+                        "it", fl.exp, fl.attempt, job)
+        elif fl.job:  # a job nobody will wait on (the sequential loop's, a baseline run): cancel it
+            from src.lab.launcher import JobHandle
+
+            try:
+                JobHandle(fl.job, fl.job_folder).cancel()
+            except Exception as e:
+                log.warning("resume: could not cancel job %s of %s: %s", fl.job, fl.exp, e)
+        elif fl.pid and alive(fl.pid) and is_train_process(fl.pid, fl.run_dir):
+            log.warning("resume: stopping the orphaned run of %s (pid %d)", fl.exp, fl.pid)
+            stop_group(fl.pid, 5.0)
+        rec = lab.ledger.load(fl.exp) or {}
+        proposal = Proposal.from_dict(rec["proposal"]) if rec.get("proposal") else None
+        pendings.append(Pending(fl.exp, proposal, fl.attempt, fl.commit, fl.run_dir, fl.worker, fl.parent,
+                                fl.proposed, job, fl.job_folder if job else ""))
+        if not job:
             log.warning("resume: %s was interrupted (attempt %d) and will be finished now", fl.exp, fl.attempt)
-            for a in range(1, fl.attempt + 1):
-                try:
-                    lab.runs.close_stale(attempt_name(fl.exp, a))
-                except Exception as e:
-                    log.warning("could not close the stale MLflow run of %s: %s", fl.exp, e)
-        st.in_flight = None
+        for a in range(1, fl.attempt + (0 if job else 1)):
+            try:
+                lab.runs.close_stale(attempt_name(fl.exp, a))
+            except Exception as e:
+                log.warning("could not close the stale MLflow run of %s: %s", fl.exp, e)
+    if flights:
+        st.in_flight, st.running = None, []
         lab.session.save()
     lab.session.reset(lab.standings(rows).best.commit)
-    return pending
+    return sorted(pendings, key=lambda p: p.exp)
+
+
+def job_resumable(ref: str, folder: str) -> bool:
+    """Is the submitit job still queued or running, or did it run to its end (launcher=submitit_*)?"""
+    from src.lab.launcher import FINISHED, RUNNING, job_state
+
+    return job_state(ref, folder) in RUNNING + FINISHED
 
 
 # ---------------------------------------------------------------------------- the session's knobs
@@ -127,7 +157,7 @@ def restore_knobs(cfg: SearchAppConfig, st: SessionState, explicit: set[str]) ->
 
     Returns one line per difference from the session's own values, for the warning.
     """
-    from src.lab.config import AGENT_SCHEMAS, AgentConfig, SearchConfig, SearchSpaceConfig
+    from src.lab.config import AGENT_SCHEMAS, AgentConfig, LauncherConfig, SearchConfig, SearchSpaceConfig
 
     changes = []
     if st.search:
@@ -149,6 +179,11 @@ def restore_knobs(cfg: SearchAppConfig, st: SessionState, explicit: set[str]) ->
         changes += ch
     elif st.search_space:
         changes.append(f"search_space: {st.search_space.get('name')!r} -> {cfg.search_space.name!r}")
+    if st.launcher and not ("launcher" in explicit and cfg.launcher.name != st.launcher.get("name")):
+        cfg.launcher, ch = _restore(cfg.launcher, st.launcher, LauncherConfig, "launcher", explicit)
+        changes += ch
+    elif st.launcher:
+        changes.append(f"launcher: {st.launcher.get('name')!r} -> {cfg.launcher.name!r}")
     return changes
 
 
@@ -157,3 +192,4 @@ def record_knobs(cfg: SearchAppConfig, st: SessionState) -> None:
     st.search, st.agent = asdict(cfg.search), cfg.agent.name
     st.agent_config, st.agent_schema = asdict(cfg.agent), type(cfg.agent).__name__
     st.search_space = asdict(cfg.search_space)
+    st.launcher = asdict(cfg.launcher)

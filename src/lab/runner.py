@@ -17,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,13 +155,32 @@ class Runner:
     """
 
     def __init__(self, cwd: Path, strip=ENV_STRIP, keep=(), command: Optional[list[str]] = None,
-                 stop_grace_s: float = 15.0, score_checkpoints: Optional[bool] = None):
+                 stop_grace_s: float = 15.0, score_checkpoints: Optional[bool] = None,
+                 extra_env: Optional[dict] = None):
+        """extra_env: a worker's device slot (CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS), for its runs and scorers."""
         self.cwd = Path(cwd)
         self.env = clean_env(dict(os.environ), strip, keep)
         self.env["PYTHONUNBUFFERED"] = "1"
+        self.env.update(extra_env or {})
         self.command = command or [sys.executable, "-m", "src.train"]
         self.stop_grace_s = stop_grace_s
         self.score_checkpoints = command is None if score_checkpoints is None else score_checkpoints
+        self.interrupted = threading.Event()  # set from another thread (search.workers > 1: Ctrl-C): stop the run
+        self._pid: Optional[int] = None
+
+    def interrupt(self) -> None:
+        """Stop the run in progress from another thread (its own thread records it as interrupted)."""
+        self.interrupted.set()
+        pid = self._pid
+        if pid:
+            try:
+                os.killpg(pid, signal.SIGINT)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _check_interrupt(self, run_dir: Path) -> None:
+        if self.interrupted.is_set():
+            raise RunInterrupted(Outcome(INTERRUPTED, Path(run_dir), note="interrupted by the user (Ctrl-C / SIGTERM)"))
 
     def run(self, overrides: list[str], run_dir: Path, timeout_s: float,
             on_start: Optional[Callable[[int], None]] = None, score: bool = True) -> Outcome:
@@ -168,6 +188,7 @@ class Runner:
 
         score=False: a run that trains nothing (the dry run of a candidate)."""
         run_dir = Path(run_dir)
+        self._check_interrupt(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         scorer = None
         if score and self.score_checkpoints:
@@ -193,7 +214,10 @@ class Runner:
                                     stderr=subprocess.STDOUT, start_new_session=True,
                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         note = ""
+        self._pid = proc.pid
         try:
+            if self.interrupted.is_set():  # interrupt() came before the pid was known
+                raise KeyboardInterrupt
             if on_start is not None:
                 on_start(proc.pid)
             try:
@@ -202,6 +226,8 @@ class Runner:
                 stop_group(proc.pid, self.stop_grace_s, proc)
                 rc = proc.returncode
                 note = f"timeout: killed after {timeout_s:.0f} s (search.timeout_factor/timeout_grace_s/timeout_s)"
+            if self.interrupted.is_set():  # stopped from another thread
+                raise KeyboardInterrupt
         except KeyboardInterrupt:
             stop_group(proc.pid, self.stop_grace_s, proc)
             out = self._outcome(run_dir, proc.returncode, t0, "interrupted by the user (Ctrl-C / SIGTERM)")

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,6 +101,11 @@ class InFlight:
     run_dir: str
     pid: Optional[int] = None  # the train process (its own process group)
     started: float = 0.0
+    worker: Optional[int] = None  # search.workers > 1: the worker slot running it
+    parent: str = ""  # the best commit it was branched from (search.workers > 1)
+    job: str = ""  # launcher=submitit_*: the job id of the attempt (a resume re-attaches to it)
+    job_folder: str = ""  # ... and submitit's folder
+    proposed: str = ""  # when it was proposed (ISO time)
 
 
 @dataclass
@@ -111,7 +117,8 @@ class SessionState:
     created: str
     base_overrides: list[str] = field(default_factory=list)  # the session's train overrides (fixed)
     parent_run_id: Optional[str] = None  # MLflow parent run of the session
-    in_flight: Optional[InFlight] = None
+    in_flight: Optional[InFlight] = None  # the sequential loop's experiment in flight (search.workers=1)
+    running: list[InFlight] = field(default_factory=list)  # search.workers > 1: every experiment in flight
     invocations: int = 0  # how many times the session was started or resumed
     tracking_uri: Optional[str] = None  # MLflow store of the session (the report logs to it)
     tracking_experiment: str = "overnight"
@@ -120,6 +127,7 @@ class SessionState:
     agent_config: dict = field(default_factory=dict)  # the agent's options (AgentConfig subclass `agent_schema`)
     agent_schema: str = ""
     search_space: dict = field(default_factory=dict)  # SearchSpaceConfig
+    launcher: dict = field(default_factory=dict)  # LauncherConfig (a resume re-attaches to its jobs)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -129,6 +137,7 @@ class SessionState:
         d = json.loads(text)
         if d.get("in_flight"):
             d["in_flight"] = InFlight(**d["in_flight"])
+        d["running"] = [InFlight(**x) for x in d.get("running") or []]
         return cls(**d)
 
 
@@ -150,6 +159,7 @@ class Session:
         self.git = Git(self.worktree)
         self.repo_git = Git(Path(state.repo))
         self.dirty_warning = ""  # a new session: uncommitted changes in src/ or conf/ it does not include
+        self.lock = threading.RLock()  # search.workers > 1: state, ledger and branch writes of the worker threads
         if not Git(Path(state.repo))("config", "user.email", check=False).stdout.strip():
             self.git.env = {**os.environ, **BOT}  # commits need an identity; the user has none configured
 
@@ -255,7 +265,26 @@ class Session:
             raise
 
     def save(self) -> None:
-        atomic_write(self.dir / "state.json", self.state.to_json())
+        with self.lock:
+            atomic_write(self.dir / "state.json", self.state.to_json())
+
+    # the experiment in flight, persisted before its run starts (a worker's view keeps its own entry of `running`)
+    def track(self, fl: InFlight) -> None:
+        with self.lock:
+            self.state.in_flight = fl
+            self.save()
+
+    def track_pid(self, pid: int, job: str = "", job_folder: str = "") -> None:
+        with self.lock:
+            fl = self.state.in_flight
+            if fl is not None:
+                fl.pid, fl.job, fl.job_folder = pid, job or fl.job, job_folder or fl.job_folder
+                self.save()
+
+    def untrack(self) -> None:
+        with self.lock:
+            self.state.in_flight = None
+            self.save()
 
     def close(self) -> None:
         if self._lock_fd is not None:

@@ -37,6 +37,8 @@ class SearchState:
     best_config: Any  # typed TrainConfig of the best (baseline + best.overrides)
     experiments_left: int
     seconds_left: float
+    # search.workers > 1: experiments running now on other workers (not in history yet): propose something else
+    in_flight: list[Experiment] = field(default_factory=list)
 
     def read(self, path: str) -> str:
         """A file of the best commit, e.g. state.read('src/model.py')."""

@@ -484,6 +484,14 @@ def curve_lines(state, curves: Optional[LossCurves]) -> list[str]:
     return (["## Learning curves (train loss at 25 / 50 / 75 / 100% of the budget)", *out] if out else [])
 
 
+def in_flight_line(e) -> str:
+    """One experiment running on another worker: its id, description, overrides, whether it patches code."""
+    p = e.proposal
+    ovs = " ".join(p.overrides) if p is not None and p.overrides else ""
+    return (f"- {e.exp}: {_one_line(e.description, 120)}" + (f"; overrides: {ovs}" if ovs else "")
+            + ("; with a code patch" if p is not None and p.patch else ""))
+
+
 def dashboard(state, x: Extras) -> str:
     """The state of this turn (not cached, not kept): what changed least first, the journal last."""
     b = state.best
@@ -511,6 +519,10 @@ def dashboard(state, x: Extras) -> str:
     if near:
         lines += ["", "## Near misses since the best (better, but inside the margin: combine them, or re-run one)",
                   *[row_line(e) for e in near]]
+    flying = getattr(state, "in_flight", None) or []
+    if flying:  # search.workers > 1
+        lines += ["", "## In flight now (running on other workers, no result yet: do not propose these again)",
+                  *[in_flight_line(e) for e in flying]]
     if not x.plain:
         fail = last_failure(state.history, x.runs_dir, x.tail_chars)
         if fail:

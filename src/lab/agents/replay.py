@@ -71,7 +71,7 @@ class ReplayAgent(Agent):
             self.cursor = max(self.cursor, idx + 1)
 
     def restore(self, history: list[Experiment], state: SearchState) -> None:
-        for e in history:
+        for e in [*history, *state.in_flight]:  # in flight: a resume finishes them; the file goes on after them
             self._seen(e)
 
     def observe(self, e: Experiment, state: SearchState) -> None:

@@ -42,7 +42,8 @@ class OptunaAgent(Agent):
             with warnings.catch_warnings():  # multivariate is "experimental" in Optuna 4, and the better default
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials,
-                                                     multivariate=cfg.multivariate)
+                                                     multivariate=cfg.multivariate,
+                                                     constant_liar=bool(getattr(cfg, "constant_liar", False)))
         else:
             sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
         self.study = optuna.create_study(direction="minimize", sampler=sampler)

@@ -1,0 +1,161 @@
+"""search.workers=2 vs search.workers=1 on the same replay proposals: experiments per hour, side by side.
+
+Two real sessions (`python -m src.search agent=replay`, real training, device=cpu device.threads=1) in a
+throwaway clone of this checkout's HEAD, both logging to one `mlflow server` (sqlite backend) started
+here on 127.0.0.1, run one after the other: the same N proposals, confirmation off (so both sessions
+run exactly the same N experiments, no more). Throughput is measured over the experiments only (the
+baseline runs, one after another in both sessions, are left out): from the end of the last baseline
+row to the last experiment's finish, as the ledger records them. The table also checks what must
+agree row for row: the ledger holds each proposal once (nothing lost, nothing run twice), every row
+has one MLflow child under the session's one parent, the branch has one commit per keep and its tip
+is the best; and where the 2-worker session's worker time went (workers.json).
+
+Run it on a quiet machine (nothing else on the cores):
+    python bench/workers.py                       # 8 proposals, 30-s runs: about 15 minutes in all
+    python bench/workers.py --proposals 6 --seconds 15
+Must show: ratio (workers=2 / workers=1 experiments per hour) >= 1.8.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from sessions import REPO, clone, outcome, run_search, table
+
+# lr / schedule / shape variations around the CPU default: most discard, some keep; each a real run
+PROPOSALS = [
+    {"description": "matrix lr 0.03", "overrides": ["optimizer.matrix_lr=0.03"]},
+    {"description": "matrix lr 0.06", "overrides": ["optimizer.matrix_lr=0.06"]},
+    {"description": "warmdown 0.4", "overrides": ["optimizer.warmdown_ratio=0.4"]},
+    {"description": "embedding lr 0.3", "overrides": ["optimizer.embedding_lr=0.3"]},
+    {"description": "batch 4096", "overrides": ["batch.total_tokens=4096", "batch.device_tokens=4096"]},
+    {"description": "unembedding lr 0.008", "overrides": ["optimizer.unembedding_lr=0.008"]},
+    {"description": "weight decay 0.1", "overrides": ["optimizer.weight_decay=0.1"]},
+    {"description": "matrix lr 0.05", "overrides": ["optimizer.matrix_lr=0.05"]},
+    {"description": "warmdown 0.3", "overrides": ["optimizer.warmdown_ratio=0.3"]},
+    {"description": "scalar lr 0.3", "overrides": ["optimizer.scalar_lr=0.3"]},
+]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(root: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=open(root / "mlflow-server.log", "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200:
+                return proc, uri
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"mlflow server did not start; see {root / 'mlflow-server.log'}")
+
+
+def ts(iso: str) -> float:
+    return dt.datetime.fromisoformat(iso).timestamp()
+
+
+def measure(repo: Path, tag: str, uri: str, n: int) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    o = outcome(repo, tag)
+    d = repo / "outputs" / "research" / tag
+    state = json.loads((d / "state.json").read_text())
+    exps = [e for e in o.rows if e.is_experiment]
+    base_end = max(ts(e.finished) for e in o.rows if e.exp.startswith("base-"))
+    end = max(ts(e.finished) for e in exps)
+    window = end - base_end
+    c = MlflowClient(uri)
+    exp_ids = [x.experiment_id for x in c.search_experiments()]
+    children = c.search_runs(exp_ids, filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'",
+                             max_results=5000)
+    tagged = sorted(r.data.tags.get("search.exp", "?") for r in children)
+    keeps = [e for e in o.rows if e.status == "keep"]
+    branch = f"research/{tag}"
+    commits = subprocess.run(["git", "rev-list", "--count", f"{state['base_commit']}..{branch}"], cwd=repo,
+                             capture_output=True, text=True).stdout.strip()
+    tip = subprocess.run(["git", "rev-parse", branch], cwd=repo, capture_output=True, text=True).stdout.strip()
+    ids = [e.exp for e in exps]
+    u = json.loads((d / "workers.json").read_text()) if (d / "workers.json").exists() else {}
+    return {"tag": tag, "experiments": len(exps), "window_s": window, "per_hour": len(exps) / (window / 3600),
+            "lost": n - len(set(ids)), "twice": len(ids) - len(set(ids)),
+            "mlflow_agrees": tagged == sorted(e.exp for e in o.rows),
+            "branch_agrees": commits == str(len(keeps)) and tip == o.standings.best.commit,
+            "kept": len(keeps), "best": o.standings.best.val_bpb, "statuses": o.statuses,
+            "training_share": u.get("training"), "waiting_share": u.get("waiting")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--proposals", type=int, default=8, help="replay proposals per session (6 or more)")
+    ap.add_argument("--seconds", type=float, default=30, help="budget.seconds of each run")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    a = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="bench-workers-"))
+    repo = clone(root)
+    if not 6 <= a.proposals <= len(PROPOSALS):
+        raise SystemExit(f"--proposals: 6 to {len(PROPOSALS)}")
+    proposals = PROPOSALS[: a.proposals]
+    import yaml
+
+    pfile = root / "proposals.yaml"
+    pfile.write_text(yaml.safe_dump(proposals))
+    server, uri = start_server(root)
+    results = []
+    try:
+        for workers in (1, 2):
+            tag = f"w{workers}"
+            args = ["agent=replay", f"agent.file={pfile}", "device=cpu", "device.threads=1",
+                    f"budget.seconds={a.seconds:g}", f"search.tag={tag}", f"search.workers={workers}",
+                    "search.confirm=false", f"search.max_experiments={a.proposals}", f"tracking.uri={uri}"]
+            env_log = root / f"{tag}.log"
+            t0 = time.time()
+            rc = run_search(repo, args, env_log)
+            print(f"{tag}: exit {rc} after {time.time() - t0:.0f} s (log {env_log})", flush=True)
+            results.append(measure(repo, tag, uri, a.proposals))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+    w1, w2 = results
+    rows = [[r["tag"][1:], r["experiments"], f"{r['window_s']:.0f}", f"{r['per_hour']:.1f}",
+             f"{r['per_hour'] / w1['per_hour']:.2f}", r["lost"], r["twice"], "yes" if r["mlflow_agrees"] else "NO",
+             "yes" if r["branch_agrees"] else "NO", r["kept"], f"{r['best']:.4f}",
+             "-" if r["training_share"] is None else f"{100 * r['training_share']:.0f}%",
+             "-" if r["waiting_share"] is None else f"{100 * r['waiting_share']:.0f}%"] for r in results]
+    print(f"\n{a.proposals} replay proposals, budget.seconds={a.seconds:g}, device=cpu device.threads=1, "
+          f"search.confirm=false; one mlflow server (sqlite) at {uri}; {os.cpu_count()} CPUs\n")
+    print(table(["workers", "experiments", "window s", "exp/hour", "ratio", "lost", "run twice", "MLflow agrees",
+                 "branch agrees", "kept", "best val_bpb", "training", "waiting"], rows))
+    print(f"\nratio workers=2 / workers=1: {w2['per_hour'] / w1['per_hour']:.2f} (must be >= 1.8)")
+    for r in results:
+        print(f"  {r['tag']}: {r['statuses']}")
+    if not a.keep:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        print(f"kept: {root}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
