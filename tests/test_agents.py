@@ -6,7 +6,6 @@ Run: python -m pytest -q tests/test_agents.py
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml

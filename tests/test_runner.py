@@ -5,7 +5,6 @@ Run: python -m pytest -q tests/test_runner.py
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
