@@ -61,7 +61,8 @@ def main() -> None:
         f = args.out / f"{tag}.yaml"
         f.write_text(yaml.safe_dump(proposals))
         t0 = time.time()
-        rc = run_search(repo, [*common, f"agent.file={f}", f"search.tag={tag}"], args.out / f"{tag}.log")
+        rc = run_search(repo, [*common, f"agent.file={f}", f"search.tag={tag}",  # every proposal runs
+                               f"search.max_experiments={len(proposals)}"], args.out / f"{tag}.log")
         print(f"session {tag}: exit {rc}, {time.time() - t0:.0f} s", flush=True)
         return outcome(repo, tag)
 
