@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import yaml
 
 from src.lab.runner import alive
 from tests.helpers import (REPO, TINY_TRAIN, comment_patch, crash_patch, git, make_repo, read_summary, read_tsv,
-                           run_cli, session_children)
+                           run_cli, session_children, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -81,16 +80,6 @@ def test_a_replay_session_with_real_training_keeps_refuses_and_crashes_then_repo
     assert "report/report.md" in arts and "report/progress.png" in arts
 
 
-def _wait(cond, timeout: float, what: str):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _in_flight(d: Path, exp: str):
     try:
         fl = json.loads((d / "state.json").read_text()).get("in_flight")
@@ -110,7 +99,7 @@ def test_ctrl_c_then_kill_9_mid_experiment_then_resume_finishes_it_once(tmp_path
 
     # 1. Ctrl-C during exp-001: the run is stopped and recorded as interrupted
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    fl = _wait(lambda: _in_flight(d, "exp-001"), 300, "exp-001 to start")
+    fl = wait_for(lambda: _in_flight(d, "exp-001"), 300, "exp-001 to start")
     p.send_signal(signal.SIGINT)
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 130, out[-3000:]
@@ -122,11 +111,11 @@ def test_ctrl_c_then_kill_9_mid_experiment_then_resume_finishes_it_once(tmp_path
     # 2. resume, then kill -9 the search during exp-002: its training dies with it, no row is written
     p = subprocess.Popen([*cmd, "search.resume=true"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True)
-    fl = _wait(lambda: _in_flight(d, "exp-002"), 300, "exp-002 to start")
+    fl = wait_for(lambda: _in_flight(d, "exp-002"), 300, "exp-002 to start")
     before = (d / "results.tsv").read_bytes()
     p.kill()
     p.communicate(timeout=60)
-    _wait(lambda: not alive(fl["pid"]), 30, "the orphaned training run to die")
+    wait_for(lambda: not alive(fl["pid"]), 30, "the orphaned training run to die")
     assert (d / "results.tsv").read_bytes() == before
 
     # 3. resume to the end: exp-002 is finished once (second attempt); max_experiments=1 counts it alone

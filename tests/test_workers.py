@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from src.lab.loop import Search, train_overrides
 from src.lab.runner import alive
 from src.lab.session import SessionError
 from src.lab.workers import plan_slots
-from tests.helpers import REPO, compose_search, fake_command, git, make_patch, make_repo, read_tsv, session_children
+from tests.helpers import REPO, compose_search, fake_command, git, make_patch, make_repo, read_tsv, session_children, wait_for
 
 
 def search_overrides(tmp: Path, repo: Path, proposals: list, *more: str, tag: str = "w") -> list[str]:
@@ -168,16 +167,6 @@ def _running(d: Path, n: int):
     return fls if len(fls) == n else None
 
 
-def _wait(cond, timeout: float = 60):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
 @pytest.mark.slow
 def test_ctrl_c_and_kill_9_with_two_in_flight_then_resume_loses_nothing_and_runs_nothing_twice(tmp_path):
     repo = make_repo(tmp_path)
@@ -194,7 +183,7 @@ def test_ctrl_c_and_kill_9_with_two_in_flight_then_resume_loses_nothing_and_runs
 
     # 1. Ctrl-C with exp-001 and exp-002 in flight: both stopped and recorded `interrupted`
     p = launch()
-    fls = _wait(lambda: _running(d, 2))
+    fls = wait_for(lambda: _running(d, 2))
     p.send_signal(signal.SIGINT)
     assert p.wait(60) == 130, p.stdout.read()[-3000:]
     assert not any(alive(f["pid"]) for f in fls)
@@ -204,12 +193,12 @@ def test_ctrl_c_and_kill_9_with_two_in_flight_then_resume_loses_nothing_and_runs
 
     # 2. resume, kill -9 with exp-003 and exp-004 in flight: their runs die with it, no row is written
     p = launch("search.resume=true")
-    fls = _wait(lambda: _running(d, 2))
+    fls = wait_for(lambda: _running(d, 2))
     assert sorted(f["exp"] for f in fls) == ["exp-003", "exp-004"] and {f["worker"] for f in fls} == {0, 1}
     before = (d / "results.tsv").read_bytes()
     p.kill()
     p.wait(30)
-    _wait(lambda: not any(alive(f["pid"]) for f in fls), 30)
+    wait_for(lambda: not any(alive(f["pid"]) for f in fls), 30)
     assert (d / "results.tsv").read_bytes() == before
 
     # 3. resume to the end: exp-003 and exp-004 finished once each (second attempts), then exp-005
@@ -278,7 +267,7 @@ def test_submitit_jobs_survive_kill_9_are_reattached_and_a_job_killed_from_outsi
 
     # 1. two experiments run as submitit jobs; kill -9 the search: the jobs go on
     p = launch()
-    first = _wait(jobs)
+    first = wait_for(jobs)
     p.kill()
     p.wait(30)
     assert all(alive(int(j.split(":")[1])) for j in first.values())
@@ -288,11 +277,11 @@ def test_submitit_jobs_survive_kill_9_are_reattached_and_a_job_killed_from_outsi
     done: list = []
     t = threading.Thread(target=lambda: done.append(start([*ovs, "search.resume=true"])), daemon=True)
     t.start()
-    _wait(lambda: (d / "search.log").exists() and (d / "search.log").read_text().count("re-attached to job") == 2)
+    wait_for(lambda: (d / "search.log").exists() and (d / "search.log").read_text().count("re-attached to job") == 2)
     assert jobs() == first
     # 3. a scheduler kills exp-002's job: `killed`, submitted again once; exp-001's job finishes where it ran
     _kill_tree(int(first["exp-002"].split(":")[1]))
-    _wait(lambda: "killed from outside" in (d / "runs" / "exp-002" / "run.log").read_text())
+    wait_for(lambda: "killed from outside" in (d / "runs" / "exp-002" / "run.log").read_text())
     gate.write_text("go")
     t.join(120)
     assert done, "the resumed session did not finish"
@@ -328,7 +317,7 @@ def mlflow_server(tmp_path):
             except OSError:
                 assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-2000:]
                 return False
-        _wait(up, 90)
+        wait_for(up, 90)
         yield uri, tmp_path / "mlflow-server.log"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # a throwaway server: no need for its graceful shutdown
