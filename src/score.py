@@ -17,7 +17,9 @@ Checks, before scoring (a failure is the status `tampered` with the reason):
 - no state across calls: the first scoring batch, re-scored at the end, gives the same nats.
 
 Protocol: stdin line 1 = nonce (sent at start-up, so torch imports while training runs);
-stdin line 2 = checkpoint path (or EOF to quit). Stdout: `OVERNIGHT-SCORE <json>`.
+stdout `OVERNIGHT-SCORER-READY` once the imports are done (a standalone run waits for it before its
+clock starts, so the scorer's start-up never competes with counted training); stdin line 2 =
+checkpoint path (or EOF to quit). Stdout: `OVERNIGHT-SCORE <json>`.
 Usage: scorer = Scorer(cwd, log_path).start(); ...train...; result = scorer.score(ckpt, timeout_s=600)
        python -m src.score < (echo NONCE; echo run_dir/checkpoint.pt)
 """
@@ -28,6 +30,7 @@ import json
 import math
 import os
 import secrets
+import select
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -47,6 +50,7 @@ from src.device import DTYPES, Runtime
 from src.evaluate import evaluate_bpb, token_nats, windows
 
 MARKER = "OVERNIGHT-SCORE"
+READY = "OVERNIGHT-SCORER-READY"
 CHECKPOINT = "checkpoint.pt"  # in the run dir
 # Tolerance on logits: 20x the numeric noise measured between batch layouts of one input, at least
 # FLOOR, at most CAP[dtype] (so a model cannot widen it for itself by being noisy on purpose).
@@ -257,6 +261,8 @@ def main() -> int:
     nonce = sys.stdin.readline().strip()
     snapshot = library_snapshot()  # before any research code is imported
     out = sys.stdout
+    out.write(f"{READY}\n")
+    out.flush()
     path = sys.stdin.readline().strip()
     if not path:
         return 0
@@ -300,6 +306,21 @@ class Scorer:
         self.proc.stdin.write(f"{self.nonce}\n".encode())
         self.proc.stdin.flush()
         return self
+
+    def wait_ready(self, timeout_s: float = 60.0) -> bool:
+        """Block until the scorer has done its imports (its start-up then no longer competes for the
+        cores); False when it did not say so in time (it may be slow or dead: score() reports that)."""
+        if self.proc is None or self.proc.stdout is None:
+            return False
+        fd, got, deadline = self.proc.stdout.fileno(), b"", _now() + timeout_s
+        while (left := deadline - _now()) > 0 and select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 1024)  # unbuffered: score()'s communicate() reads the same pipe later
+            if not chunk:  # it exited
+                return False
+            got += chunk
+            if READY.encode() in got:
+                return True
+        return False
 
     def score(self, checkpoint: Path, timeout_s: float = 1800.0) -> dict:
         """The verdict on `checkpoint`: {status: ok|tampered|crash|nan|timeout, val_bpb, reason, ...}."""

@@ -355,6 +355,8 @@ class TimedRun:
     def train(self, fwd, opt, batches) -> None:
         """The budgeted loop, under the wall-clock watchdog; `stalled` when stalls ate too much of it."""
         cfg = self.cfg
+        if self.scorer is not None and not self.scorer.wait_ready():
+            log.warning("the scorer process did not finish starting within 60 s; training starts anyway")
         self.rt.reset_peak_memory()
         self.summary["startup_seconds"] = process_age()  # process start to the first step: imports, data, model, probe
         clock = self.clock = BudgetClock(cfg.budget, cfg.batch.total_tokens)

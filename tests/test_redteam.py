@@ -110,3 +110,16 @@ def test_a_val_bpb_the_train_process_reports_is_never_taken(tmp_path):
     out = Runner(REPO, command=fake_command(), score_checkpoints=True).run(["device=cpu"], tmp_path / "run", 60)
     assert out.status == "tampered" and out.val_bpb is None
     assert "without saving its checkpoint" in out.error_line
+
+
+def test_the_scorer_says_when_it_is_ready_and_its_verdict_still_comes_through(tmp_path):
+    """A standalone run waits for READY before its clock starts; reading it must not eat the verdict."""
+    from src.score import Scorer
+
+    scorer = Scorer(REPO, tmp_path / "score.log").start()
+    try:
+        assert scorer.wait_ready(timeout_s=120)
+        verdict = scorer.score(tmp_path / "no-such-checkpoint.pt", timeout_s=120)
+    finally:
+        scorer.close()
+    assert verdict["status"] == "crash" and "scoring failed" in verdict["reason"]
