@@ -55,6 +55,21 @@ class Hog:
             return None
 
 
+def point(o, exp: str):
+    e = next((r for r in o.rows if r.exp == exp), None)
+    return (e.proposal.meta.get("params") if e and e.proposal else None) or (e.overrides if e else None)
+
+
+def verdict(o, exp: str) -> str:
+    e = next((r for r in o.rows if r.exp == exp), None)
+    if e is None:
+        return "-"
+    pairs = sum(1 for r in o.rows if r.exp.startswith(exp + "-c"))
+    return (f"{e.status} {e.val_bpb:.4f}" if e.val_bpb is not None else e.status) + \
+        (f" (delta {e.delta:+.4f}, margin {e.margin:.4f}{f', {pairs} pair(s)' if pairs else ''})"
+         if e.delta is not None and e.margin is not None else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=30, help="budget.seconds of every run")
@@ -88,7 +103,13 @@ def main() -> None:
     print(table(["session", "runs", "statuses", "disturbed", "noise", "margin", "best", "kept"], rows))
     q, h = results["quiet"], results["hog"]
     ratio = max(q.standings.margin, h.standings.margin) / max(min(q.standings.margin, h.standings.margin), 1e-12)
-    same = sorted(e.description for e in q.kept) == sorted(e.description for e in h.kept)
+    # the same seed proposes the same points (TPE's start-up is random; later it depends on the values):
+    # compare experiment by experiment, by the point proposed, not by its description (relative to the best)
+    print(table(["exp", "same point", "quiet", "hog"], [
+        [x, "yes" if point(q, x) == point(h, x) else "NO", verdict(q, x), verdict(h, x)]
+        for x in sorted({e.exp for o in (q, h) for e in o.rows if e.exp.startswith("exp-") and e.exp.count("-") == 1})]))
+    same = sorted((e.exp, json.dumps(point(q, e.exp), sort_keys=True)) for e in q.kept) == \
+        sorted((e.exp, json.dumps(point(h, e.exp), sort_keys=True)) for e in h.kept)
     base = [f"{e.exp} {e.status} {e.val_bpb:.4f} ({e.tokens_per_sec or 0:,.0f} tok/s)" for e in h.rows
             if e.exp.startswith("base-") and e.val_bpb is not None]
     print(f"\nhog session's baseline runs: {'; '.join(base)}")

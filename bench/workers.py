@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,10 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"mlflow server did not start; see {root / 'mlflow-server.log'}")
 
 
+# what each run's summary.json says about where its process time went (the train process; scoring is the scorer's)
+PHASES = ("startup_seconds", "warmup_seconds", "training_seconds", "score_seconds", "process_seconds", "tokens_per_sec")
+
+
 def ts(iso: str) -> float:
     return dt.datetime.fromisoformat(iso).timestamp()
 
@@ -97,12 +102,16 @@ def measure(repo: Path, tag: str, uri: str, n: int) -> dict:
     tip = subprocess.run(["git", "rev-parse", branch], cwd=repo, capture_output=True, text=True).stdout.strip()
     ids = [e.exp for e in exps]
     u = json.loads((d / "workers.json").read_text()) if (d / "workers.json").exists() else {}
+    runs = [json.loads(f.read_text()) for f in sorted((d / "runs").glob("*/summary.json"))
+            if not f.parent.name.startswith("base-")]
+    phases = {k: statistics.median(float(r.get(k) or 0) for r in runs) if runs else float("nan") for k in PHASES}
     return {"tag": tag, "experiments": len(exps), "window_s": window, "per_hour": len(exps) / (window / 3600),
             "lost": n - len(set(ids)), "twice": len(ids) - len(set(ids)),
             "mlflow_agrees": tagged == sorted(e.exp for e in o.rows),
             "branch_agrees": commits == str(len(keeps)) and tip == o.standings.best.commit,
             "kept": len(keeps), "best": o.standings.best.val_bpb, "statuses": o.statuses,
-            "training_share": u.get("training"), "waiting_share": u.get("waiting")}
+            "training_share": u.get("training"), "waiting_share": u.get("waiting"), "runs": len(runs),
+            "phases": phases}
 
 
 def main() -> None:
@@ -145,6 +154,10 @@ def main() -> None:
           f"search.confirm=false; one mlflow server (sqlite) at {uri}; {os.cpu_count()} CPUs\n")
     print(table(["workers", "experiments", "window s", "exp/hour", "ratio", "lost", "run twice", "MLflow agrees",
                  "branch agrees", "kept", "best val_bpb", "training", "waiting"], rows))
+    print("\nper run (medians over the experiments' runs, re-runs included; seconds):\n")
+    print(table(["workers", "runs", *PHASES], [[r["tag"][1:], r["runs"], *(
+        f"{r['phases'][k]:,.0f}" if k == "tokens_per_sec" else f"{r['phases'][k]:.1f}" for k in PHASES)]
+        for r in results]))
     print(f"\nratio workers=2 / workers=1: {w2['per_hour'] / w1['per_hour']:.2f} (must be >= 1.8)")
     for r in results:
         print(f"  {r['tag']}: {r['statuses']}")

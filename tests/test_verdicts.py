@@ -161,9 +161,11 @@ def test_with_weak_noise_a_would_be_keep_is_confirmed_and_null_changes_are_not_k
     by, rows, s = session(lab, proposals=[*nulls, {"description": "smaller batch", "overrides": SMALLER_BATCH}])
     decided = [r for r in rows if r["exp"].startswith("exp-") and r["exp"].count("-") == 1]
     assert [r["status"] for r in decided] == ["discard"] * 6 + ["keep"]
-    assert by["exp-007"]["exp"] and by["exp-007-b1"]["status"] == "confirm" and by["exp-007-c1"]["status"] == "confirm"
     assert "paired confirmation" in by["exp-007"]["reason"]
-    assert [r["exp"] for r in rows[-3:]] == ["exp-007-b1", "exp-007-c1", "exp-007"]
+    earlier = [r for r in rows if r["status"] == "confirm" and not r["exp"].startswith("exp-007")]
+    if not earlier:  # sigma from the two baseline runs alone (1 dof): 2 pairs, in alternating order
+        assert [r["exp"] for r in rows[-5:]] == ["exp-007-b1", "exp-007-c1", "exp-007-c2", "exp-007-b2", "exp-007"]
+    assert all(by[x]["status"] == "confirm" for x in ("exp-007-b1", "exp-007-c1"))
     st = s.lab.standings()
     assert st.count("confirm") >= 2 and s.summary()["noise_dof"] == st.noise.dof
 

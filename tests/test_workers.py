@@ -110,7 +110,11 @@ def _first_line(tag: str):
 
 
 @pytest.mark.slow
-def test_a_keep_whose_parent_moved_is_rebased_and_confirmed_and_a_conflict_is_recorded(tmp_path, monkeypatch):
+@pytest.mark.parametrize("confirm", [False, True])
+def test_a_keep_whose_parent_moved_is_rebased_and_confirmed_and_a_conflict_is_recorded(tmp_path, monkeypatch,
+                                                                                       confirm):
+    """confirm=false: the rebased candidate runs once and must beat the new best by the margin;
+    confirm=true: it is confirmed by back-to-back pairs with the new best (2 pairs: sigma has 0 dof)."""
     repo = make_repo(tmp_path)
     proposals = [
         {"description": "patch A + lr", "overrides": ["optimizer.matrix_lr=0.05"],
@@ -123,7 +127,9 @@ def test_a_keep_whose_parent_moved_is_rebased_and_confirmed_and_a_conflict_is_re
     ]
     # exp-002 finishes after exp-003 is kept, exp-004 after exp-005 is kept: their parents are no longer the best
     monkeypatch.setenv("FAKE_AFTER", "exp-002:exp-003,exp-004:exp-005")
-    out = start(search_overrides(tmp_path, repo, proposals))
+    ovs = [o.replace("search.confirm=false", f"search.confirm={str(confirm).lower()}")
+           for o in search_overrides(tmp_path, repo, proposals)]
+    out = start(ovs)
     d = repo / "outputs" / "research" / "w"
     rows = read_tsv(d / "results.tsv")
     by = {r["exp"]: r for r in rows}
@@ -135,7 +141,13 @@ def test_a_keep_whose_parent_moved_is_rebased_and_confirmed_and_a_conflict_is_re
     r = by["exp-004"]
     assert r["status"] == "keep" and "rebased" in r["reason"] and r["parent"] == by["exp-003"]["commit"]
     assert git(repo, "rev-parse", f"{r['commit']}^").startswith(by["exp-005"]["commit"])  # re-staged on the new best
-    assert [x["status"] for x in rows if x["exp"].startswith("exp-004-")] == ["confirm"] * 4  # 2 pairs (sigma: 0 dof)
+    again = [x for x in rows if x["exp"].startswith("exp-004-")]
+    if confirm:
+        assert [x["exp"] for x in again] == ["exp-004-b1", "exp-004-c1", "exp-004-c2", "exp-004-b2"]
+        assert "paired confirmation" in r["reason"]
+    else:
+        assert [x["exp"] for x in again] == ["exp-004-c1"] and "re-run on the best" in r["reason"]
+    assert all(x["status"] == "confirm" and x["commit"] == r["commit"] for x in again if "-c" in x["exp"])
     rec = json.loads((d / "proposals" / "exp-004.json").read_text())
     assert sorted(rec["config"]) == sorted(["optimizer.matrix_lr=0.06", "batch.total_tokens=4096",
                                             "batch.device_tokens=4096"])  # overrides merged with the new best's

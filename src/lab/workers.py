@@ -12,8 +12,9 @@ trials, with the constant liar; Claude reads the in-flight list in its state).
 Decisions under concurrency. A result is judged against the best at the time it finishes. A
 would-be keep takes the `advance` lock (would-be keeps are decided one at a time; discards are
 not held up), and if its parent is no longer the best it is rebased (the patch re-applied on the
-current best, the overrides merged with the best's) and confirmed by paired runs on top of the
-current best before the branch advances; a patch that no longer applies is a `conflict` row (with
+current best, the overrides merged with the best's) and confirmed on top of the current best
+before the branch advances (by paired runs while the noise is weak or search.confirm=true, else
+by one re-run screened against the best); a patch that no longer applies is a `conflict` row (with
 the reason), not lost. The branch research/<tag> moves only in the session's own worktree, by one
 fast-forward commit per keep, so it stays linear and its tip is always the best. Ledger, state and
 branch writes happen under one lock (the session's); the heavy work runs in subprocesses.
@@ -42,7 +43,7 @@ from typing import Optional
 from src.lab import candidate
 from src.lab.agents import AgentStop
 from src.lab.confirm import Confirmation
-from src.lab.decision import decide
+from src.lab.decision import decide, weak
 from src.lab.experiment import Experiments, new_row, prune_checkpoints
 from src.lab.ledger import Experiment
 from src.lab.proposal import InvalidProposal, Proposal, merge_overrides
@@ -390,7 +391,10 @@ class Worker(Experiments):
             e.commit, e.overrides_in_effect = commit, overrides
             lab.ledger.save(e.exp, proposal, overrides, commit=commit)
         log.info("%s: %s; rebased on it as %s and confirming there", e.exp, moved, commit[:7])
-        c = Confirmation(lab, self.attempts, self.record).run(e, best, commit, overrides, rows, st.noise)
+        s = lab.cfg.search
+        conf = Confirmation(lab, self.attempts, self.record)
+        c = conf.run(e, best, commit, overrides, rows, st.noise) if weak(st.noise, s.confirm, s.confirm_min_dof) \
+            else conf.rerun(e, best, commit, overrides, st.margin)
         e.status = c.decision
         if c.verdict is not None:
             e.delta, e.margin = c.verdict.delta, c.verdict.margin
