@@ -114,7 +114,7 @@ def _first_line(tag: str):
 def test_a_keep_whose_parent_moved_is_rebased_and_confirmed_and_a_conflict_is_recorded(tmp_path, monkeypatch,
                                                                                        confirm):
     """confirm=false: the rebased candidate runs once and must beat the new best by the margin;
-    confirm=true: it is confirmed by back-to-back pairs with the new best (2 pairs: sigma has 0 dof)."""
+    confirm=true: it is confirmed by back-to-back pairs with the new best."""
     repo = make_repo(tmp_path)
     proposals = [
         {"description": "patch A + lr", "overrides": ["optimizer.matrix_lr=0.05"],
@@ -143,7 +143,7 @@ def test_a_keep_whose_parent_moved_is_rebased_and_confirmed_and_a_conflict_is_re
     assert git(repo, "rev-parse", f"{r['commit']}^").startswith(by["exp-005"]["commit"])  # re-staged on the new best
     again = [x for x in rows if x["exp"].startswith("exp-004-")]
     if confirm:
-        assert [x["exp"] for x in again] == ["exp-004-b1", "exp-004-c1", "exp-004-c2", "exp-004-b2"]
+        assert [x["exp"] for x in again][:2] == ["exp-004-b1", "exp-004-c1"] and len(again) in (2, 4)  # 1 or 2 pairs
         assert "paired confirmation" in r["reason"]
     else:
         assert [x["exp"] for x in again] == ["exp-004-c1"] and "re-run on the best" in r["reason"]
