@@ -113,7 +113,10 @@ def main() -> None:
     base = [f"{e.exp} {e.status} {e.val_bpb:.4f} ({e.tokens_per_sec or 0:,.0f} tok/s)" for e in h.rows
             if e.exp.startswith("base-") and e.val_bpb is not None]
     print(f"\nhog session's baseline runs: {'; '.join(base)}")
-    print(f"disturbed run detected and re-run: {'yes' if h.standings.disturbed_runs else 'NO'}")
+    first = next((e for e in h.rows if e.exp == "base-1"), None)  # the hogged run: caught as stalled or disturbed
+    caught = bool(first and (first.status == "disturbed" or (first.attempts or 0) > 1 or "disturbed" in first.reason))
+    print(f"disturbed run detected and re-run: {'yes' if caught else 'NO'}"
+          + (f" (base-1: status {first.status}, attempts {first.attempts}; {first.reason or '-'})" if first else ""))
     print(f"margins within 2x: {'yes' if ratio <= 2 else 'NO'} (ratio {ratio:.2f})")
     print(f"kept the same: {'yes' if same else 'NO'}")
     print(f"budget {args.seconds:g} s, {args.experiments} experiments, seed {args.seed}; rule: {rule(q.knobs)}")

@@ -43,6 +43,7 @@ class Attempt:
     shape: str = ""
     throughput: Optional[Throughput] = None
     disturbed: list[str] = field(default_factory=list)  # one note per attempt found disturbed
+    stalled: list[str] = field(default_factory=list)  # one note per attempt marked stalled and re-run
 
     def fill(self, e: Experiment) -> None:
         """The run's figures on its ledger row."""
@@ -59,6 +60,11 @@ class Attempt:
     @property
     def disturbed_note(self) -> str:
         return "; ".join(self.disturbed)
+
+    @property
+    def rerun_note(self) -> str:
+        """Why earlier attempts were re-run (stalled, disturbed): the row's reason says so."""
+        return "; ".join([*self.stalled, *self.disturbed])
 
 
 class Attempts:
@@ -87,7 +93,7 @@ class Attempts:
         if lab.session.head() != commit:  # a confirmation alternates the best and the candidate in the worktree
             lab.session.reset(commit)
         args = candidate.with_preset(lab, lab.base_overrides, bool(overrides))
-        attempt, stalls, notes = (done - 1 if attach else done), 0, []
+        attempt, stalls, notes, stalled = (done - 1 if attach else done), 0, [], []
         while True:
             attempt += 1
             run_name = attempt_name(name, attempt)
@@ -99,9 +105,10 @@ class Attempts:
             if out.status == STALLED and stalls < s.stall_retries:
                 stalls += 1
                 log.warning("%s stalled (%s); re-running (%d of %d)", run_name, out.error_line, stalls, s.stall_retries)
+                stalled.append(f"{run_name} stalled: {out.error_line}")
                 lab.runs.mark_attempt(run_name, out, "stalled, re-run")
                 continue
-            a = Attempt(out, attempt, disturbed=notes)
+            a = Attempt(out, attempt, disturbed=notes, stalled=stalled)
             if out.status != OK:
                 return a
             a.throughput = Throughput.of(out.summary)

@@ -109,6 +109,6 @@ class Confirmation:
             row.status, row.reason = DISTURBED, a.disturbed_note
         else:
             row.status, row.reason = "crash", out.error_line
-        if a.disturbed and row.status != DISTURBED:
-            row.reason = a.disturbed_note + "; re-run"
+        if a.rerun_note and row.status != DISTURBED:
+            row.reason = a.rerun_note + "; re-run"
         return self.record(row, rows, out)

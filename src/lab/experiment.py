@@ -93,7 +93,7 @@ class Experiments:
             e.status, e.val_bpb, e.reason = DISTURBED, out.val_bpb, a.disturbed_note
         elif out.ok and out.val_bpb is not None:
             e.status, e.val_bpb, e.values = "baseline", out.val_bpb, [out.val_bpb]
-            e.reason = f"{a.disturbed_note}; re-run" if a.disturbed else ""
+            e.reason = f"{a.rerun_note}; re-run" if a.rerun_note else ""
         else:
             e.status, e.reason = "crash", out.error_line
 
@@ -113,7 +113,7 @@ class Experiments:
         e.val_bpb, e.values = out.val_bpb, [out.val_bpb]
         v = decide(out.val_bpb, best.val_bpb, st.margin)
         e.delta, e.margin, e.status = v.delta, v.margin, v.decision
-        notes = [f"{a.disturbed_note}; re-run"] if a.disturbed else []
+        notes = [f"{a.rerun_note}; re-run"] if a.rerun_note else []
         doubt = implausible(out.val_bpb, best.val_bpb, rows, s, self.lab.base_config.data.bpb_floor) if v.keep else ""
         if doubt:  # score it again in a fresh scorer process, then confirm it whatever the noise floor says
             again = self.lab.runner.rescore(out)

@@ -228,9 +228,9 @@ class Job:
 @dataclass
 class Usage:
     """Where a worker's time went (seconds): its runs (training, the rest of the run, scoring) and the rest."""
-    run: float = 0.0  # inside train runs, start to exit (start-up, warm-up, training, evaluation, checkpoint)
+    run: float = 0.0  # inside the runner: train runs start to exit, their scoring, and the candidates' dry runs
     train: float = 0.0  # counted training seconds
-    score: float = 0.0  # the scorer process, after the run
+    score: float = 0.0  # the scorer process, after the run (part of `run`)
     experiments: int = 0
 
 
@@ -541,9 +541,10 @@ class Pool:
         for w in self.workers:
             u = w.usage
             u_train = min(u.train, u.run)
+            u_score = min(u.score, u.run - u_train)  # the runner waits for the scorer: scoring is inside u.run
             per.append({"worker": w.slot.index, "slot": w.slot.label, "experiments": u.experiments,
-                        "training": u_train / elapsed, "run_overhead": max(0.0, u.run - u_train) / elapsed,
-                        "scoring": u.score / elapsed, "waiting": max(0.0, elapsed - u.run - u.score) / elapsed})
+                        "training": u_train / elapsed, "run_overhead": (u.run - u_train - u_score) / elapsed,
+                        "scoring": u_score / elapsed, "waiting": max(0.0, elapsed - u.run) / elapsed})
         n = len(per)
         total = {k: sum(p[k] for p in per) / n for k in ("training", "run_overhead", "scoring", "waiting")}
         return {"workers": n, "elapsed_s": elapsed, "experiments": len(rows),
@@ -554,7 +555,7 @@ class Pool:
             u = self.utilisation()
             atomic_write(self.lab.session.dir / "workers.json", json.dumps(u, indent=2))
             log.info("workers: %d, %d experiments in %.0f s (%.1f per hour); worker time: training %.0f%%, rest of "
-                     "the runs (start-up, evaluation) %.0f%%, scoring %.0f%%, waiting (staging, agent, decisions) "
+                     "the runs (start-up, warm-up, dry runs) %.0f%%, scoring %.0f%%, waiting (staging, agent, decisions, idle) "
                      "%.0f%%", u["workers"], u["experiments"], u["elapsed_s"], u["experiments_per_hour"],
                      100 * u["training"], 100 * u["run_overhead"], 100 * u["scoring"], 100 * u["waiting"])
             with self.lock:
