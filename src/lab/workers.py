@@ -13,11 +13,12 @@ Decisions under concurrency. A result is judged against the best at the time it 
 would-be keep takes the `advance` lock (would-be keeps are decided one at a time; discards are
 not held up), and if its parent is no longer the best it is rebased (the patch re-applied on the
 current best, the overrides merged with the best's) and confirmed on top of the current best
-before the branch advances (by paired runs while the noise is weak or search.confirm=true, else
-by one re-run screened against the best); a patch that no longer applies is a `conflict` row (with
-the reason), not lost. The branch research/<tag> moves only in the session's own worktree, by one
-fast-forward commit per keep, so it stays linear and its tip is always the best. Ledger, state and
-branch writes happen under one lock (the session's); the heavy work runs in subprocesses.
+before the branch advances (by paired runs while the noise is weak, for an implausible gain or with
+search.confirm=true, else by one re-run screened against the best); a patch that no longer applies
+is a `conflict` row (with the reason), not lost. The branch research/<tag> moves only in the
+session's own worktree, by one fast-forward commit per keep, so it stays linear and its tip is
+always the best. Ledger, state and branch writes happen under one lock (the session's); the heavy
+work runs in subprocesses.
 
 The ledger's row order is the finish order; exp ids (and the `proposed` column) are the proposal
 order; `worker` and `parent` say where and on what each ran. state.json's `running` lists every
@@ -45,6 +46,7 @@ from src.lab.agents import AgentStop
 from src.lab.confirm import Confirmation
 from src.lab.decision import decide, weak
 from src.lab.experiment import Experiments, new_row, prune_checkpoints
+from src.lab.integrity import implausible
 from src.lab.ledger import Experiment
 from src.lab.proposal import InvalidProposal, Proposal, merge_overrides
 from src.lab.resume import Pending
@@ -393,8 +395,11 @@ class Worker(Experiments):
         log.info("%s: %s; rebased on it as %s and confirming there", e.exp, moved, commit[:7])
         s = lab.cfg.search
         conf = Confirmation(lab, self.attempts, self.record)
-        c = conf.run(e, best, commit, overrides, rows, st.noise) if weak(st.noise, s.confirm, s.confirm_min_dof) \
-            else conf.rerun(e, best, commit, overrides, st.margin)
+        doubt = implausible(out.val_bpb, best.val_bpb, rows, s, lab.base_config.data.bpb_floor)  # paired, always
+        if doubt or weak(st.noise, s.confirm, s.confirm_min_dof):
+            c = conf.run(e, best, commit, overrides, rows, st.noise)
+        else:
+            c = conf.rerun(e, best, commit, overrides, st.margin)
         e.status = c.decision
         if c.verdict is not None:
             e.delta, e.margin = c.verdict.delta, c.verdict.margin
