@@ -7,7 +7,8 @@ it ends. Prints a table (runs, statuses, disturbed runs, noise, margin, kept) an
 issue asks for: the disturbed run was detected and re-run, the two margins are within 2x, and the
 disturbed session kept what the quiet one kept. Needs the whole machine (~20 min at the defaults).
 
-Usage: python bench/disturbance_drill.py [--seconds 30] [--experiments 6] [--out outputs/bench/disturbance]
+Usage: python bench/disturbance_drill.py [--seconds 30] [--experiments 6] [--control] [--out outputs/bench/disturbance]
+       python bench/disturbance_drill.py --control --out outputs/bench/disturbance/<earlier>   # add the control only
        python bench/disturbance_drill.py --seconds 3 --experiments 1      # smoke test (a minute or two)
 """
 from __future__ import annotations
@@ -76,14 +77,21 @@ def main() -> None:
     ap.add_argument("--experiments", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0, help="agent.seed of both sessions")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "disturbance" / time.strftime("%Y%m%d-%H%M%S"))
+    ap.add_argument("--control", action="store_true",
+                    help="also a second quiet session (quiet2): how often two undisturbed sessions decide differently")
     ap.add_argument("overrides", nargs="*", help="extra overrides for both sessions (e.g. search.disturbed_factor=1.5)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    repo = clone(args.out)
+    # an --out that holds an earlier drill: its clone and finished sessions are reused (add --control later)
+    repo = args.out / "repo" if (args.out / "repo" / ".git").is_dir() else clone(args.out)
     common = ["agent=tpe", f"agent.seed={args.seed}", "+experiment=cpu30", f"budget.seconds={args.seconds}",
               f"search.max_experiments={args.experiments}", *args.overrides]
     results, hog = {}, None
-    for tag in ("quiet", "hog"):
+    for tag in ("quiet", "hog", *(["quiet2"] if args.control else [])):
+        if (repo / "outputs" / "research" / tag / "state.json").exists() and (args.out / f"{tag}.log").exists():
+            print(f"session {tag}: reused from {args.out}", flush=True)
+            results[tag] = outcome(repo, tag)
+            continue
         hog = Hog(repo / "outputs" / "research" / tag) if tag == "hog" else None
         t0 = time.time()
         try:
@@ -98,16 +106,17 @@ def main() -> None:
     for tag, o in results.items():
         st = o.standings
         rows.append([tag, o.runs, o.statuses, st.disturbed_runs, st.noise.describe(), f"{st.margin:.4f}",
-                     f"{st.best.val_bpb:.4f}", "; ".join(f"{e.exp}: {e.description}" for e in o.kept) or "-"])
+                     f"{st.best.val_bpb:.4f}", ", ".join(e.exp for e in o.kept) or "-"])
     print()
     print(table(["session", "runs", "statuses", "disturbed", "noise", "margin", "best", "kept"], rows))
     q, h = results["quiet"], results["hog"]
     ratio = max(q.standings.margin, h.standings.margin) / max(min(q.standings.margin, h.standings.margin), 1e-12)
     # the same seed proposes the same points (TPE's start-up is random; later it depends on the values):
     # compare experiment by experiment, by the point proposed, not by its description (relative to the best)
-    print(table(["exp", "same point", "quiet", "hog"], [
-        [x, "yes" if point(q, x) == point(h, x) else "NO", verdict(q, x), verdict(h, x)]
-        for x in sorted({e.exp for o in (q, h) for e in o.rows if e.exp.startswith("exp-") and e.exp.count("-") == 1})]))
+    tags = list(results)
+    print(table(["exp", "same point", *tags], [
+        [x, "yes" if all(point(results[t], x) == point(q, x) for t in tags) else "NO", *(verdict(results[t], x) for t in tags)]
+        for x in sorted({e.exp for o in results.values() for e in o.rows if e.exp.startswith("exp-") and e.exp.count("-") == 1})]))
     same = sorted((e.exp, json.dumps(point(q, e.exp), sort_keys=True)) for e in q.kept) == \
         sorted((e.exp, json.dumps(point(h, e.exp), sort_keys=True)) for e in h.kept)
     base = [f"{e.exp} {e.status} {e.val_bpb:.4f} ({e.tokens_per_sec or 0:,.0f} tok/s)" for e in h.rows
@@ -119,6 +128,11 @@ def main() -> None:
           + (f" (base-1: status {first.status}, attempts {first.attempts}; {first.reason or '-'})" if first else ""))
     print(f"margins within 2x: {'yes' if ratio <= 2 else 'NO'} (ratio {ratio:.2f})")
     print(f"kept the same: {'yes' if same else 'NO'}")
+    if "quiet2" in results:  # the control: two quiet sessions, same seed
+        c = results["quiet2"]
+        same2 = sorted((e.exp, json.dumps(point(q, e.exp), sort_keys=True)) for e in q.kept) == \
+            sorted((e.exp, json.dumps(point(c, e.exp), sort_keys=True)) for e in c.kept)
+        print(f"control, quiet vs quiet2 kept the same: {'yes' if same2 else 'NO'}")
     print(f"budget {args.seconds:g} s, {args.experiments} experiments, seed {args.seed}; rule: {rule(q.knobs)}")
     print(f"sessions, logs and ledgers: {args.out}")
 
