@@ -57,6 +57,8 @@ def session(arm: str, seconds: float, tmp: Path, extra: list[str]) -> dict[str, 
         return {r["description"]: r for r in rows if r["kind"] != "baseline"}
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(repo)], capture_output=True)
+        # the session's own worktree (inside the one just removed) holds its branch until pruned
+        subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], capture_output=True)
         subprocess.run(["git", "-C", str(REPO), "branch", "-D", f"research/{tag}"], capture_output=True)
 
 
