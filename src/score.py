@@ -48,6 +48,7 @@ from src.config import TrainConfig, to_object
 from src.data import load_prepared, val_tokens
 from src.device import DTYPES, Runtime
 from src.evaluate import evaluate_bpb, token_nats, windows
+from src.status import OK, TAMPERED
 
 MARKER = "OVERNIGHT-SCORE"
 READY = "OVERNIGHT-SCORER-READY"
@@ -280,6 +281,19 @@ def main() -> int:
     out.write(f"\n{MARKER} {json.dumps(result)}\n")
     out.flush()
     return 0
+
+
+def apply_verdict(summary: dict, verdict: dict) -> None:
+    """The scorer's verdict into a run's summary: val_bpb and the scoring figures, and for anything but ok the
+    status tampered (or crash) with the scorer's reason. The one mapping a standalone run and the lab's runner share."""
+    summary["val_bpb"] = verdict.get("val_bpb", float("nan"))
+    summary["score_seconds"] = verdict.get("total_seconds", 0.0)
+    summary["score_threads"] = verdict.get("threads")  # the scorer keeps to the run's device.threads
+    for k, v in (verdict.get("seconds") or {}).items():  # load, checks, score
+        summary[f"score_{k}_seconds"] = v
+    if verdict.get("status") != OK:
+        summary.update(status=TAMPERED if verdict.get("status") == TAMPERED else "crash",
+                       error=f"scorer: {verdict.get('reason', '')}")
 
 
 # ---------------------------------------------------------------------------- the starting side

@@ -43,8 +43,8 @@ from src.device import Runtime, compile_model, process_age, resolve
 from src.memory import Memory, cache_path, candidates, is_oom, oom_message
 from src.paths import REPO
 from src.provenance import provenance
-from src.score import CHECKPOINT, Scorer, library_changes, library_snapshot, save_checkpoint
-from src.status import OK, OOM, TAMPERED
+from src.score import CHECKPOINT, Scorer, apply_verdict, library_changes, library_snapshot, save_checkpoint
+from src.status import OOM, TAMPERED
 from src.sweep import job_run_name
 from src.tracking import Tracker, TrackingError, flatten
 
@@ -503,15 +503,7 @@ def config_dict(cfg: TrainConfig) -> dict:
 
 def score(scorer: Scorer, ckpt: Path, summary: dict) -> None:
     """The scorer's verdict into the summary: val_bpb, or the status tampered/crash with its reason."""
-    verdict = scorer.score(ckpt)
-    summary["val_bpb"] = verdict.get("val_bpb", float("nan"))
-    summary["score_seconds"] = verdict.get("total_seconds", 0.0)
-    summary["score_threads"] = verdict.get("threads")  # the scorer keeps to the run's device.threads
-    for k, v in (verdict.get("seconds") or {}).items():  # load, checks, score
-        summary[f"score_{k}_seconds"] = v
-    if verdict.get("status") != OK:
-        status = TAMPERED if verdict.get("status") == TAMPERED else "crash"
-        summary.update(status=status, error=f"scorer: {verdict.get('reason', '')}")
+    apply_verdict(summary, scorer.score(ckpt))
 
 
 def _hydra_main():

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
+from src.lab.confirm import Confirmation
 from src.lab.decision import NoiseFloor, inliers, paired, t_quantile
 from src.lab.disturbance import Throughput, judge
 from src.lab.ledger import Experiment
@@ -24,6 +26,14 @@ SMALLER_BATCH = ["batch.total_tokens=4096", "batch.device_tokens=4096"]  # the s
 
 
 # ---------------------------------------------------------------------------- the rules
+
+
+@pytest.mark.parametrize("pairs", [1, 3])
+def test_a_confirmation_runs_two_pairs_until_sigma_has_two_dof(pairs):
+    """At 1 dof (the two default baseline runs) one pair faces t(0.95, 1) = 6.31 and turned down a real 0.09 gain."""
+    lab = SimpleNamespace(cfg=compose_search([f"search.confirm_pairs={pairs}"]))
+    c = Confirmation(lab, attempts=None, record=None)
+    assert [c.pairs(NoiseFloor(0.01, dof)) for dof in (0, 1, 2, 9)] == [max(2, pairs)] * 2 + [pairs] * 2
 
 
 def test_t_quantiles_match_the_tables():

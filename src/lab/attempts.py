@@ -93,7 +93,7 @@ class Attempts:
         if lab.session.head() != commit:  # a confirmation alternates the best and the candidate in the worktree
             lab.session.reset(commit)
         args = candidate.with_preset(lab, lab.base_overrides, bool(overrides))
-        attempt, stalls, notes, stalled = (done - 1 if attach else done), 0, [], []
+        attempt, notes, stalled = (done - 1 if attach else done), [], []
         while True:
             attempt += 1
             run_name = attempt_name(name, attempt)
@@ -102,10 +102,10 @@ class Attempts:
             if why:  # the runner's own wall time cannot back the counted training time
                 out.status, out.note = TAMPERED, why
                 out.summary["error"] = why
-            if out.status == STALLED and stalls < s.stall_retries:
-                stalls += 1
-                log.warning("%s stalled (%s); re-running (%d of %d)", run_name, out.error_line, stalls, s.stall_retries)
+            if out.status == STALLED and len(stalled) < s.stall_retries:
                 stalled.append(f"{run_name} stalled: {out.error_line}")
+                log.warning("%s stalled (%s); re-running (%d of %d)", run_name, out.error_line, len(stalled),
+                            s.stall_retries)
                 lab.runs.mark_attempt(run_name, out, "stalled, re-run")
                 continue
             a = Attempt(out, attempt, disturbed=notes, stalled=stalled)

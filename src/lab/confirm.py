@@ -67,12 +67,8 @@ class Confirmation:
             for side in ("bc" if i % 2 == 0 else "cb"):
                 c, ovs, what = sides[side]
                 row = self._one(e, side, c, ovs, f"confirmation of {e.exp}, pair {i + 1} of {n}: {what}")
-                if row.status == DISTURBED:
-                    return Confirmed(DISTURBED, None, f"confirmation run {row.exp} was disturbed ({row.reason}): "
-                                                      "left undecided", cand)
                 if row.status != CONFIRM:
-                    return Confirmed("discard", None, f"confirmation run {row.exp} failed ({row.run_status}: "
-                                                      f"{row.reason})", cand)
+                    return self._not_standing(row, cand)
                 got[side] = row.runs[0]
             cand.append(got["c"])
             diffs.append(got["c"] - got["b"])
@@ -83,13 +79,19 @@ class Confirmation:
         """One run of a rebased candidate, screened against the best (when no paired confirmation is due):
         the screen run ran on an older parent, so the candidate as it would be kept needs a score of its own."""
         row = self._one(e, "c", commit, overrides, f"re-run of {e.exp} rebased on the best ({best.exp}), screened")
-        if row.status == DISTURBED:
-            return Confirmed(DISTURBED, None, f"re-run {row.exp} was disturbed ({row.reason}): left undecided")
         if row.status != CONFIRM:
-            return Confirmed("discard", None, f"re-run {row.exp} failed ({row.run_status}: {row.reason})")
+            return self._not_standing(row, [])
         v = decide(row.runs[0], best.val_bpb, margin)
         return Confirmed(v.decision, v, f"re-run on the best: {v.delta:+.4f} against the margin {margin:.4f}",
                          [row.runs[0]])
+
+    @staticmethod
+    def _not_standing(row: Experiment, cand: list[float]) -> Confirmed:
+        """A confirmation run that did not give a score: disturbed leaves the experiment undecided, else discard."""
+        if row.status == DISTURBED:
+            return Confirmed(DISTURBED, None, f"confirmation run {row.exp} was disturbed ({row.reason}): "
+                                              "left undecided", cand)
+        return Confirmed("discard", None, f"confirmation run {row.exp} failed ({row.run_status}: {row.reason})", cand)
 
     def _one(self, e: Experiment, side: str, commit: str, overrides: list[str], description: str) -> Experiment:
         """One confirmation run, recorded as its own ledger row."""

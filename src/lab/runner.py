@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 from src.lab.config import ENV_STRIP
 from src.lab.session import atomic_write
-from src.score import CHECKPOINT, Scorer
+from src.score import CHECKPOINT, Scorer, apply_verdict
 from src.status import INTERRUPTED, OK, STALLED, TAMPERED
 
 ALWAYS_STRIP = ("MLFLOW_RUN_ID",)  # would attach the child to whatever run the parent has open
@@ -247,14 +247,9 @@ class Runner:
         verdict = {"status": TAMPERED, "val_bpb": float("nan"), "reason": why} if why else \
             scorer.score(out.run_dir / CHECKPOINT)
         atomic_write(out.run_dir / "score.json", json.dumps(verdict, indent=2))
-        out.summary["val_bpb"] = verdict.get("val_bpb", float("nan"))
-        out.summary["score_seconds"] = verdict.get("total_seconds", 0.0)
-        out.summary["score_threads"] = verdict.get("threads")
+        apply_verdict(out.summary, verdict)
         if verdict.get("status") != OK:
-            out.status = TAMPERED if verdict.get("status") == TAMPERED else "crash"
-            out.summary["error"] = f"scorer: {verdict.get('reason', '')}"
-            out.note = out.summary["error"]
-            out.summary["status"] = out.status
+            out.status, out.note = out.summary["status"], out.summary["error"]
         # summary.json carries the scorer's figure (what the train process wrote there is replaced)
         atomic_write(out.run_dir / "summary.json", json.dumps(out.summary, indent=2, default=str))
 
