@@ -1,6 +1,6 @@
 """search.workers=2 vs search.workers=1 on the same replay proposals: experiments per hour, side by side.
 
-Two real sessions (`python -m src.search agent=replay`, real training, device=cpu device.threads=1) in a
+Two real sessions (`python -m src.search agent=replay|tpe`, real training, device=cpu device.threads=1) in a
 throwaway clone of this checkout's HEAD, both logging to one `mlflow server` (sqlite backend) started
 here on 127.0.0.1, run one after the other: the same N proposals, confirmation off (so both sessions
 run exactly the same N experiments, no more). Throughput is measured over the experiments only (the
@@ -10,8 +10,16 @@ agree row for row: the ledger holds each proposal once (nothing lost, nothing ru
 has one MLflow child under the session's one parent, the branch has one commit per keep and its tip
 is the best; and where the 2-worker session's worker time went (workers.json).
 
+Two sets of proposals:
+- replay (the default): the hand-written list below, lr / schedule / shape variations of the CPU
+  default at threads=1, half of which are keeps: a keep-heavy night, where keeps that finish
+  together must be rebased and re-run (a cost only the 2-worker session pays);
+- tpe: `agent=tpe agent.seed=0 agent.n_startup_trials=N` over search_space=cpu, i.e. the same N
+  seeded random points in both sessions (Optuna's start-up trials do not depend on what it is told).
+
 Run it on a quiet machine (nothing else on the cores):
     python bench/workers.py                       # 8 proposals, 30-s runs: about 15 minutes in all
+    python bench/workers.py --agent tpe --proposals 10
     python bench/workers.py --proposals 6 --seconds 15
 Must show: ratio (workers=2 / workers=1 experiments per hour) >= 1.8.
 """
@@ -116,25 +124,28 @@ def measure(repo: Path, tag: str, uri: str, n: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--proposals", type=int, default=8, help="replay proposals per session (6 or more)")
+    ap.add_argument("--proposals", type=int, default=8, help="proposals per session (6 or more)")
+    ap.add_argument("--agent", choices=("replay", "tpe"), default="replay",
+                    help="replay: the list in this file; tpe: TPE's seeded start-up points (the same in both sessions)")
     ap.add_argument("--seconds", type=float, default=30, help="budget.seconds of each run")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     repo = clone(root)
-    if not 6 <= a.proposals <= len(PROPOSALS):
-        raise SystemExit(f"--proposals: 6 to {len(PROPOSALS)}")
-    proposals = PROPOSALS[: a.proposals]
+    if not 6 <= a.proposals <= (len(PROPOSALS) if a.agent == "replay" else 100):
+        raise SystemExit(f"--proposals: 6 to {len(PROPOSALS)} (replay)")
     import yaml
 
     pfile = root / "proposals.yaml"
-    pfile.write_text(yaml.safe_dump(proposals))
+    pfile.write_text(yaml.safe_dump(PROPOSALS[: a.proposals]))
+    agent = [f"agent.file={pfile}"] if a.agent == "replay" else \
+        ["agent.seed=0", f"agent.n_startup_trials={a.proposals}", "search_space=cpu"]
     server, uri = start_server(root)
     results = []
     try:
         for workers in (1, 2):
             tag = f"w{workers}"
-            args = ["agent=replay", f"agent.file={pfile}", "device=cpu", "device.threads=1",
+            args = [f"agent={a.agent}", *agent, "device=cpu", "device.threads=1",
                     f"budget.seconds={a.seconds:g}", f"search.tag={tag}", f"search.workers={workers}",
                     "search.confirm=false", f"search.max_experiments={a.proposals}", f"tracking.uri={uri}"]
             env_log = root / f"{tag}.log"
@@ -150,7 +161,7 @@ def main() -> None:
              "yes" if r["branch_agrees"] else "NO", r["kept"], f"{r['best']:.4f}",
              "-" if r["training_share"] is None else f"{100 * r['training_share']:.0f}%",
              "-" if r["waiting_share"] is None else f"{100 * r['waiting_share']:.0f}%"] for r in results]
-    print(f"\n{a.proposals} replay proposals, budget.seconds={a.seconds:g}, device=cpu device.threads=1, "
+    print(f"\n{a.proposals} {a.agent} proposals, budget.seconds={a.seconds:g}, device=cpu device.threads=1, "
           f"search.confirm=false; one mlflow server (sqlite) at {uri}; {os.cpu_count()} CPUs\n")
     print(table(["workers", "experiments", "window s", "exp/hour", "ratio", "lost", "run twice", "MLflow agrees",
                  "branch agrees", "kept", "best val_bpb", "training", "waiting"], rows))

@@ -304,8 +304,9 @@ class Scorer:
     Started by the harness (train.py for a standalone run) or the lab's runner, never by research code.
     """
 
-    def __init__(self, cwd: Path, log_path: Optional[Path] = None, env: Optional[dict] = None):
-        self.cwd, self.log_path, self.env = Path(cwd), log_path, env
+    def __init__(self, cwd: Path, log_path: Optional[Path] = None, env: Optional[dict] = None, cpus: tuple = ()):
+        """cpus: the cores to pin it to (a lab worker's slot, Linux); () = wherever the OS puts it."""
+        self.cwd, self.log_path, self.env, self.cpus = Path(cwd), log_path, env, tuple(cpus)
         self.nonce = secrets.token_hex(16)
         self.proc: Optional[Popen] = None
 
@@ -313,13 +314,17 @@ class Scorer:
         log = open(self.log_path, "ab") if self.log_path else None
         try:
             self.proc = Popen([sys.executable, "-m", "src.score"], cwd=self.cwd, env=self.env, stdin=PIPE,
-                              stdout=PIPE, stderr=log if log else None, start_new_session=True)
+                              stdout=PIPE, stderr=log if log else None, start_new_session=True,
+                              preexec_fn=self._pin if self.cpus and hasattr(os, "sched_setaffinity") else None)
         finally:
             if log:
                 log.close()
         self.proc.stdin.write(f"{self.nonce}\n".encode())
         self.proc.stdin.flush()
         return self
+
+    def _pin(self) -> None:  # in the child, before exec
+        os.sched_setaffinity(0, self.cpus)
 
     def wait_ready(self, timeout_s: float = 60.0) -> bool:
         """Block until the scorer has done its imports (its start-up then no longer competes for the

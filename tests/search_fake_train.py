@@ -95,7 +95,8 @@ def main() -> int:
     tps = 20000.0 / slowdown
     summary = {"status": status, "val_bpb": bpb, "training_seconds": by_run("FAKE_COUNTED", 1.0), "total_seconds": 1.2,
                "peak_vram_mb": 512.0, "num_steps": 10, "stalled_seconds": 3.0 if status == "stalled" else 0.0,
-               "depth": 4, "env": sorted(os.environ), "tokens_per_sec": tps, "mfu_percent": 30.0 / slowdown,
+               "depth": 4, "env": sorted(os.environ),
+               "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None, "tokens_per_sec": tps, "mfu_percent": 30.0 / slowdown,
                "step_time_p50": float(eff.get("batch.total_tokens", "8192")) / tps, "device": "cpu", "dtype": "fp32"}
     if os.environ.get("FAKE_MLFLOW") and eff.get("tracking.uri") and eff.get("tracking.enabled") != "false":
         from mlflow.tracking import MlflowClient

@@ -50,6 +50,9 @@ def test_each_worker_gets_its_own_device_slot_or_the_session_is_refused(monkeypa
     cfg.device.threads = 1
     slots = plan_slots(cfg)
     assert [s.env["OMP_NUM_THREADS"] for s in slots] == ["1", "1"] and [s.index for s in slots] == [0, 1]
+    if hasattr(os, "sched_getaffinity"):  # each its own core, named in the label the ledger records
+        assert [s.cpus for s in slots] == [(c,) for c in sorted(os.sched_getaffinity(0))[:2]]
+        assert slots[1].label == f"cpu x1 thread (core {slots[1].cpus[0]})"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     cfg.device.type = "cuda"
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in plan_slots(cfg)] == ["3", "5"]
@@ -389,6 +392,11 @@ def test_two_workers_one_ledger_one_branch_one_parent_run_on_a_shared_mlflow_ser
     assert all("val/bpb" in r.data.metrics for r in children)  # each logged by its own run
     workers = {r.data.tags["search.exp"]: r.data.tags.get("search.worker") for r in children}
     assert {w for x, w in workers.items() if x.startswith("exp")} == {"0", "1"}, workers
+    if hasattr(os, "sched_getaffinity"):  # each worker's runs pinned to its own core, the same for all of them
+        cores = sorted(os.sched_getaffinity(0))
+        for r in (r for r in rows if workers[r["exp"]] is not None):  # the baselines run before the pool
+            ran = json.loads((d / "runs" / r["exp"] / "summary.json").read_text())["cpus"]
+            assert ran == [cores[int(workers[r["exp"]])]], (r["exp"], ran)
     text = server_log.read_text()
     assert "database is locked" not in text and " 500 " not in text
     # where the workers' time went, in workers.json and report.md

@@ -109,8 +109,9 @@ class Search:
     def _runner(self, cwd: Path) -> Runner:
         return self.make_runner(cwd)
 
-    def make_runner(self, cwd: Path, env: Optional[dict] = None) -> Runner:
-        """The runner of a worktree (env: a worker's device slot); launcher=submitit_*: runs are submitit jobs."""
+    def make_runner(self, cwd: Path, env: Optional[dict] = None, cpus: tuple = ()) -> Runner:
+        """The runner of a worktree (env, cpus: a worker's device slot); launcher=submitit_*: runs are submitit jobs
+        (placed by submitit/SLURM, not pinned here)."""
         s, launcher = self.cfg.search, self.cfg.launcher
         if launcher.name != "local":
             from src.lab.launcher import SubmititRunner
@@ -118,7 +119,7 @@ class Search:
             folder = launcher.folder or (str(self.session.dir / "submitit") if self.session is not None else None)
             return SubmititRunner(cwd, s.env_strip, s.env_keep, command=self.train_command, extra_env=env,
                                   launcher=launcher, folder=folder)
-        return Runner(cwd, s.env_strip, s.env_keep, command=self.train_command, extra_env=env)
+        return Runner(cwd, s.env_strip, s.env_keep, command=self.train_command, extra_env=env, cpus=cpus)
 
     def _restore(self, st) -> None:
         """A resume keeps the session's train overrides, search knobs, agent and search space; what this command

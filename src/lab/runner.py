@@ -87,6 +87,18 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec (Linu
         pass
 
 
+def _child_setup(cpus: tuple) -> Optional[Callable[[], None]]:
+    """What runs in the train process between fork and exec: die with the search (Linux), pinned to `cpus`."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def setup() -> None:
+        _die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+    return setup
+
+
 def alive(pid: Optional[int]) -> bool:
     """Is the process running (a zombie waiting to be reaped is not)?"""
     if not pid:
@@ -156,12 +168,14 @@ class Runner:
 
     def __init__(self, cwd: Path, strip=ENV_STRIP, keep=(), command: Optional[list[str]] = None,
                  stop_grace_s: float = 15.0, score_checkpoints: Optional[bool] = None,
-                 extra_env: Optional[dict] = None):
-        """extra_env: a worker's device slot (CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS), for its runs and scorers."""
+                 extra_env: Optional[dict] = None, cpus: tuple = ()):
+        """extra_env: a worker's device slot (CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS), for its runs and scorers;
+        cpus: the cores they are pinned to (search.workers > 1 on CPU; Linux)."""
         self.cwd = Path(cwd)
         self.env = clean_env(dict(os.environ), strip, keep)
         self.env["PYTHONUNBUFFERED"] = "1"
         self.env.update(extra_env or {})
+        self.cpus = tuple(cpus)
         self.command = command or [sys.executable, "-m", "src.train"]
         self.stop_grace_s = stop_grace_s
         self.score_checkpoints = command is None if score_checkpoints is None else score_checkpoints
@@ -193,7 +207,7 @@ class Runner:
         scorer = None
         if score and self.score_checkpoints:
             overrides = [*overrides, "score=caller"]
-            scorer = Scorer(self.cwd, run_dir / "score.log", self.env).start()
+            scorer = Scorer(self.cwd, run_dir / "score.log", self.env, self.cpus).start()
         try:
             out = self._train(overrides, run_dir, timeout_s, on_start)
             if scorer is not None:
@@ -212,7 +226,7 @@ class Runner:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                    preexec_fn=_child_setup(self.cpus))
         note = ""
         self._pid = proc.pid
         try:
@@ -258,7 +272,7 @@ class Runner:
         Without checkpoints (the tests' stand-in train) the run's own figure is all there is."""
         if not self.score_checkpoints:
             return {"status": OK, "val_bpb": out.val_bpb}
-        return Scorer(self.cwd, out.run_dir / "rescore.log", self.env).start().score(out.run_dir / CHECKPOINT)
+        return Scorer(self.cwd, out.run_dir / "rescore.log", self.env, self.cpus).start().score(out.run_dir / CHECKPOINT)
 
     def _tampering(self, out: Outcome) -> str:
         """What the runner itself saw that the run's report cannot explain: '' when nothing."""

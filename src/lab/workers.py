@@ -62,7 +62,8 @@ log = logging.getLogger(__name__)
 class Slot:
     index: int
     env: dict  # what the worker's runs (and scorers) get: CUDA_VISIBLE_DEVICES or the thread count
-    label: str  # cuda:1, cpu x1 thread
+    label: str  # cuda:1, cpu x1 thread (core 0)
+    cpus: tuple = ()  # CPU: the cores its processes are pinned to (train, scorer, dry run); () = not pinned
 
 
 def cpu_cores() -> int:
@@ -126,7 +127,15 @@ def plan_slots(cfg) -> list[Slot]:
     if not threads:  # one worker, every core (the sequential loop's runs, through the pool: launcher=submitit_*)
         return [Slot(0, {}, f"cpu x{cores} (all)")]
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    return [Slot(i, env, f"cpu x{threads} thread{'s' if threads > 1 else ''}") for i in range(n)]
+    # each worker its own cores: one worker's start-up, dry run and scorer import then slow only
+    # itself, never another worker's counted training (where the OS can pin; macOS cannot)
+    ids = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") and n > 1 else []
+    slots = []
+    for i in range(n):
+        cpus = tuple(ids[i * threads:(i + 1) * threads]) if ids else ()
+        where = f" (core{'s' if len(cpus) > 1 else ''} {','.join(map(str, cpus))})" if cpus else ""
+        slots.append(Slot(i, env, f"cpu x{threads} thread{'s' if threads > 1 else ''}{where}", cpus))
+    return slots
 
 
 def check_workers(cfg) -> None:
@@ -243,7 +252,7 @@ class Worker(Experiments):
         self.pool, self.slot = pool, slot
         main = pool.lab
         self.session = WorkerSession(main.session, slot.index)
-        runner = pool.search.make_runner(self.session.worktree, slot.env)
+        runner = pool.search.make_runner(self.session.worktree, slot.env, slot.cpus)
         self.usage = Usage()
         real = runner.run
 
