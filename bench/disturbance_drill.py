@@ -1,7 +1,10 @@
 """Disturbance drill: the same TPE session twice, quiet and with a CPU hog during its first baseline run.
 
 Runs `python -m src.search agent=tpe +experiment=cpu30` (30-s CPU runs) in a throwaway clone of
-this checkout's HEAD, twice with the same seeds: once on a quiet machine, once with one busy
+this checkout's HEAD, twice with the same seeds and agent.n_startup_trials = the number of
+experiments, so both sessions propose the same points and what is compared is the lab's verdicts
+(TPE's model would otherwise follow the values it is told, and two sessions' proposals part ways
+as soon as noise alone orders two results differently): once on a quiet machine, once with one busy
 process per core (`while True: pass`) started when the first baseline run starts and stopped when
 it ends. Prints a table (runs, statuses, disturbed runs, noise, margin, kept) and the checks the
 issue asks for: the disturbed run was detected and re-run, the two margins are within 2x, and the
@@ -76,6 +79,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30, help="budget.seconds of every run")
     ap.add_argument("--experiments", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0, help="agent.seed of both sessions")
+    ap.add_argument("--startup", type=int, default=None,
+                    help="agent.n_startup_trials (default: --experiments, so every session proposes the same seeded "
+                         "points and only the verdicts can differ; TPE's model, from the 5th trial at its default of "
+                         "4, follows the values it is told, which differ by noise alone)")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "disturbance" / time.strftime("%Y%m%d-%H%M%S"))
     ap.add_argument("--control", action="store_true",
                     help="also a second quiet session (quiet2): how often two undisturbed sessions decide differently")
@@ -84,7 +91,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     # an --out that holds an earlier drill: its clone and finished sessions are reused (add --control later)
     repo = args.out / "repo" if (args.out / "repo" / ".git").is_dir() else clone(args.out)
-    common = ["agent=tpe", f"agent.seed={args.seed}", "+experiment=cpu30", f"budget.seconds={args.seconds}",
+    startup = args.experiments if args.startup is None else args.startup
+    common = ["agent=tpe", f"agent.seed={args.seed}", f"agent.n_startup_trials={startup}", "+experiment=cpu30", f"budget.seconds={args.seconds}",
               f"search.max_experiments={args.experiments}", *args.overrides]
     results, hog = {}, None
     for tag in ("quiet", "hog", *(["quiet2"] if args.control else [])):
@@ -133,7 +141,8 @@ def main() -> None:
         same2 = sorted((e.exp, json.dumps(point(q, e.exp), sort_keys=True)) for e in q.kept) == \
             sorted((e.exp, json.dumps(point(c, e.exp), sort_keys=True)) for e in c.kept)
         print(f"control, quiet vs quiet2 kept the same: {'yes' if same2 else 'NO'}")
-    print(f"budget {args.seconds:g} s, {args.experiments} experiments, seed {args.seed}; rule: {rule(q.knobs)}")
+    print(f"budget {args.seconds:g} s, {args.experiments} experiments, seed {args.seed}, agent.n_startup_trials={startup}; "
+          f"rule: {rule(q.knobs)}")
     print(f"sessions, logs and ledgers: {args.out}")
 
 
