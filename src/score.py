@@ -323,8 +323,11 @@ class Scorer:
         self.proc.stdin.flush()
         return self
 
-    def _pin(self) -> None:  # in the child, before exec
-        os.sched_setaffinity(0, self.cpus)
+    def _pin(self) -> None:  # in the child, before exec; unpinned rather than not at all
+        try:
+            os.sched_setaffinity(0, self.cpus)
+        except OSError:
+            pass
 
     def wait_ready(self, timeout_s: float = 60.0) -> bool:
         """Block until the scorer has done its imports (its start-up then no longer competes for the

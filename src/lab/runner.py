@@ -95,7 +95,10 @@ def _child_setup(cpus: tuple) -> Optional[Callable[[], None]]:
     def setup() -> None:
         _die_with_parent()
         if cpus:
-            os.sched_setaffinity(0, cpus)
+            try:
+                os.sched_setaffinity(0, cpus)
+            except OSError:  # a core taken away since the slots were planned: run unpinned rather than not at all
+                pass
     return setup
 
 
