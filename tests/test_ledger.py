@@ -80,6 +80,7 @@ def test_disk_full_is_a_clear_error_and_loses_nothing(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+@pytest.mark.slow  # subprocesses: real processes
 def test_session_runs_nest_one_child_per_experiment_under_a_reopenable_parent(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     runs = SessionRuns(uri, "ledger-test")

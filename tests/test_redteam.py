@@ -103,6 +103,7 @@ def test_honest_patches_are_scored(repo, tmp_path, patch):
     assert (tmp_path / "run" / "score.json").is_file()
 
 
+@pytest.mark.slow  # subprocesses: real processes
 def test_a_val_bpb_the_train_process_reports_is_never_taken(tmp_path):
     """A train command that writes its own summary.json (val_bpb 2.5, as the stand-in does) and no checkpoint."""
     from tests.helpers import fake_command
@@ -112,6 +113,7 @@ def test_a_val_bpb_the_train_process_reports_is_never_taken(tmp_path):
     assert "without saving its checkpoint" in out.error_line
 
 
+@pytest.mark.slow  # subprocesses: real processes
 def test_the_scorer_says_when_it_is_ready_and_its_verdict_still_comes_through(tmp_path):
     """A standalone run waits for READY before its clock starts; reading it must not eat the verdict."""
     from src.score import Scorer

@@ -197,6 +197,7 @@ def test_resume_finishes_the_in_flight_experiment_once(lab):
     assert json.loads((d / "state.json").read_text())["in_flight"] is None
 
 
+@pytest.mark.slow  # subprocesses: a session per case
 def test_bad_sessions_are_refused_before_anything_runs(lab, tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
