@@ -16,7 +16,7 @@ from src.lab.config import ContractConfig
 from src.lab.contract import ContractViolation, check_files, check_source
 from src.lab.runner import Runner
 from tests.helpers import REPO, git, make_repo
-from tests.redteam import ATTACKS, LEGIT
+from tests.redteam import ATTACKS, LEGIT, prepend
 
 TINY_RUN = ["model.depth=2", "budget.mode=tokens", "budget.tokens=16384", "data.eval_tokens=8192", "device=cpu",
             "tracking.enabled=false", "progress=false"]
@@ -54,6 +54,14 @@ def test_the_contract_reports_every_violation_and_can_be_switched_off(tmp_path):
     assert "src/model.py:1: imports os" in msg and "src/model.py:3: assigns to torch.load" in msg
     assert "src/model.py:4: uses open" in msg
     check_files(tmp_path, ["src/model.py"], ContractConfig(enabled=False))  # off: no refusal
+
+
+@pytest.mark.parametrize("call", ["torch.set_num_threads(2)", "torch.set_num_interop_threads(2)"])
+def test_a_patch_cannot_take_more_threads_than_its_slot_gives(call):
+    """device.threads (a worker's fixed share of the cores) belongs to the harness: more threads would buy a
+    time-budgeted run more compute, and with search.workers > 1 take it from the other worker."""
+    problems = check_source(prepend(call + "\n")((REPO / "src" / "model.py").read_text()), "src/model.py", CONTRACT)
+    assert any(call.split("(")[0] in p for p in problems), problems
 
 
 def test_a_patch_that_does_not_parse_is_refused_with_its_line():

@@ -76,7 +76,8 @@ class ContractConfig:
         "torch.ops.load_library", "torch.classes*", "torch.cuda.memory._record*", "torch.utils.data*",
         "torch.distributed*", "torch.multiprocessing*", "torch.package*", "torch.jit.load", "torch.jit.save",
         "torch.serialization*", "torch.storage*", "torch.UntypedStorage.from_file", "torch.random.*state*",
-        "torch.set_rng_state", "torch.get_rng_state", "torch.profiler*", "torch.autograd.profiler*"])
+        "torch.set_rng_state", "torch.get_rng_state", "torch.profiler*", "torch.autograd.profiler*",
+        "torch.set_num_threads", "torch.set_num_interop_threads"])  # threads are the device slot's, not the patch's
     allowed_private: List[str] = field(default_factory=lambda: ["_foreach_"])  # torch._foreach_* ops
     assignable: List[str] = field(default_factory=lambda: [  # library settings a patch may set
         "torch.backends.*"])
