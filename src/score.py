@@ -298,6 +298,15 @@ def apply_verdict(summary: dict, verdict: dict) -> None:
 
 # ---------------------------------------------------------------------------- the starting side
 
+def pin(cpus: tuple) -> None:
+    """In a child between fork and exec: keep it to `cpus` (a lab worker's cores). Where the OS cannot
+    (macOS) or a core was taken away since the slots were planned, it runs unpinned rather than not at all."""
+    try:
+        os.sched_setaffinity(0, cpus)
+    except (AttributeError, OSError):
+        pass
+
+
 class Scorer:
     """Starts `python -m src.score` early (torch imports while training runs) and reads its verdict.
 
@@ -315,19 +324,13 @@ class Scorer:
         try:
             self.proc = Popen([sys.executable, "-m", "src.score"], cwd=self.cwd, env=self.env, stdin=PIPE,
                               stdout=PIPE, stderr=log if log else None, start_new_session=True,
-                              preexec_fn=self._pin if self.cpus and hasattr(os, "sched_setaffinity") else None)
+                              preexec_fn=(lambda: pin(self.cpus)) if self.cpus else None)
         finally:
             if log:
                 log.close()
         self.proc.stdin.write(f"{self.nonce}\n".encode())
         self.proc.stdin.flush()
         return self
-
-    def _pin(self) -> None:  # in the child, before exec; unpinned rather than not at all
-        try:
-            os.sched_setaffinity(0, self.cpus)
-        except OSError:
-            pass
 
     def wait_ready(self, timeout_s: float = 60.0) -> bool:
         """Block until the scorer has done its imports (its start-up then no longer competes for the

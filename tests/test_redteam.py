@@ -126,8 +126,13 @@ def test_the_scorer_says_when_it_is_ready_and_its_verdict_still_comes_through(tm
     """A standalone run waits for READY before its clock starts; reading it must not eat the verdict."""
     from src.score import Scorer
 
-    scorer = Scorer(REPO, tmp_path / "score.log").start()
+    import os
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    scorer = Scorer(REPO, tmp_path / "score.log", cpus=tuple(cores[-1:])).start()  # a lab worker's slot: one core
     try:
+        if cores:  # pinned before exec, as a worker's scorer is
+            assert os.sched_getaffinity(scorer.proc.pid) == {cores[-1]}
         assert scorer.wait_ready(timeout_s=120)
         verdict = scorer.score(tmp_path / "no-such-checkpoint.pt", timeout_s=120)
     finally:

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 from src.lab.config import ENV_STRIP
 from src.lab.session import atomic_write
-from src.score import CHECKPOINT, Scorer, apply_verdict
+from src.score import CHECKPOINT, Scorer, apply_verdict, pin
 from src.status import INTERRUPTED, OK, STALLED, TAMPERED
 
 ALWAYS_STRIP = ("MLFLOW_RUN_ID",)  # would attach the child to whatever run the parent has open
@@ -95,10 +95,7 @@ def _child_setup(cpus: tuple) -> Optional[Callable[[], None]]:
     def setup() -> None:
         _die_with_parent()
         if cpus:
-            try:
-                os.sched_setaffinity(0, cpus)
-            except OSError:  # a core taken away since the slots were planned: run unpinned rather than not at all
-                pass
+            pin(cpus)
     return setup
 
 
