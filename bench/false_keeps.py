@@ -1,7 +1,7 @@
 """The keep rule's error rates, measured: false keeps of null changes, and how often a real gain is kept.
 
 1. Null changes: one session (replay agent) whose proposals are --nulls patches that each add a
-   comment to src/model.py (distinct text and place, so each is a new commit of code that computes
+   comment to src/research/model.py (distinct text and place, so each is a new commit of code that computes
    exactly the same function as the baseline). Every keep is a false keep.
 2. A real improvement (--improvement, default the batch of 4,096 tokens TPE finds on the CPU):
    --trials independent sessions, each a fresh baseline and the improvement proposed once. The
@@ -26,7 +26,7 @@ from sessions import REPO, clone, outcome, rule, run_search, table
 IMPROVEMENT = "batch.total_tokens=4096 batch.device_tokens=4096"
 
 
-def null_patches(repo: Path, n: int, path: str = "src/model.py") -> list[str]:
+def null_patches(repo: Path, n: int, path: str = "src/research/model.py") -> list[str]:
     """n patches, each adding one comment line before a different blank line of `path` (>= 8 lines apart,
     so that any one of them still applies after another was kept)."""
     lines = (repo / path).read_text().splitlines(keepends=True)

@@ -164,8 +164,8 @@ def verdicts(res: dict[str, dict], scale: float) -> list[str]:
 
 CHECK = r"""
 import dataclasses, torch
-from src.config import ModelConfig
-from src.model import GPT, GPTConfig
+from src.harness.config import ModelConfig
+from src.research.model import GPT, GPTConfig
 torch.manual_seed(0)
 V = 8192
 cfg = GPTConfig.from_model_config(ModelConfig(depth=2, aspect_ratio=256, head_dim=128, sequence_len=2048,

@@ -47,11 +47,11 @@ def in_process_bpb(checkpoint: Path) -> float:
     sys.path.insert(0, str(REPO))
     from omegaconf import OmegaConf
 
-    from src.config import TrainConfig, to_object
-    from src.data import load_prepared, val_tokens
-    from src.device import DTYPES, Runtime
-    from src.evaluate import evaluate_bpb
-    from src.model import GPT, GPTConfig
+    from src.harness.config import TrainConfig, to_object
+    from src.harness.data import load_prepared, val_tokens
+    from src.harness.device import DTYPES, Runtime
+    from src.harness.evaluate import evaluate_bpb
+    from src.research.model import GPT, GPTConfig
 
     ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg = to_object(OmegaConf.create(ck["config"]), TrainConfig)

@@ -58,8 +58,8 @@ def wait_runs(started: dict) -> dict:
 
 def hot_path_cost(store: Path, steps: int = 5000) -> tuple[float, float]:
     """Seconds per step spent in log_step (training thread) and in the flush (tracker thread)."""
-    from src.config import TrackingConfig
-    from src.tracking import Tracker
+    from src.harness.config import TrackingConfig
+    from src.harness.tracking import Tracker
 
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{store}/mlflow.db", flush_every_s=3600)).start()
     tracker.wait_ready()

@@ -1,52 +1,8 @@
-"""The research loop's command line: python -m src.search (the loop itself is src/lab/loop.py).
+"""The research loop: python -m src.search (its command line is src/lab/search_cli.py).
 
 Usage: python -m src.search agent=tpe device=cpu budget.seconds=30 search.max_experiments=10
        python -m src.search search.tag=nov26 search.resume=true
 """
-from __future__ import annotations
-
-import logging
-import signal
-import sys
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-
-from src.config import to_object
-from src.lab.agents import AgentStop
-from src.lab.config import SearchAppConfig, register_search_configs
-from src.lab.loop import run, train_overrides
-from src.lab.session import SessionError
-
-log = logging.getLogger("src.search")
-
-
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="search")
-def main(dcfg) -> None:
-    cfg = to_object(dcfg, SearchAppConfig)
-    task = list(HydraConfig.get().overrides.task)
-    signal.signal(signal.SIGTERM, _sigterm)
-    try:
-        out = run(cfg, train_overrides(task), cli=task)  # cli: what a resume takes as given again
-    except (SessionError, AgentStop) as e:
-        log.error("%s", e)
-        sys.exit(2)
-    except ValueError as e:  # a malformed search space, replay file or agent option
-        log.debug("details", exc_info=True)
-        log.error("%s", e)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    print(f"session {out['tag']}: best val_bpb {out['best_val_bpb']:.6f} ({out['best_exp']}, commit "
-          f"{out['best_commit'][:7]}) on branch {out['branch']}; {out['stop_reason']}\n"
-          f"verdicts: {out['verdicts']}\n"
-          f"report: python -m src.report {out['tag']}", flush=True)
-
-
 if __name__ == "__main__":
-    register_search_configs()
-    main()
+    from src.lab.search_cli import cli
+    cli()

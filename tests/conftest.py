@@ -47,6 +47,6 @@ def isolated_env(tmp_path_factory) -> Path:
 def shakespeare(isolated_env) -> Path:
     """The default data (data=shakespeare, byte tokenizer) prepared in the session's cache: for real training."""
     from prepare import prepare
-    from src.config import DataConfig
+    from src.harness.config import DataConfig
 
     return prepare(DataConfig(cache_dir=str(isolated_env / "cache")))

@@ -67,7 +67,7 @@ def compose_train_cfg(overrides: list[str]):
     """The typed TrainConfig, composed like `python -m src.train <overrides>` (Hydra errors propagate)."""
     from hydra import compose, initialize_config_dir
 
-    from src.config import register_configs, to_object
+    from src.harness.config import register_configs, to_object
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -78,7 +78,7 @@ def compose_search(overrides: list[str]):
     """The typed SearchAppConfig, composed like `python -m src.search <overrides>` (Hydra errors propagate)."""
     from hydra import compose, initialize_config_dir
 
-    from src.config import to_object
+    from src.harness.config import to_object
     from src.lab.config import SearchAppConfig, register_search_configs
 
     register_search_configs()
@@ -126,7 +126,7 @@ def make_patch(repo: Path, path: str, transform) -> str:
 
 
 def crash_patch(repo: Path) -> str:
-    """src/model.py raising at the first forward pass (imports and builds fine: passes the dry run)."""
+    """src/research/model.py raising at the first forward pass (imports and builds fine: passes the dry run)."""
     def t(text: str) -> str:
         lines = text.splitlines(keepends=True)
         k = next(n for n, line in enumerate(lines) if line.startswith("    def forward(self, idx"))  # GPT.forward
@@ -134,10 +134,10 @@ def crash_patch(repo: Path) -> str:
             k += 1
         lines.insert(k + 1, '        raise RuntimeError("patched model crashes")\n')
         return "".join(lines)
-    return make_patch(repo, "src/model.py", t)
+    return make_patch(repo, "src/research/model.py", t)
 
 
-def comment_patch(repo: Path, path: str = "src/model.py", note: str = "a harmless comment") -> str:
+def comment_patch(repo: Path, path: str = "src/research/model.py", note: str = "a harmless comment") -> str:
     """A patch that adds one comment line at the top of `path`: changes the code, not the result."""
     return make_patch(repo, path, lambda t: f"# {note}\n" + t)
 

@@ -74,7 +74,7 @@ class ScriptedResearcher:
                     "next_ideas": [d for _, d in self.rng.sample(IDEAS, 3)],
                     "description": f"{' '.join(ovs)[:80]}", "hypothesis": f"H{i}: {why}.", "overrides": list(ovs)}
         if self.patch_every and self.repo is not None and i % self.patch_every == self.patch_every - 1:
-            proposal["patch"] = comment_patch(self.repo, "src/model.py", f"note {i}")
+            proposal["patch"] = comment_patch(self.repo, "src/research/model.py", f"note {i}")
             proposal["description"] = f"annotate the model ({i})"
         return tool_use(proposal, thinking=thinking)
 

@@ -17,7 +17,7 @@ $FAKE_AFTER ("exp-002:exp-003") holds the runs it names until the session's resu
 experiment (at most 60 s): the order in which parallel workers finish (search.workers > 1).
 $FAKE_HOLD ("exp-001,exp-002") holds the runs it names until the file $FAKE_HOLD_FILE exists (at most 60 s).
 $FAKE_MLFLOW=1 makes each run log itself like src.train does (tracking.*: an MLflow child run of the session's
-parent, its experiment created race-free with src.tracking.ensure_experiment): the shared-server drill.
+parent, its experiment created race-free with src.harness.tracking.ensure_experiment): the shared-server drill.
 Env var names it saw are written to summary.json (`env`), for the env-stripping tests.
 """
 import hashlib
@@ -102,7 +102,7 @@ def main() -> int:
         from mlflow.tracking import MlflowClient
 
         sys.path.insert(0, os.getcwd())  # the worktree's src/
-        from src.tracking import ensure_experiment
+        from src.harness.tracking import ensure_experiment
 
         uri = eff["tracking.uri"]
         client = MlflowClient(uri)

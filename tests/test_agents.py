@@ -24,7 +24,7 @@ ROOTS = ["model", "optimizer", "batch"]
 def state(history=(), best_config=None, worktree=REPO) -> SearchState:
     base = compose_train(CONF, ["device=cpu"])
     return SearchState(tag="t", best=Best("baseline", "0" * 40, 2.9, []), margin=0.01, sigma=0.005,
-                       history=list(history), editable=["src/model.py"], override_roots=ROOTS, pinned=["device"],
+                       history=list(history), editable=["src/research/model.py"], override_roots=ROOTS, pinned=["device"],
                        base_overrides=["device=cpu"], worktree=worktree, base_config=base,
                        best_config=best_config or base, experiments_left=5, seconds_left=3600.0)
 
@@ -117,13 +117,13 @@ def test_random_agent_is_reproducible_by_seed():
 
 
 def test_replay_reads_yaml_jsonl_and_patch_files_and_resumes_after_the_last_replayed(tmp_path):
-    (tmp_path / "fix.diff").write_text("--- a/src/model.py\n+++ b/src/model.py\n")
+    (tmp_path / "fix.diff").write_text("--- a/src/research/model.py\n+++ b/src/research/model.py\n")
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"proposals": [
         {"description": "one", "overrides": ["model.depth=3"]},
         {"description": "two", "patch_file": "fix.diff"}]}))
     (tmp_path / "p.jsonl").write_text(json.dumps({"description": "j", "overrides": ["model.depth=5"]}) + "\n\n")
     assert [p.description for p in load_proposals(tmp_path / "p.yaml")] == ["one", "two"]
-    assert load_proposals(tmp_path / "p.yaml")[1].patch.startswith("--- a/src/model.py")
+    assert load_proposals(tmp_path / "p.yaml")[1].patch.startswith("--- a/src/research/model.py")
     assert load_proposals(tmp_path / "p.jsonl")[0].overrides == ["model.depth=5"]
     agent = ReplayAgent(ReplayAgentConfig(name="replay", file=str(tmp_path / "p.yaml")))
     p1 = agent.propose(state())
@@ -153,6 +153,6 @@ def test_unknown_agent_name_is_a_clear_error():
 
 def test_state_reads_worktree_files_and_refuses_paths_outside_it():
     s = state()
-    assert "class GPT" in s.read("src/model.py")
+    assert "class GPT" in s.read("src/research/model.py")
     with pytest.raises(ValueError, match="outside"):
         s.read("../../etc/passwd")

@@ -16,10 +16,10 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from src.config import ModelConfig
-from src.device import Runtime, compile_model
-from src.model import GPT, GPTConfig
-from src.score import Checker
+from src.harness.config import ModelConfig
+from src.harness.device import Runtime, compile_model
+from src.research.model import GPT, GPTConfig
+from src.harness.score import Checker
 
 V = 257
 

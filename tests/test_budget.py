@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from src.budget import BudgetClock, inject_stalls, parse_stalls
-from src.config import BudgetConfig
+from src.harness.budget import BudgetClock, inject_stalls, parse_stalls
+from src.harness.config import BudgetConfig
 from tests.helpers import TINY_ONE_THREAD as FAST, read_summary, run_cli
 
 
@@ -91,7 +91,7 @@ def test_bad_budgets_are_explained():
 
 def test_stall_injection_sleeps_in_the_named_optimizer_steps(monkeypatch):
     slept = []
-    monkeypatch.setattr("src.budget.time.sleep", slept.append)
+    monkeypatch.setattr("src.harness.budget.time.sleep", slept.append)
     assert parse_stalls("3:5,10:0.5") == {3: 5.0, 10: 0.5}
     seen = [(b, len(slept)) for b in inject_stalls(iter(range(12)), accum=2, spec="3:5")]
     assert slept == [5.0] and [b for b, _ in seen] == list(range(12))

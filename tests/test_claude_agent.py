@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from src.config import TrainConfig
+from src.harness.config import TrainConfig
 from src.lab.agents.base import AgentStop, Best, SearchState
 from src.lab.agents.claude import CONVERSATION_FILE, JOURNAL_FILE, USAGE_FILE, ClaudeAgent, parse_input
 from src.lab.agents.claude_api import Capabilities, Options, Usage, classify, price_for
@@ -72,7 +72,7 @@ def agent_for(server: MessagesServer, **kw) -> ClaudeAgent:
 def worktree(tmp_path: Path) -> Path:
     """A session directory whose worktree holds the editable files, the config groups and program.md."""
     wt = tmp_path / "session" / "worktree"
-    for rel in ("src/model.py", "src/optim.py", "program.md"):
+    for rel in ("src/research/model.py", "src/research/optim.py", "program.md"):
         (wt / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, wt / rel)
     for group in ("model", "optimizer", "batch"):
@@ -91,7 +91,7 @@ def row(exp: str, status: str, val: float | None = None, delta: float | None = N
 def make_state(wt: Path, history: list[Experiment], best: Best | None = None) -> SearchState:
     cfg = TrainConfig()
     return SearchState(tag="t1", best=best or Best("baseline", SHA, 2.5, []), margin=0.01, sigma=0.004,
-                       history=history, editable=["src/model.py", "src/optim.py"],
+                       history=history, editable=["src/research/model.py", "src/research/optim.py"],
                        override_roots=["model", "optimizer", "batch"], pinned=["device.type"],
                        base_overrides=["device.type=cpu"], worktree=wt, base_config=cfg, best_config=cfg,
                        experiments_left=5, seconds_left=3600.0)
@@ -214,7 +214,7 @@ def test_a_400_drops_one_optional_feature_at_a_time_whatever_its_message_says(se
 
 def test_a_session_is_one_append_only_conversation_with_breakpoints_on_its_stable_parts(server, key, tmp_path):
     wt = worktree(tmp_path)
-    patch = "--- a/src/optim.py\n+++ b/src/optim.py\n@@ -1,1 +1,1 @@\n-x\n+y\n"
+    patch = "--- a/src/research/optim.py\n+++ b/src/research/optim.py\n@@ -1,1 +1,1 @@\n-x\n+y\n"
     server.script(good(1), tool_use({**idea(2), "overrides": [], "patch": patch}), good(3), good(4))
     agent = agent_for(server)
     hist = list(BASE)
@@ -271,7 +271,7 @@ def test_a_kept_patch_changes_the_prefix_a_kept_override_does_not(server, key, t
     agent.propose(make_state(wt, hist, best))
     hist.append(outcome(Proposal("p", overrides=["x=1"], meta={"tool_use_id": "toolu_0002"}), "exp-002", "keep",
                         2.3, -0.1))
-    (wt / "src" / "optim.py").write_text((wt / "src" / "optim.py").read_text() + "\n# kept change\n")
+    (wt / "src" / "research" / "optim.py").write_text((wt / "src" / "research" / "optim.py").read_text() + "\n# kept change\n")
     agent.propose(make_state(wt, hist, Best("exp-002", "b" * 40, 2.30, [])))
     s1, s2, s3 = (r["body"]["system"][0]["text"] for r in server.messages_requests())
     assert s1 == s2 and "# kept change" in s3 and "# kept change" not in s2
@@ -757,7 +757,7 @@ def _search(args: list[str], tmp: Path, name: str):
 @pytest.mark.usefixtures("shakespeare")
 def test_cli_session_pauses_at_its_cost_cap_resumes_and_leaks_no_key(tmp_path, isolated_env):
     repo = make_repo(tmp_path)  # a copy: the session's branch and worktree stay out of the real checkout
-    floor = make_patch(repo, "src/optim.py", lambda t: t.replace(
+    floor = make_patch(repo, "src/research/optim.py", lambda t: t.replace(
         "    return cooldown + (1 - cooldown) * cfg.final_lr_frac\n",
         "    return max(cooldown + (1 - cooldown) * cfg.final_lr_frac, 0.05)\n"))
     assert floor

@@ -7,7 +7,7 @@ import re
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from src.config import GROUPS, TrainConfig
+from src.harness.config import GROUPS, TrainConfig
 from tests.helpers import compose_train_cfg, config_options
 
 

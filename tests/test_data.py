@@ -1,4 +1,4 @@
-"""The tokenizers (src/tokenizer.py) and the data harness (src/data.py) on small real files.
+"""The tokenizers (src/harness/tokenizer.py) and the data harness (src/harness/data.py) on small real files.
 
 Run: python -m pytest -q tests/test_data.py
 """
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import prepare as prep
-from src.config import DataConfig
-from src.data import (DataNotPreparedError, PrepareError, load_prepared, prepared_dir, train_batches,
+from src.harness import prepare as prep
+from src.harness.config import DataConfig
+from src.harness.data import (DataNotPreparedError, PrepareError, load_prepared, prepared_dir, train_batches,
                       val_tokens, verify_checksums)
-from src.tokenizer import BOS, ByteTokenizer, TokenizerError, load_tokenizer, train_bpe
+from src.harness.tokenizer import BOS, ByteTokenizer, TokenizerError, load_tokenizer, train_bpe
 
 WORDS = ("the quick brown fox jumps over lazy dog alpha beta gamma delta héllo wörld 中文 naïve café "
          "to be or not that is question whether tis nobler mind suffer slings arrows").split()

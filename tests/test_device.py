@@ -13,9 +13,9 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from src.config import DeviceConfig
-from src.device import COMPILE_CACHE_ENV, resolve, use_compile_cache
-from src.paths import cache_dir
+from src.harness.config import DeviceConfig
+from src.harness.device import COMPILE_CACHE_ENV, resolve, use_compile_cache
+from src.harness.paths import cache_dir
 from tests.helpers import TINY, compose_train_cfg, read_summary, run_cli
 
 
@@ -44,7 +44,7 @@ def test_a_wrong_word_fails_at_compose_time_naming_the_knob(override, knob):
 def test_yaml_booleans_and_words_give_the_same_config():
     from omegaconf import OmegaConf
 
-    from src.config import TrainConfig, to_object
+    from src.harness.config import TrainConfig, to_object
 
     for raw in ("compile: false\ndtype: false", "compile: 'false'\ndtype: fp32"):
         cfg = to_object(OmegaConf.create({"device": OmegaConf.to_container(OmegaConf.create(raw))}), TrainConfig)

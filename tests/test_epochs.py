@@ -28,7 +28,7 @@ def small_text(tmp_path_factory) -> list[str]:
 
 
 def train_tokens(data_overrides: list[str]) -> int:
-    from src.data import load_prepared
+    from src.harness.data import load_prepared
     from tests.helpers import compose_train_cfg
 
     return len(load_prepared(compose_train_cfg(data_overrides).data, splits=("train",)).train)

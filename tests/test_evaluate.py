@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from src.evaluate import evaluate_bpb
+from src.harness.evaluate import evaluate_bpb
 
 
 V = 5
@@ -45,8 +45,8 @@ def test_a_model_that_returns_no_logits_is_refused_with_the_contract():
 
 
 def test_bpb_of_a_fresh_model_is_independent_of_the_batch_size_and_near_log2_vocab():
-    from src.config import ModelConfig
-    from src.model import GPT, GPTConfig
+    from src.harness.config import ModelConfig
+    from src.research.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     m = GPT(GPTConfig.from_model_config(ModelConfig(depth=1, aspect_ratio=64, head_dim=32, sequence_len=16), 257))

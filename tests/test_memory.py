@@ -14,12 +14,12 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from src.config import ModelConfig, OptimizerConfig
-from src.device import Runtime
-from src.memory import Memory, cache_path, candidates, is_oom, oom_message
-from src.model import GPT, GPTConfig
-from src.optim import build_optimizer
-from src.step import train_step
+from src.harness.config import ModelConfig, OptimizerConfig
+from src.harness.device import Runtime
+from src.harness.memory import Memory, cache_path, candidates, is_oom, oom_message
+from src.research.model import GPT, GPTConfig
+from src.research.optim import build_optimizer
+from src.research.step import train_step
 from tests.helpers import TINY, read_summary, run_cli
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from src.config import ModelConfig
-from src.model import GPT, GPTConfig
+from src.harness.config import ModelConfig
+from src.research.model import GPT, GPTConfig
 from tests.helpers import compose_train_cfg
 
 

@@ -5,9 +5,9 @@ Run: python -m pytest -q tests/test_optim.py
 import pytest
 import torch
 
-from src.config import ModelConfig, OptimizerConfig
-from src.model import GPT, GPTConfig
-from src.optim import build_optimizer, lr_multiplier, orthogonalize
+from src.harness.config import ModelConfig, OptimizerConfig
+from src.research.model import GPT, GPTConfig
+from src.research.optim import build_optimizer, lr_multiplier, orthogonalize
 
 
 def tiny_model():

@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import prepare as prep
-from src.config import DataConfig
-from src.data import DataNotPreparedError, PrepareError, load_prepared, prepared_dir
+from src.harness import prepare as prep
+from src.harness.config import DataConfig
+from src.harness.data import DataNotPreparedError, PrepareError, load_prepared, prepared_dir
 from tests.helpers import REPO, free_port
 
 WORDS = "to be or not that is the question whether tis nobler in mind suffer slings arrows héllo 中文".split()

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from hydra import compose, initialize_config_dir
 
-from src.config import TrainConfig, register_configs
+from src.harness.config import TrainConfig, register_configs
 from src.lab.proposal import (InvalidProposal, Proposal, check_overrides, check_patch_paths, compose_train,
                               merge_overrides, patch_paths, preset_yaml)
 from tests.helpers import CONF, config_options
@@ -21,7 +21,7 @@ GROUPS = {"model", "optimizer", "batch", "device", "data", "budget"}
 def test_from_dict_accepts_the_tool_shape_and_names_what_is_wrong():
     p = Proposal.from_dict({"description": "x", "hypothesis": "y", "overrides": ["model.depth=3"], "patch": ""})
     assert p.kind == "overrides" and p.patch is None
-    assert Proposal.from_dict({"patch": "--- a/src/model.py\n"}).description == "code patch"
+    assert Proposal.from_dict({"patch": "--- a/src/research/model.py\n"}).description == "code patch"
     assert Proposal.from_dict({"overrides": "a=1 b=2"}).overrides == ["a=1", "b=2"]
     with pytest.raises(InvalidProposal, match="unknown proposal field.*'overides'"):
         Proposal.from_dict({"description": "x", "overides": ["a=1"]})
@@ -59,15 +59,15 @@ def test_merge_overrides_new_values_win_by_key():
 
 
 def test_patch_paths_are_listed_and_files_outside_the_editable_ones_refused():
-    patch = ("diff --git a/src/model.py b/src/model.py\n--- a/src/model.py\n+++ b/src/model.py\n@@ -1 +1 @@\n-a\n+b\n"
+    patch = ("diff --git a/src/research/model.py b/src/research/model.py\n--- a/src/research/model.py\n+++ b/src/research/model.py\n@@ -1 +1 @@\n-a\n+b\n"
              "diff --git a/src/old.py b/src/new.py\nrename from src/old.py\nrename to src/new.py\n"
              "--- /dev/null\n+++ b/src/extra.py\n")
-    assert patch_paths(patch) == ["src/model.py", "src/old.py", "src/new.py", "src/extra.py"]
+    assert patch_paths(patch) == ["src/research/model.py", "src/old.py", "src/new.py", "src/extra.py"]
     assert check_patch_paths(patch, ["src/*.py"]) == patch_paths(patch)
     with pytest.raises(InvalidProposal, match=r"touches src/old.py, src/new.py, src/extra.py, outside the editable"):
-        check_patch_paths(patch, ["src/model.py", "src/optim.py"])
+        check_patch_paths(patch, ["src/research/model.py", "src/research/optim.py"])
     with pytest.raises(InvalidProposal, match="names no file"):
-        check_patch_paths("just some text\n", ["src/model.py"])
+        check_patch_paths("just some text\n", ["src/research/model.py"])
 
 
 def test_compose_train_gives_the_typed_config_and_explains_bad_keys_values_and_options():

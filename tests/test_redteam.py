@@ -2,7 +2,7 @@
 
 Two layers. The static contract (src/lab/contract.py) refuses, before any run, patches that
 import outside the allow-list, rebind library or harness functions, or reach files, the process,
-the clock or introspection. The scorer (src/score.py) and the runner catch at run time what is
+the clock or introspection. The scorer (src/harness/score.py) and the runner catch at run time what is
 plain model code (a model that looks ahead, depends on the batch, keeps state, returns something
 other than logits), and, with the contract switched off, the tampering the contract would refuse.
 
@@ -45,27 +45,27 @@ def test_honest_patches_pass_the_contract(patch):
 
 
 def test_the_contract_reports_every_violation_and_can_be_switched_off(tmp_path):
-    f = tmp_path / "src" / "model.py"
-    f.parent.mkdir()
+    f = tmp_path / "src" / "research" / "model.py"
+    f.parent.mkdir(parents=True)
     f.write_text("import os\nimport torch\ntorch.load = None\nx = open('a')\n")
     with pytest.raises(ContractViolation) as e:
-        check_files(tmp_path, ["src/model.py"], CONTRACT)
+        check_files(tmp_path, ["src/research/model.py"], CONTRACT)
     msg = str(e.value)
-    assert "src/model.py:1: imports os" in msg and "src/model.py:3: assigns to torch.load" in msg
-    assert "src/model.py:4: uses open" in msg
-    check_files(tmp_path, ["src/model.py"], ContractConfig(enabled=False))  # off: no refusal
+    assert "src/research/model.py:1: imports os" in msg and "src/research/model.py:3: assigns to torch.load" in msg
+    assert "src/research/model.py:4: uses open" in msg
+    check_files(tmp_path, ["src/research/model.py"], ContractConfig(enabled=False))  # off: no refusal
 
 
 @pytest.mark.parametrize("call", ["torch.set_num_threads(2)", "torch.set_num_interop_threads(2)"])
 def test_a_patch_cannot_take_more_threads_than_its_slot_gives(call):
     """device.threads (a worker's fixed share of the cores) belongs to the harness: more threads would buy a
     time-budgeted run more compute, and with search.workers > 1 take it from the other worker."""
-    problems = check_source(prepend(call + "\n")((REPO / "src" / "model.py").read_text()), "src/model.py", CONTRACT)
+    problems = check_source(prepend(call + "\n")((REPO / "src" / "research" / "model.py").read_text()), "src/research/model.py", CONTRACT)
     assert any(call.split("(")[0] in p for p in problems), problems
 
 
 def test_a_patch_that_does_not_parse_is_refused_with_its_line():
-    assert check_source("def f(:\n", "src/model.py", CONTRACT) == ["src/model.py:1: does not parse (invalid syntax)"]
+    assert check_source("def f(:\n", "src/research/model.py", CONTRACT) == ["src/research/model.py:1: does not parse (invalid syntax)"]
 
 
 # ---------------------------------------------------------------------------- run time: the real runner + scorer
@@ -91,7 +91,7 @@ def run_patched(repo, tmp_path, patch):
 RUNTIME_ATTACKS = [a for a in ATTACKS if not a.static] + [
     a for a in ATTACKS if a.name in ("rebind torch.nn.functional.cross_entropy at import", "rebind via an alias of "
                                      "torch.Tensor", "slow the budget clock", "train on the validation split",
-                                     "write into the run directory", "rebind the harness's loss through src.evaluate")]
+                                     "write into the run directory", "rebind the harness's loss through src.harness.evaluate")]
 
 
 @pytest.mark.slow
@@ -124,7 +124,7 @@ def test_a_val_bpb_the_train_process_reports_is_never_taken(tmp_path):
 @pytest.mark.slow  # subprocesses: real processes
 def test_the_scorer_says_when_it_is_ready_and_its_verdict_still_comes_through(tmp_path):
     """A standalone run waits for READY before its clock starts; reading it must not eat the verdict."""
-    from src.score import Scorer
+    from src.harness.score import Scorer
 
     import os
 

@@ -15,7 +15,7 @@ import yaml
 
 from src.lab.ledger import Experiment
 from src.lab.report import leaderboard
-from src.report import main
+from src.lab.report_cli import main
 from src.lab.loop import Search, train_overrides
 from tests.helpers import comment_patch, compose_search, fake_command, make_repo
 

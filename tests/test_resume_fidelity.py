@@ -76,8 +76,8 @@ def test_resume_continues_with_the_sessions_knobs_agent_and_options(tmp_path, sh
 @pytest.mark.slow
 def test_noop_proposals_are_invalid_rows_and_the_session_goes_on(tmp_path, shakespeare):
     repo = make_repo(tmp_path)
-    a, b, c = (repo / "src" / "optim.py").read_text().splitlines()[:3]
-    noop = f"--- a/src/optim.py\n+++ b/src/optim.py\n@@ -1,3 +1,3 @@\n {a}\n-{b}\n+{b}\n {c}\n"
+    a, b, c = (repo / "src" / "research" / "optim.py").read_text().splitlines()[:3]
+    noop = f"--- a/src/research/optim.py\n+++ b/src/research/optim.py\n@@ -1,3 +1,3 @@\n {a}\n-{b}\n+{b}\n {c}\n"
     lr = compose_train_cfg(TINY_TRAIN).optimizer.matrix_lr
     proposals = [{"description": "a patch that changes nothing", "patch": noop},
                  {"description": "the best's own learning rate", "overrides": [f"optimizer.matrix_lr={lr}"]},

@@ -54,7 +54,7 @@ def test_a_replay_session_with_real_training_keeps_refuses_and_crashes_then_repo
     assert "patched model crashes" in (d / "runs" / "exp-003" / "run.log").read_text()
     # the branch holds the keep; the crash was reset away; the user's main is untouched
     assert git(repo, "rev-parse", "research/cli").startswith(rows[1]["commit"])
-    assert "patched model crashes" not in (d / "worktree" / "src" / "model.py").read_text()
+    assert "patched model crashes" not in (d / "worktree" / "src" / "research" / "model.py").read_text()
     assert git(repo, "rev-list", "--count", "main..research/cli") == "1"
     # what ran is what the branch reproduces: the run's config carries the committed preset
     summary = read_summary(d / "runs" / "exp-001")

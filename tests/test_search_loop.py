@@ -82,7 +82,7 @@ def test_replay_keeps_discards_refuses_and_the_branch_follows_the_best(lab):
     assert preset == {"batch": {"total_tokens": 4096, "device_tokens": 4096}, "optimizer": {"matrix_lr": 0.06}}
     # discarded candidates stay inspectable; the worktree is clean at the best
     assert git(repo, "rev-parse", "refs/research/t/exp-007").startswith(rows[8]["commit"])
-    assert "harmless comment" not in (sdir(lab) / "worktree" / "src" / "model.py").read_text()
+    assert "harmless comment" not in (sdir(lab) / "worktree" / "src" / "research" / "model.py").read_text()
     assert git(sdir(lab) / "worktree", "status", "--porcelain") == ""
     # the user's checkout and branch are untouched
     assert git(repo, "rev-parse", "main") == main_head and git(repo, "branch", "--show-current") == "main"

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from src.config import TrackingConfig
-from src.sweep import format_table, sweep_table
-from src.tracking import Tracker, TrackingError, artifact_location, final_metrics, flatten, resolve_uri
+from src.harness.config import TrackingConfig
+from src.harness.sweep import format_table, sweep_table
+from src.harness.tracking import Tracker, TrackingError, artifact_location, final_metrics, flatten, resolve_uri
 from tests.helpers import REPO, TINY_ONE_THREAD as FAST, compose_train_cfg, free_port, read_summary, run_cli
 
 STALL_STEP, STALL_S, BUDGET_S = 10, 3.0, 15.0
@@ -241,7 +241,7 @@ def test_the_uri_is_the_argument_then_the_env_then_the_repo_store_with_artifacts
 
 
 def test_params_are_dotted_config_keys_and_only_summary_numbers_become_metrics():
-    from src.config import TrainConfig
+    from src.harness.config import TrainConfig
 
     p = flatten(TrainConfig())
     assert p["model.depth"] == "4" and p["optimizer.adam_betas"] == "[0.8, 0.95]" and p["tracking.enabled"] == "True"

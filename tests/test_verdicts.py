@@ -191,8 +191,8 @@ def test_confirmation_with_no_noise_estimate_runs_two_pairs(lab):
 @pytest.mark.slow  # a session of several stand-in runs
 def test_a_noop_patch_is_an_invalid_proposal_that_costs_no_run(lab):
     repo = lab["repo"]
-    a, b, c = (repo / "src" / "optim.py").read_text().splitlines()[:3]
-    noop = f"--- a/src/optim.py\n+++ b/src/optim.py\n@@ -1,3 +1,3 @@\n {a}\n-{b}\n+{b}\n {c}\n"  # b replaced by b
+    a, b, c = (repo / "src" / "research" / "optim.py").read_text().splitlines()[:3]
+    noop = f"--- a/src/research/optim.py\n+++ b/src/research/optim.py\n@@ -1,3 +1,3 @@\n {a}\n-{b}\n+{b}\n {c}\n"  # b replaced by b
     by, rows, s = session(lab, "search.baseline_repeats=1", "search.confirm=false",
                           proposals=[{"description": "no-op", "patch": noop},
                                      {"description": "smaller batch", "overrides": SMALLER_BATCH}])

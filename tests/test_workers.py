@@ -121,9 +121,9 @@ def test_a_keep_whose_parent_moved_is_rebased_and_confirmed_and_a_conflict_is_re
     repo = make_repo(tmp_path)
     proposals = [
         {"description": "patch A + lr", "overrides": ["optimizer.matrix_lr=0.05"],
-         "patch": make_patch(repo, "src/model.py", _first_line("A"))},
+         "patch": make_patch(repo, "src/research/model.py", _first_line("A"))},
         {"description": "patch B + batch", "overrides": ["batch.total_tokens=4096", "batch.device_tokens=4096"],
-         "patch": make_patch(repo, "src/model.py", _first_line("B"))},  # the same line as A: a conflict
+         "patch": make_patch(repo, "src/research/model.py", _first_line("B"))},  # the same line as A: a conflict
         {"description": "batch 2048", "overrides": ["batch.total_tokens=2048", "batch.device_tokens=2048"]},
         {"description": "batch 4096", "overrides": ["batch.total_tokens=4096", "batch.device_tokens=4096"]},
         lr(0.06),
@@ -349,7 +349,7 @@ def test_two_workers_one_ledger_one_branch_one_parent_run_on_a_shared_mlflow_ser
 
     from mlflow.tracking import MlflowClient
 
-    from src.tracking import ensure_experiment
+    from src.harness.tracking import ensure_experiment
 
     uri, server_log = mlflow_server
     with ThreadPoolExecutor(4) as ex:  # four processes' worth of first runs creating one experiment at once

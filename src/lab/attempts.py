@@ -25,7 +25,7 @@ from src.lab.ledger import Experiment
 from src.lab.proposal import merge_overrides
 from src.lab.runner import Outcome, attempt_name
 from src.lab.session import InFlight
-from src.status import DISTURBED, OK, STALLED, TAMPERED
+from src.harness.status import DISTURBED, OK, STALLED, TAMPERED
 
 log = logging.getLogger(__name__)
 

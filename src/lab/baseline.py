@@ -20,7 +20,7 @@ from src.lab.experiment import Experiments
 from src.lab.ledger import Experiment, next_baseline
 from src.lab.resume import Pending
 from src.lab.session import SessionError
-from src.status import DISTURBED
+from src.harness.status import DISTURBED
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ Usage: commit = stage(lab, "exp-004", proposal, best, overrides_in_effect)
 """
 from __future__ import annotations
 
-from src.config import GROUPS
+from src.harness.config import GROUPS
 from src.lab.context import Lab
 from src.lab.contract import ContractViolation, check_files
 from src.lab.proposal import (InvalidProposal, Proposal, check_overrides, check_patch_paths, compose_train,

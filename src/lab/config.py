@@ -1,7 +1,7 @@
 """Config schemas of the research loop: search, agent (one schema per agent kind) and search_space.
 
 `python -m src.search` composes conf/search.yaml: the train groups (the baseline every experiment
-starts from, typed by src/config.py) plus the groups below. Agents extend AgentConfig with their
+starts from, typed by src/harness/config.py) plus the groups below. Agents extend AgentConfig with their
 own knobs; an agent's options live in conf/agent/<name>.yaml.
 
 Usage: from src.lab.config import SearchAppConfig, register_search_configs
@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from src.config import TrainConfig, register_configs
+from src.harness.config import TrainConfig, register_configs
 
 # environment variables a training run never sees (case-insensitive globs); search.env_strip's default
 ENV_STRIP = ("ANTHROPIC_API_KEY", "*_API_KEY", "*TOKEN*", "*SECRET*", "*PASSWORD*")
@@ -63,7 +63,7 @@ class ContractConfig:
     enabled: bool = True
     allowed_imports: List[str] = field(default_factory=lambda: [
         "__future__", "torch", "math", "functools", "dataclasses", "typing", "collections", "itertools",
-        "operator", "numbers", "enum", "abc", "src.config", "src.model", "src.optim", "src.step"])
+        "operator", "numbers", "enum", "abc", "src.harness.config", "src.research"])
     forbidden_names: List[str] = field(default_factory=lambda: [
         "open", "exec", "eval", "compile", "__import__", "globals", "locals", "vars", "setattr", "delattr",
         "__builtins__", "breakpoint", "input", "memoryview"])
@@ -105,7 +105,7 @@ class SearchConfig:
     timeout_factor: float = 3.0  # hard kill after budget.seconds * timeout_factor + timeout_grace_s
     timeout_grace_s: float = 180.0  # startup, evaluation and slack (seconds)
     timeout_s: Optional[float] = None  # explicit hard timeout per run; None = the formula (tokens mode: from the baseline)
-    editable: List[str] = field(default_factory=lambda: ["src/model.py", "src/optim.py", "src/step.py"])  # files a patch may touch (globs)
+    editable: List[str] = field(default_factory=lambda: ["src/research/*.py"])  # files a patch may touch (globs): the research room
     override_roots: List[str] = field(default_factory=lambda: ["model", "optimizer", "batch"])  # keys a proposal may override
     max_invalid_in_row: int = 10  # stop when the agent keeps proposing invalid changes
     preflight: bool = True  # dry-run each candidate (compose + build the model on the meta device) before its run

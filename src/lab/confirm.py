@@ -21,7 +21,7 @@ from src.lab.context import Lab
 from src.lab.decision import NoiseFloor, Verdict, decide, paired
 from src.lab.ledger import Experiment, confirmation_id
 from src.lab.standings import Best
-from src.status import CONFIRM, DISTURBED, OK
+from src.harness.status import CONFIRM, DISTURBED, OK
 
 log = logging.getLogger(__name__)
 

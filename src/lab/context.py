@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from src.config import TrainConfig
+from src.harness.config import TrainConfig
 from src.lab.agents.base import SearchState
 from src.lab.config import SearchAppConfig
 from src.lab.disturbance import shape_key

@@ -6,7 +6,7 @@ needs no process, file system, clock, environment, introspection or dynamic impo
 not reach into the harness or rebind library functions. Each refusal names the file, the line
 and the rule. The rules are configurable (search.contract); on by default.
 
-Usage: problems = check_source(text, "src/model.py", ContractConfig()); check_files(worktree, paths, cfg)
+Usage: problems = check_source(text, "src/research/model.py", ContractConfig()); check_files(worktree, paths, cfg)
 """
 from __future__ import annotations
 

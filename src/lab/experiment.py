@@ -27,10 +27,10 @@ from src.lab.integrity import implausible
 from src.lab.ledger import Experiment
 from src.lab.proposal import InvalidProposal, Proposal, merge_overrides
 from src.lab.runner import Outcome, RunInterrupted
-from src.score import CHECKPOINT
+from src.harness.score import CHECKPOINT
 from src.lab.session import InFlight
 from src.lab.standings import Standings
-from src.status import DISTURBED, INTERRUPTED, OK, TAMPERED
+from src.harness.status import DISTURBED, INTERRUPTED, OK, TAMPERED
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 from src.lab.config import ENV_STRIP
 from src.lab.runner import Outcome, RunInterrupted, Runner, alive
-from src.status import INTERRUPTED
+from src.harness.status import INTERRUPTED
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Optional
 
 from src.lab.proposal import Proposal
 from src.lab.session import atomic_write, disk_error
-from src.status import COUNTED, SCORED
+from src.harness.status import COUNTED, SCORED
 
 log = logging.getLogger("src.lab.ledger")
 
@@ -42,7 +42,7 @@ EXPERIMENT_ID = re.compile(r"exp-\d+")  # an experiment's own row (not one of it
 @dataclass
 class Experiment:
     exp: str  # base-1, base-2, exp-001, ...
-    status: str  # the decision: one of src.status.DECISIONS
+    status: str  # the decision: one of src.harness.status.DECISIONS
     description: str
     commit: str = ""  # the commit that ran (full sha; the TSV shows 7 characters)
     val_bpb: Optional[float] = None

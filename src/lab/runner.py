@@ -25,15 +25,15 @@ from typing import Callable, Optional
 
 from src.lab.config import ENV_STRIP
 from src.lab.session import atomic_write
-from src.score import CHECKPOINT, Scorer, apply_verdict, pin
-from src.status import INTERRUPTED, OK, STALLED, TAMPERED
+from src.harness.score import CHECKPOINT, Scorer, apply_verdict, pin
+from src.harness.status import INTERRUPTED, OK, STALLED, TAMPERED
 
 ALWAYS_STRIP = ("MLFLOW_RUN_ID",)  # would attach the child to whatever run the parent has open
 
 
 @dataclass
 class Outcome:
-    status: str  # train's status (src.status.RUN_STATUSES), or interrupted / timeout / crash as the runner saw it
+    status: str  # train's status (src.harness.status.RUN_STATUSES), or interrupted / timeout / crash as the runner saw it
     run_dir: Path
     summary: dict = field(default_factory=dict)
     returncode: Optional[int] = None
@@ -160,7 +160,7 @@ def tail(path: Path, n_bytes: int = 4000) -> str:
 class Runner:
     """Runs `python -m src.train` and scores what it trained in a scorer process of its own.
 
-    The train process only saves a checkpoint (score=caller); the scorer (src/score.py) is started
+    The train process only saves a checkpoint (score=caller); the scorer (src/harness/score.py) is started
     here, beside it, and its verdict reaches us on a pipe with a nonce the train process never sees.
     Whatever the train process wrote as val_bpb is replaced. score_checkpoints=False is the seam for
     the tests' stand-in train script, which has no model to score (default: on for the real train).

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Optional
 
 from src.lab.ledger import Experiment
 from src.lab.runner import Outcome, attempt_name
-from src.status import OK, mlflow_status
-from src.tracking import MAX_PARAM_LEN, MAX_TAG_LEN, ensure_experiment
+from src.harness.status import OK, mlflow_status
+from src.harness.tracking import MAX_PARAM_LEN, MAX_TAG_LEN, ensure_experiment
 
 if TYPE_CHECKING:
     from src.lab.config import SearchAppConfig
@@ -221,7 +221,7 @@ def open_session_runs(cfg: "SearchAppConfig", st: "SessionState", session_dir: P
     """The session's MLflow parent run (created, or reopened on resume); tracking off if the store fails
     (SessionError instead with tracking.strict)."""
     from src.lab.session import SessionError
-    from src.tracking import resolve_uri
+    from src.harness.tracking import resolve_uri
 
     s, t = cfg.search, cfg.tracking
     uri = resolve_uri(t.uri)

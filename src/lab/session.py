@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from src.lab.proposal import InvalidProposal
-from src.paths import REPO
+from src.harness.paths import REPO
 
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 BOT = {"GIT_AUTHOR_NAME": "overnight", "GIT_AUTHOR_EMAIL": "overnight@localhost",

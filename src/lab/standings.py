@@ -22,7 +22,7 @@ from typing import Optional
 
 from src.lab.decision import NoiseFloor, consistent, inliers
 from src.lab.ledger import Experiment
-from src.status import CONFIRM, DISTURBED
+from src.harness.status import CONFIRM, DISTURBED
 
 
 @dataclass

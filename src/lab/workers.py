@@ -52,7 +52,7 @@ from src.lab.proposal import InvalidProposal, Proposal, merge_overrides
 from src.lab.resume import Pending
 from src.lab.runner import RunInterrupted
 from src.lab.session import Git, InFlight, Session, SessionError, atomic_write
-from src.status import CONFLICT, DISTURBED, INTERRUPTED
+from src.harness.status import CONFLICT, DISTURBED, INTERRUPTED
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ class SearchState:
     in_flight: list[Experiment] = field(default_factory=list)
 
     def read(self, path: str) -> str:
-        """A file of the best commit, e.g. state.read('src/model.py')."""
+        """A file of the best commit, e.g. state.read('src/research/model.py')."""
         p = (self.worktree / path).resolve()
         if self.worktree.resolve() not in p.parents:
             raise ValueError(f"{path} is outside the repository")

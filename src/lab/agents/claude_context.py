@@ -56,7 +56,7 @@ _PROPERTIES = {
                   "description": "Hydra overrides applied on top of the current best, e.g. "
                                  "[\"optimizer.matrix_lr=0.03\", \"batch=small\"]. Empty for a pure code change."},
     "patch": {"type": "string",
-              "description": "A unified diff in git format (--- a/src/model.py, +++ b/src/model.py, @@ hunks with 3 "
+              "description": "A unified diff in git format (--- a/src/research/model.py, +++ b/src/research/model.py, @@ hunks with 3 "
                              "lines of context) against the editable files exactly as shown. Empty or omitted for a "
                              "pure config change."},
 }
@@ -106,13 +106,13 @@ def editable_files(state) -> dict[str, str]:
 
 def config_reference(state) -> str:
     """The schemas of the config roots a proposal may override, and every option of their groups."""
-    from src import config as config_mod
+    from src.harness import config as config_mod
 
     parts = []
     for root in state.override_roots:
         schema = config_mod.GROUPS.get(root)
         if schema is not None:
-            parts.append(f"### {root}.* (schema {schema.__name__} in src/config.py)\n```python\n"
+            parts.append(f"### {root}.* (schema {schema.__name__} in src/harness/config.py)\n```python\n"
                          f"{inspect.getsource(schema).strip()}\n```")
         group_dir = Path(state.worktree) / "conf" / root
         if group_dir.is_dir():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from src.config import TrainConfig
+from src.harness.config import TrainConfig
 from src.lab.config import KnobConfig, SearchSpaceConfig
 from src.lab.proposal import get_dotted
 
@@ -30,7 +30,7 @@ def check_space(space: SearchSpaceConfig, roots: list[str]) -> None:
         try:
             get_dotted(TrainConfig(), k.key)
         except AttributeError:
-            raise SpaceError(f"{where}: no such train config key (see src/config.py)") from None
+            raise SpaceError(f"{where}: no such train config key (see src/harness/config.py)") from None
         if k.key.split(".")[0] not in roots:
             raise SpaceError(f"{where}: outside search.override_roots {roots}")
         if k.type in ("float", "int"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from src.config import OptimizerConfig
+from src.harness.config import OptimizerConfig
 
 # Polar Express coefficients (5 iterations, safety factor 2e-2, cushion 2; arXiv 2505.16932)
 POLAR_EXPRESS = [

@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from src.config import DeviceConfig
-from src.paths import cache_dir
+from src.harness.config import DeviceConfig
+from src.harness.paths import cache_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # Inductor's (and, below it, Triton's) on-disk cache

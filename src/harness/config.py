@@ -6,7 +6,7 @@ key or a wrong type fails at compose time. The defaults are the CPU default pres
 search_space) extend these in src/lab/config.py. Entry points convert the composed
 DictConfig to these dataclasses (`to_object`); code below them sees typed objects.
 
-Usage: from src.config import register_configs, to_object
+Usage: from src.harness.config import register_configs, to_object
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Union
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from src.paths import default_cache_dir
+from src.harness.paths import default_cache_dir
 
 
 @dataclass

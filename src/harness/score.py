@@ -2,7 +2,7 @@
 
 The training process never opens the validation split and never computes the score. It saves
 a checkpoint (weights + resolved config); this process loads the experiment's model code and
-the checkpoint, checks the model, and scores it with the harness (src/evaluate.py). The result
+the checkpoint, checks the model, and scores it with the harness (src/harness/evaluate.py). The result
 goes back on stdout as one line carrying a nonce that only the starter of this process knows
 (it arrives on stdin before any research code is imported), so nothing the research code
 prints can pass for it.
@@ -21,7 +21,7 @@ stdout `OVERNIGHT-SCORER-READY` once the imports are done (a standalone run wait
 clock starts, so the scorer's start-up never competes with counted training); stdin line 2 =
 checkpoint path (or EOF to quit). Stdout: `OVERNIGHT-SCORE <json>`.
 Usage: scorer = Scorer(cwd, log_path).start(); ...train...; result = scorer.score(ckpt, timeout_s=600)
-       python -m src.score < (echo NONCE; echo run_dir/checkpoint.pt)
+       python -m src.harness.score < (echo NONCE; echo run_dir/checkpoint.pt)
 """
 from __future__ import annotations
 
@@ -42,13 +42,13 @@ import torch
 import torch._dynamo  # noqa: F401  (importing it rebinds torch.manual_seed: import it before any snapshot)
 import torch.nn.functional as F
 
-import src.data
-import src.evaluate
-from src.config import TrainConfig, to_object
-from src.data import load_prepared, val_tokens
-from src.device import DTYPES, Runtime
-from src.evaluate import evaluate_bpb, token_nats, windows
-from src.status import OK, TAMPERED
+import src.harness.data
+import src.harness.evaluate
+from src.harness.config import TrainConfig, to_object
+from src.harness.data import load_prepared, val_tokens
+from src.harness.device import DTYPES, Runtime
+from src.harness.evaluate import evaluate_bpb, token_nats, windows
+from src.harness.status import OK, TAMPERED
 
 MARKER = "OVERNIGHT-SCORE"
 READY = "OVERNIGHT-SCORER-READY"
@@ -84,8 +84,8 @@ def _watched(extra: tuple = ()) -> dict:
     return {**{name: sys.modules[name] for name in extra if name in sys.modules},
             "torch": torch, "torch.nn.functional": F, "torch.Tensor": torch.Tensor,
             "torch._C.TensorBase": torch._C.TensorBase, "torch.nn.Module": torch.nn.Module, "torch.nn": torch.nn,
-            "math": math, "builtins": builtins, "src.evaluate": src.evaluate, "src.data": src.data,
-            "src.score": sys.modules[__name__]}
+            "math": math, "builtins": builtins, "src.harness.evaluate": src.harness.evaluate, "src.harness.data": src.harness.data,
+            "src.harness.score": sys.modules[__name__]}
 
 
 def library_snapshot(extra: tuple = ()) -> dict:
@@ -191,7 +191,7 @@ def build_model(ckpt: dict):
     from omegaconf import OmegaConf
 
     cfg = to_object(OmegaConf.create(ckpt["config"]), TrainConfig)
-    from src.model import GPT, GPTConfig  # the research code: imported only now
+    from src.research.model import GPT, GPTConfig  # the research code: imported only now
 
     model = GPT(GPTConfig.from_model_config(cfg.model, cfg.data.vocab_size))
     model.load_state_dict(ckpt["model"], strict=True)
@@ -308,7 +308,7 @@ def pin(cpus: tuple) -> None:
 
 
 class Scorer:
-    """Starts `python -m src.score` early (torch imports while training runs) and reads its verdict.
+    """Starts `python -m src.harness.score` early (torch imports while training runs) and reads its verdict.
 
     Started by the harness (train.py for a standalone run) or the lab's runner, never by research code.
     """
@@ -322,7 +322,7 @@ class Scorer:
     def start(self) -> "Scorer":
         log = open(self.log_path, "ab") if self.log_path else None
         try:
-            self.proc = Popen([sys.executable, "-m", "src.score"], cwd=self.cwd, env=self.env, stdin=PIPE,
+            self.proc = Popen([sys.executable, "-m", "src.harness.score"], cwd=self.cwd, env=self.env, stdin=PIPE,
                               stdout=PIPE, stderr=log if log else None, start_new_session=True,
                               preexec_fn=(lambda: pin(self.cpus)) if self.cpus else None)
         finally:

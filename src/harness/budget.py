@@ -19,7 +19,7 @@ import time
 from collections import deque
 from typing import Callable, Iterator, Optional
 
-from src.config import BudgetConfig
+from src.harness.config import BudgetConfig
 
 MIN_HISTORY = 3  # normal counted steps needed before a step can be called a stall
 STALL_ENV = "OVERNIGHT_INJECT_STALL"  # fault drill: "<step>:<seconds>[,...]" sleeps inside those optimizer steps

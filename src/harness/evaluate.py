@@ -7,7 +7,7 @@ with special tokens (byte length 0) excluded from both sums. Vocabulary-independ
 The model is called with input ids only and must return logits (B, T, vocab); the loss is
 computed here, with library functions bound when this module is imported (before any research
 code is), so rebinding torch.nn.functional afterwards cannot change the arithmetic. Not part of
-the research surface; run by the scorer process (src/score.py), never by the training process.
+the research surface; run by the scorer process (src/harness/score.py), never by the training process.
 
 Usage: bpb = evaluate_bpb(model, val_tokens, token_bytes, seq_len, batch_size, device, autocast)
 """

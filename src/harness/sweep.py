@@ -15,9 +15,9 @@ import math
 import os
 from pathlib import Path
 
-from src.config import TrackingConfig, to_object
-from src.status import OK
-from src.tracking import PARENT_ENV, Tracker, TrackingError
+from src.harness.config import TrackingConfig, to_object
+from src.harness.status import OK
+from src.harness.tracking import PARENT_ENV, Tracker, TrackingError
 
 log = logging.getLogger(__name__)
 SWEEP_KEYS_ENV = "OVERNIGHT_SWEEP_KEYS"  # the keys the sweep varies, which name its jobs' runs

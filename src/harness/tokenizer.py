@@ -6,7 +6,7 @@ decode(ids) -> str, vocab_size, bos_id, token_bytes (int32 UTF-8 byte length of 
 A saved tokenizer is `tokenizer_info.json` (kind, vocab_size, bos_id) plus, for bpe, the
 Hugging Face `tokenizer.json`.
 
-Usage: from src.tokenizer import ByteTokenizer, train_bpe, load_tokenizer
+Usage: from src.harness.tokenizer import ByteTokenizer, train_bpe, load_tokenizer
 """
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """Where things live: the repository root and the data cache, one definition each.
 
-Usage: from src.paths import REPO, cache_dir
+Usage: from src.harness.paths import REPO, cache_dir
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent  # the checkout (or a session's worktree) this code runs from
+REPO = Path(__file__).resolve().parents[2]  # the checkout (or a session's worktree) this code runs from
 CACHE_ENV = "OVERNIGHT_CACHE"  # overrides the default data cache for every entry point and subprocess
 DEFAULT_CACHE = "~/.cache/overnight"
 

@@ -4,7 +4,7 @@ A training run ends with a `status` in summary.json (RUN_STATUSES); the research
 `interrupted` (the search was stopped mid-run) and records each experiment with a decision
 (DECISIONS, the `status` column of results.tsv). MLflow run statuses follow from both.
 
-Usage: from src.status import FAILED_RUN, mlflow_status
+Usage: from src.harness.status import FAILED_RUN, mlflow_status
 """
 from __future__ import annotations
 

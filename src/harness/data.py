@@ -26,14 +26,14 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from src.config import DataConfig
+    from src.harness.config import DataConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DATASETS = ("shakespeare", "text", "climbmix", "tinystories")
 HUB_DATASETS = ("climbmix", "tinystories")
 TOKENIZERS = ("byte", "bpe")
-CONF_DATA_DIR = Path(__file__).resolve().parent.parent / "conf" / "data"
+CONF_DATA_DIR = Path(__file__).resolve().parents[2] / "conf" / "data"
 
 
 class PrepareError(Exception):
@@ -56,7 +56,7 @@ class PreparedData:
 
     def tokenizer(self):
         """The tokenizer the data was encoded with (for decoding samples)."""
-        from src.tokenizer import load_tokenizer
+        from src.harness.tokenizer import load_tokenizer
 
         return load_tokenizer(self.dir)
 
@@ -141,7 +141,7 @@ def prepare_command(cfg: "DataConfig") -> str:
     """The `python prepare.py ...` command that prepares `cfg` (overrides vs. its conf/data preset)."""
     from omegaconf import OmegaConf
 
-    from src.config import DataConfig
+    from src.harness.config import DataConfig
 
     preset_file = CONF_DATA_DIR / f"{cfg.name}.yaml"
     preset = OmegaConf.structured(DataConfig)

@@ -28,8 +28,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from src.device import Runtime
-from src.paths import cache_dir
+from src.harness.device import Runtime
+from src.harness.paths import cache_dir
 
 HEADROOM = 0.9  # a probe must peak below this share of the limit: fragmentation, compiled kernels' workspaces
 CPU_DEFAULT_SHARE = 0.5  # without device.memory_limit_mb, the CPU probe keeps activations under half the RAM

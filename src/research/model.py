@@ -9,7 +9,7 @@ research surface.
 
 The contract with the harness: `model(idx)` takes token ids (B, T) and returns logits
 (B, T, vocab_size), nothing else. The harness computes the loss and val_bpb from those
-logits (src/evaluate.py) in its own scorer process; targets never reach the model. The
+logits (src/harness/evaluate.py) in its own scorer process; targets never reach the model. The
 scorer checks that the logits at a position do not depend on later tokens or on the other
 rows of the batch, and that two passes over the same input agree.
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from src.config import ModelConfig
+from src.harness.config import ModelConfig
 
 try:  # FlexAttention: torch >= 2.5
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention

@@ -4,12 +4,12 @@ A `Tracker` is one MLflow run. Its background thread imports mlflow, opens the s
 creates the run while the model is built (~2 s, overlapped), then sends the per-step
 metrics buffered by `log_step` in `log_batch` calls every `tracking.flush_every_s`.
 `finish` sends the rest, the final metrics and the artifacts (resolved config, run log,
-summary.json, step-time histogram) and ends the run FINISHED or FAILED (src/status.py), with
+summary.json, step-time histogram) and ends the run FINISHED or FAILED (src/harness/status.py), with
 the reason in the `status` tag (ok, stalled, nan, crash, killed, timeout).
 
 Faults: a store that cannot be opened is a `TrackingError` before training; an unreachable
 tracking server is one too with `tracking.strict=true`, otherwise the run trains unlogged and
-`not_logged` says what is missing. Sweeps (one parent run per multirun) are src/sweep.py.
+`not_logged` says what is missing. Sweeps (one parent run per multirun) are src/harness/sweep.py.
 
 Usage:
     tracker = Tracker(cfg.tracking, out_dir).start()  # checks the store, opens it in the background
@@ -29,13 +29,13 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from src.config import TrackingConfig
-from src.paths import REPO
-from src.status import mlflow_status
+from src.harness.config import TrackingConfig
+from src.harness.paths import REPO
+from src.harness.status import mlflow_status
 
 log = logging.getLogger(__name__)
 DEFAULT_STORE = REPO / "mlruns"
-PARENT_ENV = "OVERNIGHT_PARENT_RUN_ID"  # set by src.sweep.SweepCallback so every job of a sweep nests under one run
+PARENT_ENV = "OVERNIGHT_PARENT_RUN_ID"  # set by src.harness.sweep.SweepCallback so every job of a sweep nests under one run
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 MAX_TAG_LEN = 5000  # ... and the length we keep of a tag value
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every sqlite database file
