@@ -46,7 +46,7 @@ def isolated_env(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shakespeare(isolated_env) -> Path:
     """The default data (data=shakespeare, byte tokenizer) prepared in the session's cache: for real training."""
-    from prepare import prepare
+    from src.harness.prepare import prepare
     from src.harness.config import DataConfig
 
     return prepare(DataConfig(cache_dir=str(isolated_env / "cache")))

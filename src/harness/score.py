@@ -48,7 +48,7 @@ from src.harness.config import TrainConfig, to_object
 from src.harness.data import load_prepared, val_tokens
 from src.harness.device import DTYPES, Runtime
 from src.harness.evaluate import evaluate_bpb, token_nats, windows
-from src.harness.status import OK, TAMPERED
+from src.harness.status import CRASH, NAN, OK, TAMPERED, TIMEOUT
 
 MARKER = "OVERNIGHT-SCORE"
 READY = "OVERNIGHT-SCORER-READY"
@@ -243,9 +243,9 @@ def score_checkpoint(path: Path, snapshot: dict, log=sys.stderr) -> dict:
     if changed:
         raise Tampered(f"library integrity: the research code rebinds {', '.join(changed[:5])} while scoring")
     if not math.isfinite(bpb):
-        return {"status": "nan", "val_bpb": float("nan"), "reason": "val_bpb is not finite"}
+        return {"status": NAN, "val_bpb": float("nan"), "reason": "val_bpb is not finite"}
     t_end = _now()
-    return {"status": "ok", "val_bpb": bpb, "reason": "", "device": str(device), "dtype": ckpt["dtype"],
+    return {"status": OK, "val_bpb": bpb, "reason": "", "device": str(device), "dtype": ckpt["dtype"],
             "threads": torch.get_num_threads() if device.type == "cpu" else None,
             "tolerances": tolerances,
             "seconds": {"load": t_load - t0, "checks": t_checks - t_load, "score": t_end - t_checks}}
@@ -271,12 +271,12 @@ def main() -> int:
     try:
         result = score_checkpoint(Path(path), snapshot)
     except Tampered as e:
-        result = {"status": "tampered", "val_bpb": float("nan"), "reason": str(e)}
+        result = {"status": TAMPERED, "val_bpb": float("nan"), "reason": str(e)}
     except Exception as e:  # the research code crashed while being loaded, checked or scored
         import traceback
 
         traceback.print_exc(file=sys.stderr)
-        result = {"status": "crash", "val_bpb": float("nan"), "reason": f"scoring failed: {type(e).__name__}: {e}"}
+        result = {"status": CRASH, "val_bpb": float("nan"), "reason": f"scoring failed: {type(e).__name__}: {e}"}
     result.update(nonce=nonce, total_seconds=_now() - t0)
     out.write(f"\n{MARKER} {json.dumps(result)}\n")
     out.flush()
@@ -292,7 +292,7 @@ def apply_verdict(summary: dict, verdict: dict) -> None:
     for k, v in (verdict.get("seconds") or {}).items():  # load, checks, score
         summary[f"score_{k}_seconds"] = v
     if verdict.get("status") != OK:
-        summary.update(status=TAMPERED if verdict.get("status") == TAMPERED else "crash",
+        summary.update(status=TAMPERED if verdict.get("status") == TAMPERED else CRASH,
                        error=f"scorer: {verdict.get('reason', '')}")
 
 
@@ -355,7 +355,7 @@ class Scorer:
             out, _ = self.proc.communicate(f"{Path(checkpoint).resolve()}\n".encode(), timeout=timeout_s)
         except TimeoutExpired:
             self.close()
-            return {"status": "timeout", "val_bpb": float("nan"), "reason": f"scoring took over {timeout_s:.0f} s"}
+            return {"status": TIMEOUT, "val_bpb": float("nan"), "reason": f"scoring took over {timeout_s:.0f} s"}
         return self.verdict(out.decode(errors="replace"))
 
     def verdict(self, stdout: str) -> dict:
@@ -369,7 +369,7 @@ class Scorer:
                 if isinstance(r, dict) and r.get("nonce") == self.nonce:
                     r.pop("nonce")
                     return r
-        return {"status": "crash", "val_bpb": float("nan"),
+        return {"status": CRASH, "val_bpb": float("nan"),
                 "reason": f"the scorer gave no result (exit code {self.proc.returncode if self.proc else None}); "
                           "see score.log"}
 

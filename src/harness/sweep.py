@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from src.harness.config import TrackingConfig, to_object
-from src.harness.status import OK
+from src.harness.status import CRASH, KILLED, OK
 from src.harness.tracking import PARENT_ENV, Tracker, TrackingError
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class SweepCallback(Callback):
     def _abandoned(self) -> None:
         """The sweep ended without on_multirun_end (Ctrl-C, a crashed job): mark the parent killed."""
         if self.tracker is not None and not self.tracker.finished:
-            self.tracker.finish("killed", {"error": "the sweep stopped before all jobs finished"})
+            self.tracker.finish(KILLED, {"error": "the sweep stopped before all jobs finished"})
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -127,5 +127,5 @@ class SweepCallback(Callback):
                    "jobs_ok": sum(r.get("status") == OK for r in rows)}
         self.tracker.set_tags({"best_run_id": best.get("mlflow_run_id", ""),
                                "best_overrides": best.get("overrides", "")})
-        self.tracker.finish(OK if best else "crash", summary, texts={"sweep_results.txt": table + "\n"})
+        self.tracker.finish(OK if best else CRASH, summary, texts={"sweep_results.txt": table + "\n"})
         print(self.tracker.report(), flush=True)

@@ -40,7 +40,7 @@ from src.harness.memory import Memory, cache_path, candidates, is_oom, oom_messa
 from src.harness.paths import REPO
 from src.harness.provenance import provenance
 from src.harness.score import CHECKPOINT, Scorer, apply_verdict, library_changes, library_snapshot, save_checkpoint
-from src.harness.status import OOM, TAMPERED
+from src.harness.status import CRASH, DRY_RUN, KILLED, NAN, OK, OOM, STALLED, TAMPERED, TIMEOUT
 from src.harness.sweep import job_run_name
 from src.harness.tracking import Tracker, TrackingError, flatten
 
@@ -163,7 +163,7 @@ def train_loop(model, opt, batches, clock: BudgetClock, cfg: TrainConfig, rt: Ru
         dt = perf_counter() - t0
         if not math.isfinite(loss_f) or loss_f > cfg.budget.max_nan_loss:
             bar.close()
-            raise RunFailed("nan", f"loss {loss_f} at step {clock.step} is not finite or above "
+            raise RunFailed(NAN, f"loss {loss_f} at step {clock.step} is not finite or above "
                                    f"budget.max_nan_loss={cfg.budget.max_nan_loss}: training diverged; "
                                    "lower the learning rates or check the last change")
         before = clock.training_seconds if timed else clock.tokens
@@ -174,7 +174,7 @@ def train_loop(model, opt, batches, clock: BudgetClock, cfg: TrainConfig, rt: Ru
             on_step(clock.step, dict(loss=loss_f, lr_mult=lrm, step_time=dt, tokens_per_sec=drawn[0] / dt))
     bar.close()
     if clock.progress < 1.0:  # done without the budget spent: the wall-clock ceiling
-        raise RunFailed("timeout", f"hard wall-clock ceiling of {clock.deadline:.0f} s hit after "
+        raise RunFailed(TIMEOUT, f"hard wall-clock ceiling of {clock.deadline:.0f} s hit after "
                                    f"{clock.training_seconds:.1f} counted training seconds and {clock.stalls} stalls "
                                    f"({clock.stalled_seconds:.0f} s): the device is stalling; re-run the experiment")
 
@@ -187,7 +187,7 @@ def killed_by_signals():
         return
 
     def handler(signum, frame):
-        raise RunFailed("killed", f"killed by {signal.Signals(signum).name}")
+        raise RunFailed(KILLED, f"killed by {signal.Signals(signum).name}")
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -258,7 +258,7 @@ def dry_run(cfg: TrainConfig) -> dict:
     print(runtime_line(rt))
     counts = model.param_counts()
     print(f"num_params: {counts['total']:,} ({counts['total'] / 1e6:.1f}M)")
-    return {"status": "dry_run", "num_params": counts["total"], "num_params_M": counts["total"] / 1e6,
+    return {"status": DRY_RUN, "num_params": counts["total"], "num_params_M": counts["total"] / 1e6,
             "flops_per_token": model.flops_per_token(), "depth": cfg.model.depth}
 
 
@@ -284,7 +284,7 @@ class TimedRun:
         self.tracker = Tracker(cfg.tracking, out_dir, tags={"mlflow.source.name": "src.train",
                                                             "output_dir": str(out_dir or "")})
         self.prov = provenance(REPO)
-        self.summary = {"status": "ok", "device": str(self.rt.device), "device_name": self.rt.name,
+        self.summary = {"status": OK, "device": str(self.rt.device), "device_name": self.rt.name,
                         "dtype": self.rt.dtype_name, "compile": self.rt.compile, "seed": cfg.seed,
                         "grad_accum_steps": self.accum, "device_batch_size": self.B,
                         **{k: v for k, v in self.prov.items() if k != "versions"}, "mlflow_run_id": None}
@@ -305,7 +305,7 @@ class TimedRun:
             return self.finish(e.status, str(e))
         except BaseException as e:  # out of memory: the status oom with the fix; anything else: a crash, propagated
             if not is_oom(e):
-                self.finish("crash", f"{type(e).__name__}: {e}")
+                self.finish(CRASH, f"{type(e).__name__}: {e}")
                 raise
             message = oom_message(self.rt, self.B, self.cfg.model.sequence_len,
                                   self.summary.get("device_tokens_auto", False))
@@ -367,7 +367,7 @@ class TimedRun:
             if watchdog:
                 watchdog.cancel()
         if clock.stalled:
-            self.summary.update(status="stalled", error=(
+            self.summary.update(status=STALLED, error=(
                 f"{clock.stalls} stalls took {clock.stalled_seconds:.1f} s, more than budget.stall_max_share="
                 f"{cfg.budget.stall_max_share} of the budget: the score is suspect; re-run the experiment"))
 
@@ -406,7 +406,7 @@ class TimedRun:
 
     def on_stuck(self) -> None:
         """The watchdog: a step still running long after the ceiling (a hung device)."""
-        self.finish("timeout", f"a training step was still running {self.clock.elapsed():.0f} s after training "
+        self.finish(TIMEOUT, f"a training step was still running {self.clock.elapsed():.0f} s after training "
                                "began, past the hard wall-clock ceiling: the device hung; re-run the experiment")
         sys.stderr.write("run ended by the wall-clock watchdog (status timeout)\n")
         sys.stderr.flush()
@@ -532,7 +532,7 @@ def main():
                 raise
             log.exception("job %s crashed (recorded in its summary.json and MLflow); the sweep goes on", hc.job.num)
             return float("nan")
-        if summary["status"] == "killed" or (hc.mode == RunMode.RUN and summary["status"] not in ("ok", "dry_run")):
+        if summary["status"] == KILLED or (hc.mode == RunMode.RUN and summary["status"] not in (OK, DRY_RUN)):
             sys.exit(1)
         return summary.get("val_bpb", float("nan"))
 

@@ -25,7 +25,7 @@ from src.lab.ledger import Experiment
 from src.lab.proposal import merge_overrides
 from src.lab.runner import Outcome, attempt_name
 from src.lab.session import InFlight
-from src.harness.status import DISTURBED, OK, STALLED, TAMPERED
+from src.lab.decisions import BASELINE, DISTURBED, OK, STALLED, TAMPERED
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Attempts:
             return s.timeout_s
         if b.mode == "time":
             return b.seconds * s.timeout_factor + s.timeout_grace_s
-        walls = [e.wall_seconds for e in self.lab.rows() if e.status == "baseline" and e.wall_seconds]
+        walls = [e.wall_seconds for e in self.lab.rows() if e.status == BASELINE and e.wall_seconds]
         return max(walls) * s.timeout_factor + s.timeout_grace_s if walls else 3600.0
 
     def run(self, name: str, commit: str, overrides: list[str], done: int, rows: list[Experiment],

@@ -20,7 +20,7 @@ from src.lab.experiment import Experiments
 from src.lab.ledger import Experiment, next_baseline
 from src.lab.resume import Pending
 from src.lab.session import SessionError
-from src.harness.status import DISTURBED
+from src.lab.decisions import BASELINE, DISTURBED
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def run_baseline(lab: Lab, pending: Optional[Pending]) -> Optional[Pending]:
         else:
             exp, attempt = next_baseline(rows), 0
         e = experiments.execute(exp, None, rows, attempt)
-        if e.status == "baseline":
+        if e.status == BASELINE:
             mark_slower_repeats(lab, e)
         elif e.status != DISTURBED:
             raise SessionError(f"the baseline run {exp} failed ({e.run_status}: {e.reason}); see "
@@ -72,7 +72,7 @@ def mark_slower_repeats(lab: Lab, new: Experiment) -> None:
     ref, ref_exp = reference(rows, new.shape)
     for e in rows:
         tp = Throughput.of_row(e)
-        if e.status != "baseline" or e.shape != new.shape or tp is None or ref is None:
+        if e.status != BASELINE or e.shape != new.shape or tp is None or ref is None:
             continue
         slow = slowdown(tp, ref)
         if slow > s.disturbed_factor:

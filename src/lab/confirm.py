@@ -21,7 +21,7 @@ from src.lab.context import Lab
 from src.lab.decision import NoiseFloor, Verdict, decide, paired
 from src.lab.ledger import Experiment, confirmation_id
 from src.lab.standings import Best
-from src.harness.status import CONFIRM, DISTURBED, OK
+from src.lab.decisions import CONFIRM, CRASH, DISCARD, DISTURBED, OK, PENDING
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class Confirmation:
         if row.status == DISTURBED:
             return Confirmed(DISTURBED, None, f"confirmation run {row.exp} was disturbed ({row.reason}): "
                                               "left undecided", cand)
-        return Confirmed("discard", None, f"confirmation run {row.exp} failed ({row.run_status}: {row.reason})", cand)
+        return Confirmed(DISCARD, None, f"confirmation run {row.exp} failed ({row.run_status}: {row.reason})", cand)
 
     def _one(self, e: Experiment, side: str, commit: str, overrides: list[str], description: str) -> Experiment:
         """One confirmation run, recorded as its own ledger row."""
@@ -99,7 +99,7 @@ class Confirmation:
         rows = lab.rows()
         cid = confirmation_id(rows, e.exp, side)
         lab.ledger.save(cid, None, overrides, commit=commit)
-        row = Experiment(exp=cid, status="", description=description, commit=commit, kind="confirm",
+        row = Experiment(exp=cid, status=PENDING, description=description, commit=commit, kind=CONFIRM,
                          hypothesis=f"re-run back to back with its pair, for {e.exp}'s paired confirmation",
                          overrides=" ".join(overrides), overrides_in_effect=list(overrides))
         a = self.attempts.run(cid, commit, overrides, 0, rows)
@@ -110,7 +110,7 @@ class Confirmation:
         elif out.status == DISTURBED:
             row.status, row.reason = DISTURBED, a.disturbed_note
         else:
-            row.status, row.reason = "crash", out.error_line
+            row.status, row.reason = CRASH, out.error_line
         if a.rerun_note and row.status != DISTURBED:
             row.reason = a.rerun_note + "; re-run"
         return self.record(row, rows, out)

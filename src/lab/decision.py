@@ -21,6 +21,7 @@ Usage: noise = NoiseFloor.pooled([[2.61, 2.64]]); margin = noise.margin(2.0, 0.0
 """
 from __future__ import annotations
 
+from src.lab.decisions import DISCARD, KEEP
 import math
 from dataclasses import dataclass
 from statistics import median
@@ -91,13 +92,13 @@ class Verdict:
 
     @property
     def keep(self) -> bool:
-        return self.decision == "keep"
+        return self.decision == KEEP
 
 
 def decide(val_bpb: float, best: float, margin: float) -> Verdict:
     """The screen: keep when val_bpb beats the best by more than the margin."""
     delta = val_bpb - best
-    return Verdict("keep" if delta < -margin else "discard", delta, margin)
+    return Verdict(KEEP if delta < -margin else DISCARD, delta, margin)
 
 
 def paired(diffs: list[float], floor: NoiseFloor, alpha: float, min_delta: float) -> Verdict:
@@ -120,7 +121,7 @@ def paired(diffs: list[float], floor: NoiseFloor, alpha: float, min_delta: float
     note = (f"paired confirmation: mean difference {d:+.4f} over {n} pair(s) "
             f"({', '.join(f'{x:+.4f}' for x in diffs)}); keep iff it is below -max(min_delta, t({1 - alpha:.2f}, "
             f"{dof} dof) {t:.2f} x sigma {sigma:.4f} x sqrt(2/{n})) = -{threshold:.4f}")
-    return Verdict("keep" if d < -threshold else "discard", d, threshold, note)
+    return Verdict(KEEP if d < -threshold else DISCARD, d, threshold, note)
 
 
 # ---------------------------------------------------------------------------- Student's t

@@ -30,7 +30,7 @@ from src.lab.runner import Outcome, RunInterrupted
 from src.harness.score import CHECKPOINT
 from src.lab.session import InFlight
 from src.lab.standings import Standings
-from src.harness.status import DISTURBED, INTERRUPTED, OK, TAMPERED
+from src.lab.decisions import BASELINE, CONFIRM, CRASH, DISTURBED, INTERRUPTED, INVALID, KEEP, OK, PENDING, TAMPERED
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def new_row(exp: str, proposal: Optional[Proposal], base_overrides: list[str], o
         return Experiment(exp=exp, status="", description="baseline", kind="baseline",
                           hypothesis="the starting point; repeats measure the noise floor",
                           overrides=" ".join(base_overrides))
-    return Experiment(exp=exp, status="", description=proposal.description, hypothesis=proposal.hypothesis,
+    return Experiment(exp=exp, status=PENDING, description=proposal.description, hypothesis=proposal.hypothesis,
                       kind=proposal.kind, overrides=" ".join(proposal.overrides), proposal=proposal,
                       overrides_in_effect=overrides)
 
@@ -66,7 +66,7 @@ class Experiments:
                     candidate.stage(lab, exp, proposal, best, overrides)
             except InvalidProposal as err:
                 sess.reset(best.commit)
-                e.status, e.run_status, e.reason, e.sigma, e.dof = "invalid", "-", str(err), None, None
+                e.status, e.run_status, e.reason, e.sigma, e.dof = INVALID, "-", str(err), None, None
                 return self.record(e, rows)
             lab.ledger.save(exp, proposal, overrides, commit=e.commit)
             a = self.attempts.run(exp, e.commit, overrides, attempt, rows, in_flight=True)
@@ -82,7 +82,7 @@ class Experiments:
             sess.reset(best.commit)
             self.record(e, rows, out)
             raise KeyboardInterrupt from None
-        sess.reset(e.commit if e.status == "keep" else best.commit)  # the branch tip: the best
+        sess.reset(e.commit if e.status == KEEP else best.commit)  # the branch tip: the best
         self.record(e, rows, a.out)
         prune_checkpoints(sess.runs_dir, e.exp, e.status, lab.cfg.search.keep_checkpoints)
         return e
@@ -92,10 +92,10 @@ class Experiments:
         if out.status == DISTURBED:
             e.status, e.val_bpb, e.reason = DISTURBED, out.val_bpb, a.disturbed_note
         elif out.ok and out.val_bpb is not None:
-            e.status, e.val_bpb, e.values = "baseline", out.val_bpb, [out.val_bpb]
+            e.status, e.val_bpb, e.values = BASELINE, out.val_bpb, [out.val_bpb]
             e.reason = f"{a.rerun_note}; re-run" if a.rerun_note else ""
         else:
-            e.status, e.reason = "crash", out.error_line
+            e.status, e.reason = CRASH, out.error_line
 
     def _decide(self, e: Experiment, a: Attempt, st: Standings, overrides: list[str], rows: list[Experiment]) -> None:
         """Keep, discard (screen, then the paired confirmation while the noise is weak), or why neither."""
@@ -108,7 +108,7 @@ class Experiments:
             e.status, e.reason = TAMPERED, out.error_line
             return
         if not (out.ok and out.val_bpb is not None):
-            e.status, e.reason, e.val_bpb = "crash", out.error_line, out.val_bpb
+            e.status, e.reason, e.val_bpb = CRASH, out.error_line, out.val_bpb
             return
         e.val_bpb, e.values = out.val_bpb, [out.val_bpb]
         v = decide(out.val_bpb, best.val_bpb, st.margin)
@@ -147,7 +147,7 @@ class Experiments:
         """
         lab, sess = self.lab, self.lab.session
         e.finished = dt.datetime.now().isoformat(timespec="seconds")
-        if e.status != "invalid" and e.margin is None and e.kind != "confirm":
+        if e.status != INVALID and e.margin is None and e.kind != CONFIRM:
             e.margin = lab.standings(rows).margin
         now = lab.rows()
         after = lab.standings(now + [e]).best
@@ -161,7 +161,7 @@ class Experiments:
             lab.runs.tag_row(e, len(now) + 1, run_id, after, out, created)
         except Exception as err:
             log.warning("MLflow: could not tag the run of %s: %s", e.exp, err)
-        if e.kind != "confirm":
+        if e.kind != CONFIRM:
             sess.untrack()
         log_row(e)
         return e
@@ -170,7 +170,7 @@ class Experiments:
 def prune_checkpoints(runs_dir: Path, exp: str, status: str, policy: str) -> None:
     """Delete the checkpoints of an experiment's runs once decided (search.keep_checkpoints: all | best | none).
     `best` keeps those of kept experiments and baselines: a 50M-parameter model is 200 MB a run."""
-    if policy == "all" or (policy == "best" and status in ("keep", "baseline")):
+    if policy == "all" or (policy == "best" and status in (KEEP, BASELINE)):
         return
     for run in [runs_dir / exp, *runs_dir.glob(f"{exp}-*")]:
         (run / CHECKPOINT).unlink(missing_ok=True)
@@ -182,7 +182,7 @@ def log_row(e: Experiment) -> None:
     extra = ""
     if e.delta is not None:
         extra = f" (delta {e.delta:+.4f}, margin {e.margin:.4f})"
-    elif e.status in ("invalid", "crash", INTERRUPTED, DISTURBED, TAMPERED):
+    elif e.status in (INVALID, CRASH, INTERRUPTED, DISTURBED, TAMPERED):
         extra = f" ({e.reason[:200]})"
     log.info("%-10s %-11s val_bpb %s%s  %s", e.exp, e.status, val, extra, e.description[:120])
 

@@ -21,12 +21,13 @@ from typing import Optional
 from src.lab.config import SearchConfig
 from src.lab.ledger import Experiment
 from src.lab.runner import Outcome
+from src.lab.decisions import BASELINE, KEEP
 
 
 def fixed_costs(rows: list[Experiment]) -> list[float]:
     """Wall seconds minus counted training seconds of every baseline run (the session's fixed cost per run)."""
     return [e.wall_seconds - e.training_seconds for e in rows
-            if e.status == "baseline" and e.wall_seconds is not None and e.training_seconds is not None]
+            if e.status == BASELINE and e.wall_seconds is not None and e.training_seconds is not None]
 
 
 def clock_mismatch(out: Outcome, rows: list[Experiment], s: SearchConfig) -> str:
@@ -56,7 +57,7 @@ def implausible(val_bpb: float, best: float, rows: list[Experiment], s: SearchCo
     """'' when a would-be keep is plausible, else why it must be re-scored and re-run before it counts."""
     if floor is not None and val_bpb < floor:
         return f"val_bpb {val_bpb:.4f} is below the floor {floor} of this data set (data.bpb_floor)"
-    kept = [-(e.delta or 0.0) for e in rows if e.status == "keep" and e.delta is not None]
+    kept = [-(e.delta or 0.0) for e in rows if e.status == KEEP and e.delta is not None]
     limit = max(s.plausible_gain, s.plausible_factor * max(kept, default=0.0))
     gain = best - val_bpb
     if gain > limit:

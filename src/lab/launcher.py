@@ -27,13 +27,13 @@ from typing import Callable, Optional
 
 from src.lab.config import ENV_STRIP
 from src.lab.runner import Outcome, RunInterrupted, Runner, alive
-from src.harness.status import INTERRUPTED
+from src.lab.decisions import INTERRUPTED, KILLED, TIMEOUT
 
 log = logging.getLogger(__name__)
 
 RUNNING = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "UNKNOWN")
 FINISHED = ("COMPLETED", "FAILED", "FINISHED", "DONE")  # the job ran to its end (train's summary says how)
-TIMEOUT = ("TIMEOUT", "DEADLINE")
+SLURM_TIMEOUT = ("TIMEOUT", "DEADLINE")  # submitit job states of a job past its limit
 
 
 def _submitit():
@@ -179,12 +179,12 @@ class SubmititRunner(Runner):
             out = self._outcome(run_dir, 0 if state in FINISHED else None, t0, note)
             if state in FINISHED or note.startswith("timeout"):
                 if note.startswith("timeout"):
-                    out.status = "timeout"
+                    out.status = TIMEOUT
                 return out
             # ended by something else than itself: cancelled, preempted, node failure, killed from outside
             if out.summary.get("status"):  # it still wrote its summary: that stands
                 return out
-            out.status = "killed"
+            out.status = KILLED
             out.note = f"job {handle.ref} ended {state} without a summary: killed from outside (scheduler, " \
                        "preemption, node failure)"
             if resubmits >= self.launcher.requeue_killed:
@@ -202,7 +202,7 @@ class SubmititRunner(Runner):
             while True:
                 state = handle.state()
                 if state not in RUNNING:
-                    if state in TIMEOUT:
+                    if state in SLURM_TIMEOUT:
                         return state, f"timeout: job {handle.ref} ended {state}"
                     return state, ""
                 if self.interrupted.is_set():

@@ -23,7 +23,7 @@ from typing import Optional
 
 from src.lab.proposal import Proposal
 from src.lab.session import atomic_write, disk_error
-from src.harness.status import COUNTED, SCORED
+from src.lab.decisions import COUNTED, SCORED
 
 log = logging.getLogger("src.lab.ledger")
 

@@ -35,6 +35,7 @@ from src.lab.resume import Pending, explicit_keys, reconcile, record_knobs, rest
 from src.lab.runner import Runner
 from src.lab.runs import open_session_runs
 from src.lab.session import Session, SessionError
+from src.lab.decisions import INVALID
 
 log = logging.getLogger(__name__)
 # command-line keys that do not set the baseline
@@ -218,7 +219,7 @@ class Search:
             if e.counted:
                 bar.update(1)
             bar.set_postfix(best=f"{lab.standings(rows).best.val_bpb:.4f}", last=e.status, refresh=True)
-            invalid_streak = invalid_streak + 1 if e.status == "invalid" else 0
+            invalid_streak = invalid_streak + 1 if e.status == INVALID else 0
             if invalid_streak >= s.max_invalid_in_row:
                 self.stop_reason = (f"{invalid_streak} invalid proposals in a row (search.max_invalid_in_row); "
                                     "see the `reason` column of results.tsv")

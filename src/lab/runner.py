@@ -26,7 +26,7 @@ from typing import Callable, Optional
 from src.lab.config import ENV_STRIP
 from src.lab.session import atomic_write
 from src.harness.score import CHECKPOINT, Scorer, apply_verdict, pin
-from src.harness.status import INTERRUPTED, OK, STALLED, TAMPERED
+from src.lab.decisions import CRASH, INTERRUPTED, OK, STALLED, TAMPERED, TIMEOUT
 
 ALWAYS_STRIP = ("MLFLOW_RUN_ID",)  # would attach the child to whatever run the parent has open
 
@@ -53,7 +53,7 @@ class Outcome:
     @property
     def error_line(self) -> str:
         """One line saying why the run failed: the note, the summary's error, or the last traceback line."""
-        if self.note and self.status in ("timeout", INTERRUPTED):
+        if self.note and self.status in (TIMEOUT, INTERRUPTED):
             return self.note
         if self.summary.get("error"):
             return str(self.summary["error"]).splitlines()[0][:300]
@@ -68,7 +68,7 @@ class RunInterrupted(Exception):
     """Ctrl-C (or SIGTERM) arrived during a run; the run was stopped. Carries its outcome."""
 
     def __init__(self, outcome: Outcome):
-        super().__init__("interrupted")
+        super().__init__(INTERRUPTED)
         self.outcome = outcome
 
 
@@ -249,7 +249,7 @@ class Runner:
             raise RunInterrupted(out) from None
         out = self._outcome(run_dir, rc, t0, note)
         if note:
-            out.status = "timeout"
+            out.status = TIMEOUT
         return out
 
     def _score(self, out: Outcome, scorer: Scorer) -> None:
@@ -291,7 +291,7 @@ class Runner:
         summary = read_summary(run_dir)
         status = str(summary.get("status") or "")
         if not status:
-            status = "crash"
+            status = CRASH
             note = note or (f"exit code {rc} without summary.json" if rc != 0 else "exited 0 but wrote no summary.json")
         return Outcome(status=status, run_dir=run_dir, summary=summary, returncode=rc,
                        wall_seconds=time.monotonic() - t0, log_tail=tail(run_dir / "run.log"), note=note)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional
 
 from src.lab.ledger import Experiment
 from src.lab.runner import Outcome, attempt_name
-from src.harness.status import OK, mlflow_status
+from src.lab.decisions import OK, mlflow_status
 from src.harness.tracking import MAX_PARAM_LEN, MAX_TAG_LEN, ensure_experiment
 
 if TYPE_CHECKING:

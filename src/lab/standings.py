@@ -22,7 +22,7 @@ from typing import Optional
 
 from src.lab.decision import NoiseFloor, consistent, inliers
 from src.lab.ledger import Experiment
-from src.harness.status import CONFIRM, DISTURBED
+from src.lab.decisions import BASELINE, CONFIRM, DISTURBED, KEEP
 
 
 @dataclass
@@ -44,7 +44,7 @@ def groups(rows: list[Experiment]) -> dict[str, list[float]]:
 
 def baseline_scores(rows: list[Experiment]) -> list[float]:
     """Full-precision val_bpb of every undisturbed baseline run (outliers included)."""
-    return [v for e in rows if e.status == "baseline" for v in e.runs]
+    return [v for e in rows if e.status == BASELINE for v in e.runs]
 
 
 def baseline_mean(rows: list[Experiment], spread: float = 0.0) -> Optional[float]:
@@ -56,7 +56,7 @@ def best_of(rows: list[Experiment], base_commit: str, spread: float = 0.0) -> Be
     """The last kept row, else the baseline, scored by the inlier mean of its commit's runs."""
     best = Best("baseline", base_commit, math.inf, [])
     for e in rows:
-        if e.status == "keep":
+        if e.status == KEEP:
             best = Best(e.exp, e.commit, math.inf, list(e.overrides_in_effect))
     runs = inliers(groups(rows).get(best.commit, []), spread)
     if runs:

@@ -52,7 +52,7 @@ from src.lab.proposal import InvalidProposal, Proposal, merge_overrides
 from src.lab.resume import Pending
 from src.lab.runner import RunInterrupted
 from src.lab.session import Git, InFlight, Session, SessionError, atomic_write
-from src.harness.status import CONFLICT, DISTURBED, INTERRUPTED
+from src.lab.decisions import CONFLICT, DISTURBED, INTERRUPTED, INVALID, KEEP
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ class Worker(Experiments):
         return e
 
     def _invalid(self, e: Experiment, err: Exception, rows: list[Experiment]) -> Experiment:
-        e.status, e.run_status, e.reason, e.sigma, e.dof = "invalid", "-", str(err), None, None
+        e.status, e.run_status, e.reason, e.sigma, e.dof = INVALID, "-", str(err), None, None
         return self.record(e, rows)
 
     def _settle(self, e: Experiment, a, proposal: Proposal, overrides: list[str]) -> None:
@@ -422,7 +422,7 @@ class Worker(Experiments):
 
     def _finish(self, e: Experiment, rows: list[Experiment], out) -> None:
         """Under the lock: the branch advances (a keep: one fast-forward commit), then the row is recorded."""
-        if e.status == "keep":
+        if e.status == KEEP:
             self.pool.lab.session.reset(e.commit)
         self.record(e, rows, out)
         prune_checkpoints(self.lab.session.runs_dir, e.exp, e.status, self.lab.cfg.search.keep_checkpoints)
@@ -480,7 +480,7 @@ class Pool:
                         bar.update(1)
                     bar.set_postfix(best=f"{lab.standings(rows).best.val_bpb:.4f}", last=e.status,
                                     running=len(running), refresh=True)
-                    invalid_streak = invalid_streak + 1 if e.status == "invalid" else 0
+                    invalid_streak = invalid_streak + 1 if e.status == INVALID else 0
                     if invalid_streak >= s.max_invalid_in_row and not self.stopped:
                         self.stopped = True
                         search.stop_reason = (f"{invalid_streak} invalid proposals in a row (search.max_invalid_in_row)"

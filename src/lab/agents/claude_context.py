@@ -21,6 +21,7 @@ Usage: system = system_text(program, state); tool = tool_schema(analysis=False, 
 """
 from __future__ import annotations
 
+from src.lab.decisions import BASELINE, CRASH, DISCARD, INVALID, KEEP, KILLED, NAN, OK, STALLED, TIMEOUT
 import glob
 import inspect
 import json
@@ -186,7 +187,7 @@ def figures(e) -> str:
 
 
 def status_reason(e) -> str:
-    rs = e.run_status if e.run_status not in ("", "ok", "-") else ""
+    rs = e.run_status if e.run_status not in ("", OK, "-") else ""
     return "; ".join(s for s in (rs, _one_line(e.reason, 300)) if s)
 
 
@@ -197,7 +198,7 @@ def row_line(e) -> str:
         score += f" (delta {_fmt(e.delta, '.4f', True)}, margin {_fmt(e.margin, '.4f')})"
     what = " ".join(filter(None, [e.overrides or "", "+patch" if e.kind and "patch" in e.kind else ""]))
     bits = [f"{e.exp} [{proposed_by(e)}] {e.status}: {score}", _one_line(e.description, 100)]
-    if what and e.kind != "baseline":
+    if what and e.kind != BASELINE:
         bits.append(f"overrides: {_one_line(what, 200)}")
     if figures(e):
         bits.append(figures(e))
@@ -218,8 +219,8 @@ def history_table(rows: list, max_chars: int, recent_full: int = 12) -> str:
     empty = "| | | | | | | | | | |"
 
     def line(e, full: bool) -> str:
-        note = status_reason(e) if e.status != "keep" else "NEW BEST"
-        ovs = e.overrides if e.kind != "baseline" else ""
+        note = status_reason(e) if e.status != KEEP else "NEW BEST"
+        ovs = e.overrides if e.kind != BASELINE else ""
         tps = f"{e.tokens_per_sec / 1000:.1f}k" if e.tokens_per_sec else "-"
         return (f"| {e.exp} | {proposed_by(e)} | {e.status} | {_fmt(e.val_bpb)} | {_fmt(e.delta, '.4f', True)} | "
                 f"{e.num_steps or '-'} | {tps} | "
@@ -245,7 +246,7 @@ def history_table(rows: list, max_chars: int, recent_full: int = 12) -> str:
     for i in range(n):  # collapse the oldest condensable rows (not baseline, not kept) into a counted line
         if size(out) + 120 <= max_chars:
             break
-        if rows[i].status in ("baseline", "keep") or i >= n - 3:
+        if rows[i].status in (BASELINE, KEEP) or i >= n - 3:
             continue
         dropped.append(rows[i])
         out[i] = ""
@@ -261,7 +262,7 @@ def history_table(rows: list, max_chars: int, recent_full: int = 12) -> str:
 
 def outcome_text(e, fix_streak: int, fix_attempts: int) -> tuple[str, bool]:
     """The tool result for the ledger row of the model's proposal: (text, is_error)."""
-    if e.status == "invalid":
+    if e.status == INVALID:
         if fix_streak >= fix_attempts:
             advice = (f"That is {fix_streak} invalid proposals in a row: drop this idea and propose a different, "
                       "simpler experiment.")
@@ -270,14 +271,14 @@ def outcome_text(e, fix_streak: int, fix_attempts: int) -> tuple[str, bool]:
         return f"INVALID ({e.exp}): {e.reason}\n{advice}", True
     val, delta, margin = _fmt(e.val_bpb), _fmt(e.delta, ".4f", True), _fmt(e.margin, ".4f")
     figs = f" | {figures(e)}" if figures(e) else ""
-    if e.status == "keep":
+    if e.status == KEEP:
         return (f"KEPT ({e.exp}): val_bpb {val} (delta {delta}, margin {margin}){figs}. It is the new best "
                 f"(commit {e.commit[:7]}); the next experiment starts from it." +
                 (f" {_one_line(e.reason, 400)}" if e.reason else "")), False
-    if e.status == "discard":
+    if e.status == DISCARD:
         return (f"DISCARDED ({e.exp}): val_bpb {val} (delta {delta}; needed below -{margin}){figs}. The branch was "
                 "reset to the best." + (f" {_one_line(e.reason, 400)}" if e.reason else "")), False
-    if e.status == "crash":
+    if e.status == CRASH:
         return (f"CRASHED ({e.exp}, run status {e.run_status}): {_one_line(e.reason, 600)}{figs}. The branch was "
                 "reset to the best; the log tail is in the state below."), False
     return f"{e.status.upper()} ({e.exp}): {_one_line(status_reason(e), 400) or 'no result'}{figs}", False
@@ -314,7 +315,7 @@ def journal_entries(rows: list) -> list[tuple[Any, str, list[str]]]:
 
 
 def _verdict(e) -> str:
-    if e.status in ("keep", "discard") and e.val_bpb is not None:
+    if e.status in (KEEP, DISCARD) and e.val_bpb is not None:
         return f"{e.status} {_fmt(e.val_bpb, '.4f')} ({_fmt(e.delta, '.4f', True)})"
     return e.status or "running"
 
@@ -380,7 +381,7 @@ def near_misses(rows: list, best, margin: float, n: int = 5) -> list:
     """Rows since the best was set that beat it, but inside the margin: noise, or a real small gain worth
     combining with another or re-running."""
     start = next((i for i, e in enumerate(rows) if e.exp == best.exp), -1) + 1
-    out = [e for e in rows[start:] if e.is_experiment and e.status == "discard" and e.delta is not None
+    out = [e for e in rows[start:] if e.is_experiment and e.status == DISCARD and e.delta is not None
            and e.delta < 0 and -e.delta <= (e.margin if e.margin is not None else margin)]
     return sorted(out, key=lambda e: e.delta)[:n]
 
@@ -390,9 +391,9 @@ def last_failure(rows: list, runs_dir: Optional[Path], tail_chars: int, recent: 
     An older failure is history (the table keeps its reason), not news."""
     exps = [e for e in rows if e.is_experiment]
     for e in reversed(exps[-recent:]):
-        if e.status == "keep":
+        if e.status == KEEP:
             return ""
-        if e.status == "crash" or e.run_status in ("nan", "timeout", "stalled", "crash", "killed"):
+        if e.status == CRASH or e.run_status in (NAN, TIMEOUT, STALLED, CRASH, KILLED):
             text = f"## Last failure: {e.exp} ({e.run_status or e.status}): {_one_line(e.reason, 400)}"
             tail = ""
             if runs_dir is not None and tail_chars > 0:
@@ -469,9 +470,9 @@ class Extras:
 def curve_lines(state, curves: Optional[LossCurves]) -> list[str]:
     if curves is None:
         return []
-    rows = [e for e in state.history if e.mlflow_run_id and e.status in ("baseline", "keep", "discard", "crash")]
+    rows = [e for e in state.history if e.mlflow_run_id and e.status in (BASELINE, KEEP, DISCARD, CRASH)]
     best = next((e for e in reversed(rows) if e.exp == state.best.exp), None) or \
-        next((e for e in rows if e.status == "baseline"), None)
+        next((e for e in rows if e.status == BASELINE), None)
     last = next((e for e in reversed(rows) if e.is_experiment), None)
     out = []
     for label, e in (("best", best), ("last", last)):

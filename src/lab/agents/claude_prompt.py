@@ -23,6 +23,7 @@ from src.lab.agents.claude_context import (Extras, dashboard, digest_text, edita
 from src.lab.agents.claude_conversation import Conversation
 from src.lab.config import ClaudeAgentConfig
 from src.lab.ledger import Experiment
+from src.lab.decisions import INVALID
 
 log = logging.getLogger("src.lab.agents.claude")
 ONE_HOUR_AFTER_S = 270.0  # a 5-minute cache entry would expire before the next request (with room for the request)
@@ -129,7 +130,7 @@ def invalid_streak(rows: list[Experiment], e: Experiment) -> int:
     for r in rows[: rows.index(e) + 1][::-1]:
         if not r.is_experiment:
             continue
-        if r.status != "invalid":
+        if r.status != INVALID:
             break
         n += 1
     return n

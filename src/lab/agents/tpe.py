@@ -19,6 +19,7 @@ from src.lab.agents.space import check_space, distributions, format_value, resol
 from src.lab.config import OptunaAgentConfig, SearchSpaceConfig
 from src.lab.ledger import Experiment
 from src.lab.proposal import Proposal
+from src.lab.decisions import DISCARD, KEEP
 
 log = logging.getLogger("src.lab.agents.tpe")
 
@@ -79,7 +80,7 @@ class OptunaAgent(Agent):
 
     @staticmethod
     def _value(e: Experiment) -> Optional[float]:
-        return e.val_bpb if e.status in ("keep", "discard") and e.val_bpb is not None else None
+        return e.val_bpb if e.status in (KEEP, DISCARD) and e.val_bpb is not None else None
 
     def restore(self, history: list[Experiment], state: SearchState) -> None:
         self._tell_baseline(state)
