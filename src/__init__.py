@@ -1,0 +1,1 @@
+"""overnight: the harness (src/harness/), the research room (src/research/) and the lab (src/lab/)."""
