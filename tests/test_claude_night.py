@@ -3,7 +3,7 @@
 Real research sessions (src/lab/loop.py on a throwaway git copy of the project) with the stand-in
 train script and Claude played by tests/scripted_researcher.py (replies of realistic size); the
 server's clock advances one run per request, so its prompt cache ages as in a real night. The
-figures these tests check are the ones bench/claude_night.py prints for the README.
+figures these tests check are the ones bench/claude_night.py prints for docs/LOG.md.
 
 Run: python -m pytest -q tests/test_claude_night.py -s   (every test here is slow: minutes on two cores)
 """
@@ -42,7 +42,7 @@ def test_a_100_experiment_night_fits_the_default_cap_and_reads_most_of_its_input
     assert len(counted) == 100 and {r["agent"] for r in rows} == {"claude"}
     assert out["summary"]["stop_reason"] == "search.max_experiments=100 reached"
     u = out["usage"]["session"]
-    assert u["cost_usd"] < 0.5 * cap  # what the README states (~$3.5), with room under the default cap
+    assert u["cost_usd"] < 0.5 * cap  # what docs/LOG.md states (~$3.5), with room under the default cap
     assert u["cost_usd"] / len(counted) < 0.05
     assert read_share(out) > 0.8 and u["cache_creation_1h_input_tokens"] == 0  # short runs: the 5-minute cache
     assert set(messages_statuses(out)) == {200} and u["calls"] == len(rows)  # one reply per proposal

@@ -11,7 +11,7 @@ crash); our own timeout -> timeout; cancelled / preempted / node failure / kille
 `killed`, and such a job is submitted again `launcher.requeue_killed` times (default once); SLURM's
 TIMEOUT -> timeout.
 
-Hydra sweeps of `python -m src.train -m` go through hydra-submitit-launcher instead (README).
+Hydra sweeps of `python -m src.train -m` go through hydra-submitit-launcher instead (docs/workers.md).
 
 Usage: runner = SubmititRunner(worktree, strip, keep, extra_env=slot_env, launcher=cfg.launcher, folder=dir)
 """

@@ -192,7 +192,7 @@ def by_agent(rows: list[Experiment]) -> str:
 
 
 def rule(knobs: SearchConfig, noise) -> str:
-    """The keep rule the session ran with, in words (README: "Verdicts on a noisy machine")."""
+    """The keep rule the session ran with, in words (docs/verdicts.md)."""
     confirm = {True: "always", False: "never", None: f"while sigma has < {knobs.confirm_min_dof} dof"}[knobs.confirm]
     return (f"keep rule: screen val_bpb < best - max({knobs.noise_sigmas:g} sigma, {knobs.min_delta:g}); paired "
             f"confirmation ({confirm}; now {'on' if weak(noise, knobs.confirm, knobs.confirm_min_dof) else 'off'}): "
