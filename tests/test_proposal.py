@@ -104,3 +104,47 @@ def test_preset_reproduces_the_overrides(tmp_path):
 @pytest.mark.parametrize("preset", config_options("experiment"))
 def test_every_experiment_preset_composes(preset):
     assert isinstance(compose_train(CONF, [f"+experiment={preset}"]), TrainConfig)
+
+
+# ---------------------------------------------------------------------------- interpolations (issue 20)
+
+@pytest.mark.parametrize("line", ["model.depth=${oc.env:HOME}", "model.activation=${now:%H}",
+                                  "optimizer.name=${hydra:runtime.cwd}", "model.depth='${oc.env:HOME,3}'",
+                                  "model.window_pattern=S${oc.env:X}L", "optimizer.matrix_lr=${optimizer.embedding_lr}"])
+def test_an_override_with_an_interpolation_or_resolver_is_refused(line):
+    with pytest.raises(InvalidProposal, match=r"interpolation or resolver.*literal values"):
+        check_overrides([line], ROOTS)
+
+
+def test_literal_values_with_dollars_or_braces_alone_still_pass():
+    assert len(check_overrides(["model.window_pattern=SSSL", "model.activation=relu2"], ROOTS)) == 2
+
+
+@pytest.mark.slow  # a short session: baseline plus one proposal, the stand-in trainer
+def test_an_env_secret_asked_for_by_interpolation_reaches_nothing_the_session_writes(tmp_path, monkeypatch):
+    """`${oc.env:SECRET}` in a proposal is refused at validation: the value appears nowhere in the session
+    dir (ledger, presets, logs, agent context) nor in its MLflow store."""
+    import os
+
+    import yaml
+
+    from src.lab.loop import Search, train_overrides
+    from tests.helpers import compose_search, fake_command, make_repo
+
+    secret = "sk-test-7f3a9c1e-do-not-leak"
+    monkeypatch.setenv("OVERNIGHT_TEST_SECRET", secret)
+    repo = make_repo(tmp_path)
+    f = tmp_path / "proposals.yaml"
+    f.write_text(yaml.safe_dump([{"description": "env", "overrides": ["model.depth=${oc.env:OVERNIGHT_TEST_SECRET}"]}]))
+    ovs = [f"search.repo={repo}", "search.progress=false", f"tracking.uri={os.environ['MLFLOW_TRACKING_URI']}",
+           "device=cpu", "search.tag=leak", "search.timeout_s=60", "search.confirm=false",
+           "search.baseline_repeats=1", "search.max_experiments=1", "agent=replay", f"agent.file={f}"]
+    Search(compose_search(ovs), train_overrides(ovs), fake_command()).run()
+    session = repo / "outputs" / "research" / "leak"
+    files = [p for p in session.rglob("*") if p.is_file()]
+    assert files, "the session wrote nothing"
+    assert any("interpolation or resolver" in p.read_text(errors="replace") for p in files)  # refused, on record
+    leaked = [p for p in files if secret in p.read_bytes().decode(errors="replace")]
+    assert not leaked, leaked
+    mlflow_db = os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")
+    assert secret.encode() not in open(mlflow_db, "rb").read()

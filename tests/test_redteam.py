@@ -32,6 +32,12 @@ def test_the_contract_refuses_the_attack_with_file_line_and_rule(attack):
     problems = check_source(patched(attack), attack.path, CONTRACT)
     assert problems, f"{attack.name} passed the static contract"
     assert all(p.startswith(f"{attack.path}:") and ": " in p[len(attack.path) + 1:] for p in problems)
+    if attack.rule:  # refused by the rule that names what it reached, at a line the patch added
+        assert any(attack.rule in p for p in problems), problems
+        original = (REPO / attack.path).read_text().splitlines()
+        text = patched(attack).splitlines()
+        lines = {int(p.split(":")[1]) for p in problems if attack.rule in p}
+        assert any(text[n - 1] not in original for n in lines), (lines, problems)
 
 
 @pytest.mark.parametrize("attack", [a for a in ATTACKS if not a.static], ids=lambda a: a.name)

@@ -59,25 +59,53 @@ class SearchSpaceConfig:
 
 @dataclass
 class ContractConfig:
-    """The static contract of the editable files (src/lab/contract.py), checked before a candidate runs."""
+    """The static contract of the editable files (src/lab/contract.py), checked before a candidate runs.
+
+    An allow-list: research code may import and name only the modules in allowed_imports and, in them,
+    only the members allowed_names matches (less forbidden_attrs); every chain, alias and import-from
+    name is resolved against the installed libraries, so a module re-exported by an allowed one
+    (torch.os, typing.sys) is refused like an import of it."""
     enabled: bool = True
-    allowed_imports: List[str] = field(default_factory=lambda: [
-        "__future__", "torch", "math", "functools", "dataclasses", "typing", "collections", "itertools",
-        "operator", "numbers", "enum", "abc", "src.harness.config", "src.research"])
-    forbidden_names: List[str] = field(default_factory=lambda: [
-        "open", "exec", "eval", "compile", "__import__", "globals", "locals", "vars", "setattr", "delattr",
-        "__builtins__", "breakpoint", "input", "memoryview"])
-    forbidden_dunders: List[str] = field(default_factory=lambda: [
-        "__dict__", "__globals__", "__code__", "__closure__", "__builtins__", "__subclasses__", "__bases__",
-        "__mro__", "__class__", "__import__", "__loader__", "__spec__", "__getattribute__", "__self__",
-        "__func__", "__wrapped__", "__module__", "__defaults__", "__kwdefaults__", "__reduce__", "__reduce_ex__"])
-    forbidden_attrs: List[str] = field(default_factory=lambda: [  # dotted names (globs) that leave the model
-        "torch.load", "torch.save", "torch.from_file", "torch.hub*", "torch.utils.cpp_extension*",
-        "torch.ops.load_library", "torch.classes*", "torch.cuda.memory._record*", "torch.utils.data*",
-        "torch.distributed*", "torch.multiprocessing*", "torch.package*", "torch.jit.load", "torch.jit.save",
-        "torch.serialization*", "torch.storage*", "torch.UntypedStorage.from_file", "torch.random.*state*",
-        "torch.set_rng_state", "torch.get_rng_state", "torch.profiler*", "torch.autograd.profiler*",
-        "torch.set_num_threads", "torch.set_num_interop_threads"])  # threads are the device slot's, not the patch's
+    allowed_imports: List[str] = field(default_factory=lambda: [  # modules research code may import or name (exact)
+        "__future__", "math", "dataclasses", "typing", "functools", "itertools", "collections", "collections.abc",
+        "operator", "numbers", "enum", "abc",
+        "torch", "torch.nn", "torch.nn.functional", "torch.nn.init", "torch.nn.utils", "torch.nn.attention",
+        "torch.nn.attention.flex_attention", "torch.optim", "torch.optim.lr_scheduler", "torch.autograd",
+        "torch.linalg", "torch.fft", "torch.special", "torch.amp", "torch.cuda", "torch.cpu", "torch.mps",
+        "torch.backends", "torch.backends.*", "torch.compiler",
+        "src.harness.config", "src.research", "src.research.*"])
+    allowed_names: List[str] = field(default_factory=lambda: [  # members of those modules (dotted globs)
+        "__future__.*", "math.*", "torch.*", "itertools.*", "collections.abc.*", "operator.*", "numbers.*",
+        "src.research.*",
+        *(f"dataclasses.{n}" for n in ("dataclass", "field", "fields", "replace", "asdict", "astuple",
+                                        "is_dataclass", "InitVar", "MISSING", "KW_ONLY")),
+        *(f"typing.{n}" for n in ("Any", "Optional", "Union", "List", "Dict", "Tuple", "Set", "FrozenSet", "Type",
+                                   "Callable", "Sequence", "Iterable", "Iterator", "Mapping", "NamedTuple",
+                                   "Literal", "ClassVar", "Final", "TypeVar", "Generic", "Protocol", "cast",
+                                   "overload", "TYPE_CHECKING")),
+        *(f"functools.{n}" for n in ("partial", "reduce", "lru_cache", "cache", "cached_property", "wraps",
+                                      "total_ordering")),
+        *(f"collections.{n}" for n in ("OrderedDict", "defaultdict", "namedtuple", "deque", "Counter", "ChainMap")),
+        *(f"enum.{n}" for n in ("Enum", "IntEnum", "Flag", "IntFlag", "auto")),
+        "abc.ABC", "abc.abstractmethod",
+        # the schemas research code needs, not the harness's data locations (DataConfig, cache paths)
+        "src.harness.config.ModelConfig", "src.harness.config.OptimizerConfig"])
+    forbidden_names: List[str] = field(default_factory=lambda: [  # builtins research code may not name
+        "open", "exec", "eval", "compile", "__import__", "globals", "locals", "vars", "dir", "type", "setattr",
+        "delattr", "breakpoint", "input", "memoryview", "help", "exit", "quit"])
+    allowed_dunders: List[str] = field(default_factory=lambda: [  # dunder attributes and method names allowed
+        "__init__", "__post_init__", "__name__", "__doc__", "__call__", "__repr__", "__str__", "__len__",
+        "__iter__", "__next__", "__getitem__", "__contains__", "__enter__", "__exit__"])
+    forbidden_attrs: List[str] = field(default_factory=lambda: [  # allowed modules' members that leave the model
+        "torch.load", "torch.save", "torch.from_file", "torch.*Storage*", "torch.storage*",
+        "torch.random*", "torch.manual_seed", "torch.seed", "torch.initial_seed", "torch.*rng_state*",
+        "torch.cuda.manual_seed*", "torch.cuda.seed*", "torch.cuda.*rng_state*",
+        "torch.set_default_dtype", "torch.set_default_device", "torch.set_default_tensor_type",
+        "torch.set_num_threads", "torch.set_num_interop_threads",  # threads are the device slot's, not the patch's
+        "operator.attrgetter", "operator.methodcaller"])  # getattr with a computed name
+    forbidden_value_attrs: List[str] = field(default_factory=lambda: [  # attribute names refused on any object
+        "f_globals", "f_locals", "f_builtins", "f_back", "f_code", "gi_frame", "gi_code", "cr_frame", "cr_code",
+        "ag_frame", "ag_code", "tb_frame", "tb_next", "co_code", "mro", "from_file", "tofile", "dump"])
     allowed_private: List[str] = field(default_factory=lambda: ["_foreach_"])  # torch._foreach_* ops
     assignable: List[str] = field(default_factory=lambda: [  # library settings a patch may set
         "torch.backends.*"])

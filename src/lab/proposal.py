@@ -88,11 +88,18 @@ def override_key(line: str) -> str:
 
 
 def parse_overrides(lines: list[str]) -> list:
-    """Parse Hydra overrides, refusing sweeps, deletions and additions (a proposal sets existing keys)."""
+    """Parse a proposal's Hydra overrides, refusing interpolations, sweeps, deletions and additions.
+
+    A proposal sets existing keys to literal values: `${oc.env:NAME}` would be resolved in the search process
+    (which holds the unstripped environment) and the resolved config shown to the agent. The user's own
+    command-line overrides never come through here (src/lab/loop.py train_overrides)."""
     from hydra.errors import OverrideParseException
 
     out = []
     for line in lines:
+        if "${" in line:  # resolved in the search process, whose environment is not stripped
+            raise InvalidProposal(f"override {line!r} holds a ${{...}} interpolation or resolver (oc.env, now, "
+                                  "hydra, ...): a proposal sets literal values; write the value itself")
         try:
             [ov] = _parser().parse_overrides([line])
         except OverrideParseException as e:
