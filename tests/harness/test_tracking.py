@@ -26,7 +26,8 @@ import pytest
 from src.harness.config import TrackingConfig
 from src.harness.sweep import format_table, sweep_table
 from src.harness.tracking import Tracker, TrackingError, artifact_location, final_metrics, flatten, resolve_uri
-from tests.support.helpers import REPO, TINY_ONE_THREAD as FAST, compose_train_cfg, free_port, read_summary, run_cli
+from tests.support.helpers import (REPO, TINY_ONE_THREAD as FAST, compose_train_cfg, free_port, read_summary, run_cli,
+                                   wait_for)
 
 STALL_STEP, STALL_S, BUDGET_S = 10, 3.0, 15.0
 WARMUP_STEPS = compose_train_cfg(FAST).budget.warmup_steps  # not counted; the MLflow run is ready after them
@@ -69,15 +70,14 @@ def mlflow_server(store):
 
 
 def wait_up(url: str, proc, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    def up() -> bool:
         assert proc.poll() is None, "mlflow server exited"
         try:
             urllib.request.urlopen(url + "/health", timeout=2).read()
-            return
+            return True
         except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow server at {url} did not come up in {timeout} s")
+            return False
+    wait_for(up, timeout, f"the mlflow server at {url} to come up")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from src.lab.runner import RunInterrupted, Runner, alive, clean_env
-from tests.support.helpers import fake_command
+from tests.support.helpers import fake_command, wait_for
 
 
 def script(tmp_path: Path, body: str) -> list[str]:
@@ -65,10 +65,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
     assert out.status == "timeout" and "timeout" in out.error_line
     assert time.monotonic() - t0 < 30
     gpid = int((tmp_path / "run" / "grandchild.pid").read_text())
-    t1 = time.monotonic()
-    while alive(gpid) and time.monotonic() - t1 < 10:
-        time.sleep(0.1)
-    assert not alive(gpid)
+    wait_for(lambda: not alive(gpid), 10, "the grandchild to be killed with its group")
 
 
 def test_ctrl_c_stops_the_run_and_reports_it_interrupted(tmp_path):
@@ -76,10 +73,10 @@ def test_ctrl_c_stops_the_run_and_reports_it_interrupted(tmp_path):
     started = tmp_path / "run" / "started"
 
     def interrupt():
-        t0 = time.monotonic()
-        while not started.exists() and time.monotonic() - t0 < 30:
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGINT)
+        try:
+            wait_for(started.exists, 30, "the run to start")
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt, daemon=True).start()
     with pytest.raises(RunInterrupted) as e:
