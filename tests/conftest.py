@@ -1,5 +1,5 @@
 """Shared fixtures: an isolated data cache and MLflow store for every test, the prepared default data
-for the tests that train. Helpers (REPO, run_cli, make_repo, ...) live in tests/helpers.py.
+for the tests that train. Helpers (REPO, run_cli, make_repo, ...) live in tests/support/helpers.py.
 
 Every test session points the data cache (OVERNIGHT_CACHE) and MLflow (MLFLOW_TRACKING_URI: a sqlite
 store) at a temporary directory, inherited by CLI subprocesses, so no test touches ~/.cache or the

@@ -1,0 +1,84 @@
+"""The device group: device.compile and device.dtype words from the CLI and YAML, compilation and its cache.
+
+Hydra turns `true`/`false` into booleans before the schema sees them; the schema takes both the
+booleans and the words, so `device.compile=false` works from the command line, from YAML, and quoted.
+
+Run: python -m pytest -q tests/harness/test_device.py   (the real CLI runs are marked slow)
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+from src.harness.config import DeviceConfig
+from src.harness.device import COMPILE_CACHE_ENV, resolve, use_compile_cache
+from src.harness.paths import cache_dir
+from tests.support.helpers import TINY, compose_train_cfg, read_summary, run_cli
+
+
+@pytest.mark.parametrize("word,value", [("false", False), ("true", True), ("auto", "auto"), ("'false'", False),
+                                        ("'True'", True), ("AUTO", "auto")])
+def test_device_compile_takes_true_false_and_auto_from_the_command_line(word, value):
+    got = compose_train_cfg([f"device.compile={word}"]).device.compile
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("word,value", [("auto", "auto"), ("bf16", "bf16"), ("bfloat16", "bf16"), ("fp16", "fp16"),
+                                        ("float16", "fp16"), ("fp32", "fp32"), ("float32", "fp32"),
+                                        ("false", "fp32"), ("true", "mixed")])
+def test_device_dtype_takes_the_dtype_names_and_true_false(word, value):
+    assert compose_train_cfg([f"device.dtype={word}"]).device.dtype == value
+
+
+@pytest.mark.parametrize("override,knob", [("device.compile=yes", "device.compile"), ("device.dtype=int8", "device.dtype"),
+                                           ("device.compile_scope=layers", "device.compile_scope"),
+                                           ("batch.device_tokens=lots", "batch.device_tokens")])
+def test_a_wrong_word_fails_at_compose_time_naming_the_knob(override, knob):
+    with pytest.raises((ValueError, ConfigCompositionException), match=knob.replace(".", r"\.")):
+        compose_train_cfg([override])
+
+
+def test_yaml_booleans_and_words_give_the_same_config():
+    from omegaconf import OmegaConf
+
+    from src.harness.config import TrainConfig, to_object
+
+    for raw in ("compile: false\ndtype: false", "compile: 'false'\ndtype: fp32"):
+        cfg = to_object(OmegaConf.create({"device": OmegaConf.to_container(OmegaConf.create(raw))}), TrainConfig)
+        assert cfg.device.compile is False and cfg.device.dtype == "fp32"
+
+
+def test_resolve_maps_the_words_to_a_runtime_on_cpu():
+    rt = resolve(DeviceConfig(type="cpu", dtype="float32", compile="false", peak_flops=1e9))
+    assert (rt.dtype, rt.compile) == (torch.float32, False)
+    rt = resolve(DeviceConfig(type="cpu", dtype=True, compile=True, peak_flops=1e9, compile_scope="blocks"))
+    assert (rt.dtype, rt.compile, rt.compile_scope) == (torch.bfloat16, True, "blocks")
+    assert resolve(DeviceConfig(type="cpu", compile="auto", peak_flops=1e9)).compile is False  # auto: CUDA only
+
+
+def test_the_compile_cache_is_one_directory_under_the_data_cache_unless_configured(tmp_path, monkeypatch):
+    monkeypatch.setenv(COMPILE_CACHE_ENV, "/tmp/torchinductor_someone")  # what importing torch._dynamo sets
+    default = use_compile_cache()
+    assert default == (cache_dir() / "compile").resolve() and default.is_dir()
+    assert os.environ[COMPILE_CACHE_ENV] == str(default)
+    assert use_compile_cache(str(tmp_path / "mine")) == (tmp_path / "mine").resolve()
+    assert os.environ[COMPILE_CACHE_ENV] == str(tmp_path / "mine") and (tmp_path / "mine").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("shakespeare")
+@pytest.mark.parametrize("word", ["false", "true"])
+def test_the_cli_trains_with_device_compile_false_and_true(tmp_path, word):
+    """The real CLI end to end with each word; a compiled run scores like an eager one (its logits are the same)."""
+    run_cli("src.train", *TINY, "device=cpu", "budget.mode=tokens", "budget.tokens=32768", "tracking.enabled=false",
+            f"device.compile={word}", "device.dtype=float32", f"device.compile_cache={tmp_path / 'inductor'}",
+            f"hydra.run.dir={tmp_path / 'run'}")
+    s = read_summary(tmp_path / "run")
+    assert s["status"] == "ok" and s["compile"] is (word == "true") and s["dtype"] == "fp32"
+    assert 0 < s["val_bpb"] < 8.1 and s["warmup_seconds"] > 0 and s["startup_seconds"] > 0
+    assert f"dtype fp32, compile {word.capitalize()}" in (tmp_path / "run" / "train.log").read_text()
+    cache = tmp_path / "inductor"
+    assert (cache.is_dir() and any(cache.iterdir())) is (word == "true")  # compiled artifacts land in the cache

@@ -1,0 +1,75 @@
+"""The real `python -m src.train` CLI: a short run, the budget, dry runs, fast failure.
+
+Run: python -m pytest -q tests/harness/test_train.py   (all slow: real CLI runs)
+"""
+import math
+
+import pytest
+
+from tests.support.helpers import TINY, compose_train_cfg, read_summary, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.usefixtures("shakespeare")
+def test_short_run_prints_a_finite_val_bpb_and_honours_the_budget(tmp_path):
+    overrides = [*TINY, "budget.seconds=4", "device.threads=1"]
+    cfg = compose_train_cfg(overrides)
+    proc = run_cli("src.train", *overrides, f"hydra.run.dir={tmp_path}")
+    s = read_summary(tmp_path)
+    assert s["status"] == "ok"
+    assert math.isfinite(s["val_bpb"]) and 0 < s["val_bpb"] < 8.1
+    for key in ("val_bpb:", "training_seconds:", "total_seconds:", "peak_vram_mb:", "mfu_percent:",
+                "total_tokens_M:", "num_steps:", "num_params_M:", "depth:", "tokens_per_sec:", "step_time_p50:"):
+        assert key in proc.stdout, key
+    # the budget is honoured within one step: it stops at the first step that crosses 4 s
+    assert 4.0 <= s["training_seconds"] <= 4.0 + s["step_time_max"]
+    # the steps: the uncounted warm-up, then at least one counted step; each of batch.total_tokens
+    assert s["depth"] == 2 and s["grad_accum_steps"] == cfg.batch.total_tokens // cfg.batch.device_tokens
+    counted = s["num_steps"] - cfg.budget.warmup_steps
+    assert counted >= 1
+    assert s["total_tokens_M"] == pytest.approx(s["num_steps"] * cfg.batch.total_tokens / 1e6)
+    assert s["tokens_per_sec"] == pytest.approx(counted * cfg.batch.total_tokens / s["training_seconds"])
+    assert s["peak_vram_mb"] > 0 and s["mfu_percent"] > 0
+    assert s["device"] == "cpu" and s["dtype"] in ("fp32", "bf16")
+    assert s["score_threads"] == 1  # the scorer process keeps to the run's share of the machine
+
+
+@pytest.mark.usefixtures("shakespeare")
+def test_a_token_budget_runs_ceil_tokens_over_batch_steps(tmp_path):
+    overrides = [*TINY, "budget.mode=tokens", "budget.tokens=40000"]
+    batch = compose_train_cfg(overrides).batch.total_tokens
+    run_cli("src.train", *overrides, f"hydra.run.dir={tmp_path}")
+    s = read_summary(tmp_path)
+    assert s["num_steps"] == math.ceil(40000 / batch) == 5  # 8192 tokens a step
+    assert s["total_tokens_M"] == pytest.approx(5 * batch / 1e6, abs=1e-9)
+
+
+def test_dry_run_reports_the_reference_sizes_without_data():
+    out = run_cli("src.train", "model=small", "data=climbmix", "dry_run=true").stdout
+    assert "11,534,472" in out
+    out = run_cli("src.train", "model=h100", "data=climbmix", "dry_run=true").stdout
+    assert "50,332,176" in out and "(50.3M)" in out and "FLOPs per token" in out
+
+
+@pytest.mark.usefixtures("shakespeare")
+def test_exploding_loss_fails_fast_with_a_clear_status(tmp_path):
+    proc = run_cli("src.train", *TINY, "budget.seconds=30", "budget.max_nan_loss=0.5",
+                   f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 1
+    s = read_summary(tmp_path)
+    assert s["status"] == "nan" and s["num_steps"] <= 1
+    assert "diverged" in s["error"]
+
+
+def test_a_batch_that_is_not_a_multiple_of_the_sequence_is_explained(tmp_path):
+    proc = run_cli("src.train", *TINY, "batch.device_tokens=1000", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 1
+    assert "batch.device_tokens=1000 must be a multiple of model.sequence_len=128" in proc.stderr
+
+
+def test_missing_data_names_the_prepare_command(tmp_path):
+    proc = run_cli("src.train", *TINY, f"data.cache_dir={tmp_path}", check=False)
+    assert proc.returncode == 1
+    assert "python prepare.py data=shakespeare" in proc.stderr
+    assert "Traceback" not in proc.stderr  # a user error, not a crash dump

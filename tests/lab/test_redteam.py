@@ -1,0 +1,146 @@
+"""The red team: every adversarial patch (fakes/redteam.py) is refused or scored `tampered`; every honest one passes.
+
+Two layers. The static contract (src/lab/contract.py) refuses, before any run, patches that
+import outside the allow-list, rebind library or harness functions, or reach files, the process,
+the clock or introspection. The scorer (src/harness/score.py) and the runner catch at run time what is
+plain model code (a model that looks ahead, depends on the batch, keeps state, returns something
+other than logits), and, with the contract switched off, the tampering the contract would refuse.
+
+Run: python -m pytest -q tests/lab/test_redteam.py          (the run-time layer is marked slow)
+"""
+from __future__ import annotations
+
+import pytest
+
+from src.lab.config import ContractConfig
+from src.lab.contract import ContractViolation, check_files, check_source
+from src.lab.runner import Runner
+from fakes.redteam import ATTACKS, LEGIT, prepend
+from tests.support.helpers import REPO, git, make_repo
+
+TINY_RUN = ["model.depth=2", "budget.mode=tokens", "budget.tokens=16384", "data.eval_tokens=8192", "device=cpu",
+            "tracking.enabled=false", "progress=false"]
+CONTRACT = ContractConfig()
+
+
+def patched(p) -> str:
+    return p.transform((REPO / p.path).read_text())
+
+
+@pytest.mark.parametrize("attack", [a for a in ATTACKS if a.static], ids=lambda a: a.name)
+def test_the_contract_refuses_the_attack_with_file_line_and_rule(attack):
+    problems = check_source(patched(attack), attack.path, CONTRACT)
+    assert problems, f"{attack.name} passed the static contract"
+    assert all(p.startswith(f"{attack.path}:") and ": " in p[len(attack.path) + 1:] for p in problems)
+    if attack.rule:  # refused by the rule that names what it reached, at a line the patch added
+        assert any(attack.rule in p for p in problems), problems
+        original = (REPO / attack.path).read_text().splitlines()
+        text = patched(attack).splitlines()
+        lines = {int(p.split(":")[1]) for p in problems if attack.rule in p}
+        assert any(text[n - 1] not in original for n in lines), (lines, problems)
+
+
+@pytest.mark.parametrize("attack", [a for a in ATTACKS if not a.static], ids=lambda a: a.name)
+def test_plain_model_code_passes_the_contract_and_is_left_to_the_scorer(attack):
+    assert check_source(patched(attack), attack.path, CONTRACT) == []
+
+
+@pytest.mark.parametrize("patch", LEGIT, ids=lambda p: p.name)
+def test_honest_patches_pass_the_contract(patch):
+    assert check_source(patched(patch), patch.path, CONTRACT) == []
+
+
+def test_the_contract_reports_every_violation_and_can_be_switched_off(tmp_path):
+    f = tmp_path / "src" / "research" / "model.py"
+    f.parent.mkdir(parents=True)
+    f.write_text("import os\nimport torch\ntorch.load = None\nx = open('a')\n")
+    with pytest.raises(ContractViolation) as e:
+        check_files(tmp_path, ["src/research/model.py"], CONTRACT)
+    msg = str(e.value)
+    assert "src/research/model.py:1: imports os" in msg and "src/research/model.py:3: assigns to torch.load" in msg
+    assert "src/research/model.py:4: uses open" in msg
+    check_files(tmp_path, ["src/research/model.py"], ContractConfig(enabled=False))  # off: no refusal
+
+
+@pytest.mark.parametrize("call", ["torch.set_num_threads(2)", "torch.set_num_interop_threads(2)"])
+def test_a_patch_cannot_take_more_threads_than_its_slot_gives(call):
+    """device.threads (a worker's fixed share of the cores) belongs to the harness: more threads would buy a
+    time-budgeted run more compute, and with search.workers > 1 take it from the other worker."""
+    problems = check_source(prepend(call + "\n")((REPO / "src" / "research" / "model.py").read_text()), "src/research/model.py", CONTRACT)
+    assert any(call.split("(")[0] in p for p in problems), problems
+
+
+def test_a_patch_that_does_not_parse_is_refused_with_its_line():
+    assert check_source("def f(:\n", "src/research/model.py", CONTRACT) == ["src/research/model.py:1: does not parse (invalid syntax)"]
+
+
+# ---------------------------------------------------------------------------- run time: the real runner + scorer
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return make_repo(tmp_path_factory.mktemp("redteam"))
+
+
+def run_patched(repo, tmp_path, patch):
+    """Commit the patch in the repo, train it briefly through the real Runner (which scores it), reset."""
+    f = repo / patch.path
+    original = f.read_text()
+    f.write_text(patch.transform(original))
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", patch.name)
+    try:
+        return Runner(repo).run(TINY_RUN, tmp_path / "run", timeout_s=300)
+    finally:
+        git(repo, "reset", "-q", "--hard", "HEAD~1")
+        git(repo, "clean", "-qfd")
+
+
+RUNTIME_ATTACKS = [a for a in ATTACKS if not a.static] + [
+    a for a in ATTACKS if a.name in ("rebind torch.nn.functional.cross_entropy at import", "rebind via an alias of "
+                                     "torch.Tensor", "slow the budget clock", "train on the validation split",
+                                     "write into the run directory", "rebind the harness's loss through src.harness.evaluate")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", RUNTIME_ATTACKS, ids=lambda a: a.name)
+def test_the_runner_and_scorer_catch_the_attack_at_run_time(repo, tmp_path, attack):
+    out = run_patched(repo, tmp_path, attack)
+    assert out.status == "tampered", (out.status, out.error_line, out.log_tail[-2000:])
+    assert out.val_bpb is None and out.error_line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("patch", LEGIT, ids=lambda p: p.name)
+def test_honest_patches_are_scored(repo, tmp_path, patch):
+    out = run_patched(repo, tmp_path, patch)
+    assert out.status == "ok", (out.status, out.error_line, out.log_tail[-2000:])
+    assert 2.0 < out.val_bpb < 9.0  # a scored, untrained-ish tiny model: between a good model and uniform (8 bits)
+    assert (tmp_path / "run" / "score.json").is_file()
+
+
+@pytest.mark.slow  # subprocesses: real processes
+def test_a_val_bpb_the_train_process_reports_is_never_taken(tmp_path):
+    """A train command that writes its own summary.json (val_bpb 2.5, as the stand-in does) and no checkpoint."""
+    from tests.support.helpers import fake_command
+
+    out = Runner(REPO, command=fake_command(), score_checkpoints=True).run(["device=cpu"], tmp_path / "run", 60)
+    assert out.status == "tampered" and out.val_bpb is None
+    assert "without saving its checkpoint" in out.error_line
+
+
+@pytest.mark.slow  # subprocesses: real processes
+def test_the_scorer_says_when_it_is_ready_and_its_verdict_still_comes_through(tmp_path):
+    """A standalone run waits for READY before its clock starts; reading it must not eat the verdict."""
+    from src.harness.score import Scorer
+
+    import os
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    scorer = Scorer(REPO, tmp_path / "score.log", cpus=tuple(cores[-1:])).start()  # a lab worker's slot: one core
+    try:
+        if cores:  # pinned before exec, as a worker's scorer is
+            assert os.sched_getaffinity(scorer.proc.pid) == {cores[-1]}
+        assert scorer.wait_ready(timeout_s=120)
+        verdict = scorer.score(tmp_path / "no-such-checkpoint.pt", timeout_s=120)
+    finally:
+        scorer.close()
+    assert verdict["status"] == "crash" and "scoring failed" in verdict["reason"]
