@@ -3,7 +3,7 @@
 Each check runs in a fresh subprocess: a ruleset cannot be lifted, so it must never land on pytest itself.
 Skipped where the kernel has no Landlock (macOS, old kernels), where restrict() is a no-op that says why.
 
-Run: python -m pytest -q tests/test_landlock.py
+Run: python -m pytest -q tests/harness/test_landlock.py
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 from src.harness import landlock
-from tests.helpers import REPO
+from tests.support.helpers import REPO
 
 needs_landlock = pytest.mark.skipif(not landlock.available(), reason=landlock.unavailable_reason() or "no Landlock")
 

@@ -3,7 +3,7 @@
 The red-team corpus (tests/redteam.py, run by tests/test_redteam.py) holds the attacks and honest
 patches; these are the resolver's own rules.
 
-Run: python -m pytest -q tests/test_contract.py
+Run: python -m pytest -q tests/lab/test_contract.py
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from src.lab.config import ContractConfig
 from src.lab.contract import ContractViolation, check_files, check_source
-from tests.helpers import REPO
+from tests.support.helpers import REPO
 
 CFG = ContractConfig()
 P = "src/research/model.py"
