@@ -25,7 +25,8 @@ from typing import Callable, Optional
 
 from src.lab.config import ENV_STRIP
 from src.lab.session import atomic_write
-from src.harness.score import CHECKPOINT, Scorer, apply_verdict, pin
+from src.harness.pinning import pin
+from src.harness.score import CHECKPOINT, Scorer, apply_verdict
 from src.lab.decisions import CRASH, INTERRUPTED, OK, STALLED, TAMPERED, TIMEOUT
 
 ALWAYS_STRIP = ("MLFLOW_RUN_ID",)  # would attach the child to whatever run the parent has open
