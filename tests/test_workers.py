@@ -20,7 +20,7 @@ import yaml
 from src.lab.loop import Search, train_overrides
 from src.lab.runner import alive
 from src.lab.session import SessionError
-from src.lab.workers import plan_slots
+from src.lab.slots import plan_slots
 from tests.helpers import REPO, compose_search, fake_command, git, make_patch, make_repo, read_tsv, session_children, wait_for
 
 
