@@ -144,7 +144,7 @@ class Attempts:
 
     def _launch(self, run_name: str, attempt: int, commit: str, args: list[str],
                 flight: Optional[InFlight]) -> Outcome:
-        lab, sess, w = self.lab, self.lab.session, self.worker
+        sess, w = self.lab.session, self.worker
         run_dir = sess.runs_dir / run_name
         if flight is not None:
             sess.track(replace(flight, attempt=attempt, commit=commit, run_dir=str(run_dir), started=time.time(),
