@@ -54,7 +54,7 @@ class Hog:
 
     def _in_flight(self):
         try:
-            return json.loads((self.dir / "state.json").read_text()).get("in_flight")
+            return next(iter(json.loads((self.dir / "state.json").read_text()).get("running") or []), None)
         except (OSError, ValueError):
             return None
 

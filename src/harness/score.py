@@ -48,6 +48,7 @@ from src.harness.config import TrainConfig, to_object
 from src.harness.data import load_prepared, val_tokens
 from src.harness.device import DTYPES, Runtime
 from src.harness.evaluate import evaluate_bpb, token_nats, windows
+from src.harness.pinning import pin
 from src.harness.status import CRASH, NAN, OK, TAMPERED, TIMEOUT
 
 MARKER = "OVERNIGHT-SCORE"
@@ -297,15 +298,6 @@ def apply_verdict(summary: dict, verdict: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- the starting side
-
-def pin(cpus: tuple) -> None:
-    """In a child between fork and exec: keep it to `cpus` (a lab worker's cores). Where the OS cannot
-    (macOS) or a core was taken away since the slots were planned, it runs unpinned rather than not at all."""
-    try:
-        os.sched_setaffinity(0, cpus)
-    except (AttributeError, OSError):
-        pass
-
 
 class Scorer:
     """Starts `python -m src.harness.score` early (torch imports while training runs) and reads its verdict.

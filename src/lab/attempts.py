@@ -7,15 +7,15 @@ disturbed the outcome's status becomes `disturbed` and nothing may be decided on
 attempt has its own run directory and MLflow run (exp-004, exp-004-a2, ...); the ones that do
 not stand are tagged with why.
 
-Usage: a = Attempts(lab).run("exp-004", commit, overrides, done=0, rows=rows, in_flight=True)
+Usage: a = Attempts(lab, worker).run("exp-004", commit, overrides, done=0, rows=rows, flight=in_flight)
        a.out (the Outcome that stands), a.attempts, a.disturbed (notes), a.fill(row)
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Optional
 
 from src.lab import candidate
 from src.lab.context import Lab
@@ -26,6 +26,9 @@ from src.lab.proposal import merge_overrides
 from src.lab.runner import Outcome, attempt_name
 from src.lab.session import InFlight
 from src.lab.decisions import BASELINE, DISTURBED, OK, STALLED, TAMPERED
+
+if TYPE_CHECKING:
+    from src.lab.workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +71,10 @@ class Attempt:
 
 
 class Attempts:
-    def __init__(self, lab: Lab):
-        self.lab = lab
+    """The runs of one worker (its worktree, its runner)."""
+
+    def __init__(self, lab: Lab, worker: "Worker"):
+        self.lab, self.worker = lab, worker
 
     def timeout_s(self) -> float:
         """The hard timeout of one run: explicit, from the time budget, or (tokens mode) from the baseline's wall."""
@@ -82,22 +87,23 @@ class Attempts:
         return max(walls) * s.timeout_factor + s.timeout_grace_s if walls else 3600.0
 
     def run(self, name: str, commit: str, overrides: list[str], done: int, rows: list[Experiment],
-            in_flight: bool = False, attach: bool = False) -> Attempt:
+            flight: Optional[InFlight] = None, attach: bool = False) -> Attempt:
         """Run `commit` (+ the preset of `overrides`) until a run stands; RunInterrupted on Ctrl-C.
 
         name: the row's id (runs are name, name-a2, ...); done: attempts an earlier invocation made;
-        rows: the ledger the throughput is judged against; in_flight: persist each attempt in state.json;
+        rows: the ledger the throughput is judged against; flight: the experiment in flight, each attempt of which
+        is persisted in state.json (None: a confirmation run, which leaves the experiment's entry as it is);
         attach: attempt `done` is still running as a job (launcher=submitit_*): wait on it, do not start another.
         """
-        lab, s = self.lab, self.lab.cfg.search
-        if lab.session.head() != commit:  # a confirmation alternates the best and the candidate in the worktree
-            lab.session.reset(commit)
+        lab, s, tree = self.lab, self.lab.cfg.search, self.worker.tree
+        if tree.head() != commit:  # a confirmation alternates the best and the candidate in the worktree
+            tree.reset(commit)
         args = candidate.with_preset(lab, lab.base_overrides, bool(overrides))
         attempt, notes, stalled = (done - 1 if attach else done), [], []
         while True:
             attempt += 1
             run_name = attempt_name(name, attempt)
-            out = self._launch(run_name, name, attempt, commit, args, in_flight)
+            out = self._launch(run_name, attempt, commit, args, flight)
             why = clock_mismatch(out, rows, s) if out.status in (OK, STALLED) else ""
             if why:  # the runner's own wall time cannot back the counted training time
                 out.status, out.note = TAMPERED, why
@@ -106,7 +112,8 @@ class Attempts:
                 stalled.append(f"{run_name} stalled: {out.error_line}")
                 log.warning("%s stalled (%s); re-running (%d of %d)", run_name, out.error_line, len(stalled),
                             s.stall_retries)
-                lab.runs.mark_attempt(run_name, out, "stalled, re-run")
+                with lab.lock:
+                    lab.runs.mark_attempt(run_name, out, "stalled, re-run")
                 continue
             a = Attempt(out, attempt, disturbed=notes, stalled=stalled)
             if out.status != OK:
@@ -120,7 +127,8 @@ class Attempts:
             if len(notes) <= s.disturbed_retries:
                 log.warning("%s is disturbed (%s); re-running (%d of %d)", run_name, j.note, len(notes),
                             s.disturbed_retries)
-                lab.runs.mark_attempt(run_name, out, f"disturbed, re-run: {j.note}")
+                with lab.lock:
+                    lab.runs.mark_attempt(run_name, out, f"disturbed, re-run: {j.note}")
                 continue
             log.warning("%s is disturbed (%s) and out of re-runs (search.disturbed_retries=%d): nothing is decided "
                         "on it", run_name, j.note, s.disturbed_retries)
@@ -134,20 +142,21 @@ class Attempts:
             return Judgement(False, 0.0, "token budget: a slow run trains on the same tokens; not judged")
         return judge(a.throughput, a.shape, rows, s.disturbed_factor, s.disturbed_factor_new_shape)
 
-    def _launch(self, run_name: str, name: str, attempt: int, commit: str, args: list[str],
-                in_flight: bool) -> Outcome:
-        lab, sess = self.lab, self.lab.session
+    def _launch(self, run_name: str, attempt: int, commit: str, args: list[str],
+                flight: Optional[InFlight]) -> Outcome:
+        sess, w = self.lab.session, self.worker
         run_dir = sess.runs_dir / run_name
-        if in_flight:
-            sess.track(InFlight(exp=name, attempt=attempt, commit=commit, run_dir=str(run_dir), started=time.time()))
+        if flight is not None:
+            sess.track(replace(flight, attempt=attempt, commit=commit, run_dir=str(run_dir), started=time.time(),
+                               pid=None, job="", job_folder=""))
         ovs = merge_overrides(args, self._tracking_overrides(run_name))  # ours replace the same keys of the command line
 
         def started(pid: int, job: str = "", job_folder: str = "") -> None:
-            sess.track_pid(pid, job, job_folder)  # a confirmation run too: the experiment stays in flight
+            sess.track_pid(w.index, pid, job, job_folder)  # a confirmation run too: the experiment stays in flight
 
         log.info("%s: running (attempt %d, commit %s, timeout %.0f s) -> %s", run_name, attempt, commit[:7],
                  self.timeout_s(), run_dir)
-        return lab.runner.run(ovs, run_dir, self.timeout_s(), on_start=started)
+        return w.run(ovs, run_dir, self.timeout_s(), on_start=started)
 
     def _tracking_overrides(self, run_name: str) -> list[str]:
         """Where the run logs itself: the session's store and experiment, nested under its parent run."""

@@ -7,20 +7,23 @@ outlier (src/lab/decision.py). A run found disturbed is re-run (src/lab/attempts
 run has nothing to be compared with, so when a later repeat turns out much faster, the earlier
 slow one is marked `disturbed` in the ledger and MLflow after the fact, and replaced.
 
-Usage: pending = run_baseline(lab, pending)    (before the first experiment; SessionError if it cannot)
+Usage: run_baseline(lab, worker, resumed)   (before the first experiment; resumed: a baseline run a resume
+       finishes first, or None; SessionError if the baseline cannot be measured)
 """
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from src.lab.context import Lab
 from src.lab.disturbance import Throughput, reference, slowdown
-from src.lab.experiment import Experiments
+from src.lab.experiment import Experiments, Job
 from src.lab.ledger import Experiment, next_baseline
-from src.lab.resume import Pending
 from src.lab.session import SessionError
-from src.lab.decisions import BASELINE, DISTURBED
+from src.lab.decisions import BASELINE, DISTURBED, INTERRUPTED
+
+if TYPE_CHECKING:
+    from src.lab.workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -37,29 +40,28 @@ def settled(lab: Lab, rows: list[Experiment]) -> bool:
     return st.baseline_inliers >= s.baseline_repeats and st.baseline_settled
 
 
-def run_baseline(lab: Lab, pending: Optional[Pending]) -> Optional[Pending]:
-    """Run baseline repeats until settled(); returns the pending experiment (a non-baseline one) untouched."""
+def run_baseline(lab: Lab, worker: "Worker", resumed: Optional[Job] = None) -> None:
+    """Run baseline repeats (`resumed` first) until settled(); KeyboardInterrupt once an interrupted run is recorded."""
     s = lab.cfg.search
-    experiments = Experiments(lab)
+    experiments = Experiments(lab, worker)
     while True:
         rows = lab.rows()
-        if settled(lab, rows):
-            return pending
+        if resumed is None and settled(lab, rows):
+            return
         disturbed = sum(1 for e in rows if e.exp.startswith("base-") and e.status == DISTURBED)
         if disturbed > s.disturbed_retries:
             raise SessionError(f"{disturbed} baseline runs were disturbed (the machine is busy: another program on "
                                f"its cores?); see {lab.ledger.path}. Resume when it is quiet "
                                f"(search.tag={lab.session.tag} search.resume=true)")
-        if pending is not None and pending.proposal is None:
-            exp, attempt, pending = pending.exp, pending.attempt, None
-        else:
-            exp, attempt = next_baseline(rows), 0
-        e = experiments.execute(exp, None, rows, attempt)
+        job, resumed = resumed or Job(next_baseline(rows), None), None
+        e = experiments.execute(job)
         if e.status == BASELINE:
             mark_slower_repeats(lab, e)
+        elif e.status == INTERRUPTED:
+            raise KeyboardInterrupt
         elif e.status != DISTURBED:
-            raise SessionError(f"the baseline run {exp} failed ({e.run_status}: {e.reason}); see "
-                               f"{lab.session.runs_dir / exp / 'run.log'}. Fix the session's train overrides or "
+            raise SessionError(f"the baseline run {job.exp} failed ({e.run_status}: {e.reason}); see "
+                               f"{lab.session.runs_dir / job.exp / 'run.log'}. Fix the session's train overrides or "
                                f"the code, then resume (search.tag={lab.session.tag} search.resume=true)")
 
 

@@ -1,13 +1,15 @@
-"""What an open research session holds: its config, session, ledger, MLflow runs, runner and baseline.
+"""What an open research session holds: its config, session, ledger, MLflow runs, baseline and locks.
 
 Built once by the loop (src/lab/loop.py) when the session opens; the pieces that stage, run and
 record experiments (src/lab/candidate.py, experiment.py, resume.py) read it, so none of them
-recomputes a fact another already holds.
+recomputes a fact another already holds. Shared by every worker (src/lab/workers.py): what is a
+worker's own (its worktree, its runner) is the Worker's, not the Lab's.
 
-Usage: lab = Lab(cfg, session, ledger, runs, runner, base_overrides, base_config); lab.standings()
+Usage: lab = Lab(cfg, session, ledger, runs, base_overrides, base_config); lab.standings()
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -17,7 +19,6 @@ from src.lab.config import SearchAppConfig
 from src.lab.disturbance import shape_key
 from src.lab.ledger import Experiment, Ledger
 from src.lab.proposal import compose_train, override_key
-from src.lab.runner import Runner
 from src.lab.runs import SessionRuns
 from src.lab.session import Session
 from src.lab.standings import Best, Standings
@@ -29,11 +30,17 @@ class Lab:
     session: Session
     ledger: Ledger
     runs: SessionRuns
-    runner: Runner
     base_overrides: list[str]  # the session's train overrides (device, budget, ...), fixed for its life
     base_config: TrainConfig  # the baseline, composed in the worktree
     deadline: float = float("inf")  # no experiment starts after this time.time()
+    # would-be keeps are decided one at a time (search.workers > 1): only the holder moves the best
+    advance: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _configs: dict = field(default_factory=dict, repr=False)  # research overrides -> composed TrainConfig
+
+    @property
+    def lock(self):
+        """The session's lock: ledger, state.json, branch and MLflow writes of the workers' threads."""
+        return self.session.lock
 
     @property
     def pinned(self) -> list[str]:
@@ -51,11 +58,12 @@ class Lab:
     def config(self, overrides: list[str]) -> TrainConfig:
         """The typed config of the baseline + research `overrides`, composed once per distinct list."""
         key = tuple(overrides)
-        if key not in self._configs:
-            if len(self._configs) > 64:  # a long session: keep the cache small
-                self._configs.clear()
-            self._configs[key] = compose_train(self.session.conf_dir, self.base_overrides + list(overrides))
-        return self._configs[key]
+        with self.lock:  # the session's worktree moves only under the lock (a keep advances the branch)
+            if key not in self._configs:
+                if len(self._configs) > 64:  # a long session: keep the cache small
+                    self._configs.clear()
+                self._configs[key] = compose_train(self.session.conf_dir, self.base_overrides + list(overrides))
+            return self._configs[key]
 
     def best_config(self, best: Best) -> TrainConfig:
         """The typed config of the best (baseline + its kept overrides)."""

@@ -1,13 +1,22 @@
 """One experiment, start to record: stage the candidate, run it, decide (and confirm), record.
 
-A baseline run is an experiment without a proposal. The run is re-run while it is `stalled` or
-disturbed (src/lab/attempts.py); a disturbed one that stays so is recorded `disturbed`, neither
-kept nor discarded. A run that beats the best by the screen margin is kept at once when the noise
-floor is strong, else (search.confirm, by default while sigma has few dof) only if the paired
-confirmation agrees (src/lab/confirm.py). The ledger row is the commit point: it is appended
-first, then the MLflow tags, then the branch and the session state follow.
+The one pipeline of the lab, run by one worker (src/lab/workers.py) at a time: the baseline phase
+and a pool of one on the session's own worktree and runner, each worker of a larger pool in a
+worktree of its own. A baseline run is an experiment without a proposal. The run is re-run while it
+is `stalled` or disturbed (src/lab/attempts.py); a disturbed one that stays so is recorded
+`disturbed`, neither kept nor discarded. A run that beats the best by the screen margin is kept at
+once when the noise floor is strong, else (search.confirm, by default while sigma has few dof) only
+if the paired confirmation agrees (src/lab/confirm.py).
 
-Usage: row = Experiments(lab).execute("exp-004", proposal, rows, attempt=0)
+Under concurrency a result is judged against the best at the time it finishes: a would-be keep
+takes the `advance` lock (would-be keeps one at a time; discards are not held up), and if its parent
+is no longer the best it is rebased (the patch re-applied on the current best, the overrides merged
+with the best's) and confirmed there before the branch advances; a patch that no longer applies is a
+`conflict` row. Ledger, state and branch writes happen under the session's lock; the runs outside it.
+The ledger row is the commit point: the branch tip follows the best, then the row is appended, then
+the MLflow tags, then the session state.
+
+Usage: row = Experiments(lab, worker).execute(Job("exp-004", proposal))
 """
 from __future__ import annotations
 
@@ -15,8 +24,9 @@ import datetime as dt
 import logging
 import math
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from src.lab import candidate
 from src.lab.attempts import Attempt, Attempts
@@ -30,9 +40,31 @@ from src.lab.runner import Outcome, RunInterrupted
 from src.harness.score import CHECKPOINT
 from src.lab.session import InFlight
 from src.lab.standings import Standings
-from src.lab.decisions import BASELINE, CONFIRM, CRASH, DISTURBED, INTERRUPTED, INVALID, KEEP, OK, PENDING, TAMPERED
+from src.lab.decisions import (BASELINE, CONFIRM, CONFLICT, CRASH, DISTURBED, INTERRUPTED, INVALID, KEEP, OK,
+                               PENDING, TAMPERED)
+
+if TYPE_CHECKING:
+    from src.lab.workers import Worker
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One experiment to run: a new proposal (attempt 0), or one a resume finishes (src/lab/resume.py)."""
+    exp: str
+    proposal: Optional[Proposal]  # None: a baseline run
+    attempt: int = 0  # attempts an earlier invocation started
+    proposed: str = ""  # when it was proposed (ISO time)
+    job: str = ""  # launcher=submitit_*: a running job of attempt `attempt` to re-attach to, not to run again
+    job_folder: str = ""
+    worker: Optional[int] = None  # re-attaching: the worker whose worktree the job runs in
+    commit: str = ""  # re-attaching: the candidate commit the job runs
+    parent: str = ""  # re-attaching: the best commit it was branched from
+
+
+def now() -> str:
+    return dt.datetime.now().isoformat(timespec="seconds")
 
 
 def new_row(exp: str, proposal: Optional[Proposal], base_overrides: list[str], overrides: list[str]) -> Experiment:
@@ -46,58 +78,120 @@ def new_row(exp: str, proposal: Optional[Proposal], base_overrides: list[str], o
 
 
 class Experiments:
-    def __init__(self, lab: Lab):
-        self.lab = lab
-        self.attempts = Attempts(lab)
+    """The pipeline on one worker: stage -> attempts -> (confirm) -> decide -> record."""
 
-    def execute(self, exp: str, proposal: Optional[Proposal], rows: list[Experiment], attempt: int) -> Experiment:
-        """Check, commit, run, decide and record one experiment (a baseline run when proposal is None)."""
-        lab, sess = self.lab, self.lab.session
-        st = lab.standings(rows)
-        best = st.best
-        overrides = merge_overrides(best.overrides, proposal.overrides) if proposal else []
-        lab.ledger.save(exp, proposal, overrides)
-        sess.track(InFlight(exp=exp, attempt=attempt, commit="", run_dir="", started=time.time()))
-        e = new_row(exp, proposal, lab.base_overrides, overrides)
-        e.commit, e.sigma, e.dof = best.commit, st.noise.sigma, st.noise.dof
-        try:
-            try:
-                e.commit = sess.state.base_commit if proposal is None else \
-                    candidate.stage(lab, exp, proposal, best, overrides)
-            except InvalidProposal as err:
-                sess.reset(best.commit)
-                e.status, e.run_status, e.reason, e.sigma, e.dof = INVALID, "-", str(err), None, None
-                return self.record(e, rows)
-            lab.ledger.save(exp, proposal, overrides, commit=e.commit)
-            a = self.attempts.run(exp, e.commit, overrides, attempt, rows, in_flight=True)
-            a.fill(e)
-            if proposal is None:
-                self._baseline(e, a)
+    def __init__(self, lab: Lab, worker: "Worker"):
+        self.lab, self.worker = lab, worker
+        self.attempts = Attempts(lab, worker)
+
+    def execute(self, job: Job) -> Experiment:
+        """Stage on the best (under the lock), run (outside it), settle, record; an interrupted run is recorded
+        `interrupted` (the caller stops the session)."""
+        lab, w = self.lab, self.worker
+        attach = bool(job.job) and hasattr(w.runner, "attach")
+        if job.job and not attach:  # resumed with launcher=local: the job is not waited on; stop it, run it again
+            from src.lab.launcher import JobHandle
+
+            log.warning("%s: job %s is left by a launcher this invocation does not use; cancelling it", job.exp,
+                        job.job)
+            JobHandle(job.job, job.job_folder).cancel()
+        with lab.lock:
+            rows = lab.rows()
+            st = lab.standings(rows)
+            e, overrides = self._row(job, st, attach)
+            fl = InFlight(exp=job.exp, attempt=job.attempt, commit=e.commit if attach else "", run_dir="",
+                          started=time.time(), worker=w.index, parent=job.parent if attach else st.best.commit,
+                          proposed=job.proposed)
+            w.mark(e, fl.parent, fl.proposed)
+            if attach:  # never a moment without its job
+                lab.session.track(replace(fl, job=job.job, job_folder=job.job_folder))
             else:
-                self._decide(e, a, st, overrides, rows)
-        except RunInterrupted as ri:  # Ctrl-C / SIGTERM: the run was stopped; record it, then stop the session
+                lab.session.track(fl)
+                try:
+                    e.commit = self._stage(job, st.best, overrides)
+                except InvalidProposal as err:
+                    return self._invalid(e, err, rows)
+        try:
+            if job.proposal is not None and not attach and lab.cfg.search.preflight:
+                try:
+                    candidate.dry_run(lab, w, job.exp, bool(overrides))
+                except InvalidProposal as err:
+                    with lab.lock:
+                        return self._invalid(e, err, rows)
+            if attach:
+                w.runner.attach(job.job, job.job_folder)
+            a = self.attempts.run(job.exp, e.commit, overrides, job.attempt, lab.rows(), fl, attach=attach)
+            a.fill(e)
+            if job.proposal is None:
+                settle_baseline(e, a)
+                with lab.lock:
+                    self._finish(e, rows, a.out)
+            else:
+                self._settle(e, a, job.proposal, overrides, fl.parent)
+        except RunInterrupted as ri:  # Ctrl-C / SIGTERM: the run was stopped; record it
             out = ri.outcome
             e.status, e.run_status, e.reason = INTERRUPTED, INTERRUPTED, out.error_line
-            e.attempts = max(e.attempts, attempt + 1)
-            sess.reset(best.commit)
-            self.record(e, rows, out)
-            raise KeyboardInterrupt from None
-        sess.reset(e.commit if e.status == KEEP else best.commit)  # the branch tip: the best
-        self.record(e, rows, a.out)
-        prune_checkpoints(sess.runs_dir, e.exp, e.status, lab.cfg.search.keep_checkpoints)
+            e.attempts = max(e.attempts, job.attempt + (0 if attach else 1))
+            with lab.lock:
+                self._finish(e, rows, out, prune=False)
+        w.usage.experiments += 1
         return e
 
-    def _baseline(self, e: Experiment, a: Attempt) -> None:
-        out = a.out
-        if out.status == DISTURBED:
-            e.status, e.val_bpb, e.reason = DISTURBED, out.val_bpb, a.disturbed_note
-        elif out.ok and out.val_bpb is not None:
-            e.status, e.val_bpb, e.values = BASELINE, out.val_bpb, [out.val_bpb]
-            e.reason = f"{a.rerun_note}; re-run" if a.rerun_note else ""
+    def _row(self, job: Job, st: Standings, attach: bool) -> tuple[Experiment, list[str]]:
+        """The experiment's ledger row as it starts, and the research overrides in effect for it."""
+        lab, p = self.lab, job.proposal
+        if attach:  # the job runs what was staged: the overrides recorded then
+            rec = lab.ledger.load(job.exp) or {}
+            overrides = list(rec.get("config") or merge_overrides(st.best.overrides, p.overrides))
         else:
-            e.status, e.reason = CRASH, out.error_line
+            overrides = merge_overrides(st.best.overrides, p.overrides) if p else []
+            lab.ledger.save(job.exp, p, overrides)
+        e = new_row(job.exp, p, lab.base_overrides, overrides)
+        e.commit, e.sigma, e.dof = job.commit if attach else st.best.commit, st.noise.sigma, st.noise.dof
+        return e, overrides
 
-    def _decide(self, e: Experiment, a: Attempt, st: Standings, overrides: list[str], rows: list[Experiment]) -> None:
+    def _stage(self, job: Job, best, overrides: list[str]) -> str:
+        """The candidate commit, in the worker's worktree on top of the best (a baseline: the base commit)."""
+        lab, w = self.lab, self.worker
+        if job.proposal is None:
+            commit = lab.session.state.base_commit
+        else:
+            w.tree.ensure(lab.session.repo_git, best.commit)
+            commit = candidate.stage(lab, w.tree, job.exp, job.proposal, best, overrides)
+        lab.ledger.save(job.exp, job.proposal, overrides, commit=commit)
+        return commit
+
+    def _invalid(self, e: Experiment, err: Exception, rows: list[Experiment]) -> Experiment:
+        """Under the lock: the proposal cannot run; recorded `invalid` with why."""
+        e.status, e.run_status, e.reason, e.sigma, e.dof = INVALID, "-", str(err), None, None
+        self._finish(e, rows, None)
+        return e
+
+    def _settle(self, e: Experiment, a: Attempt, proposal: Proposal, overrides: list[str], parent: str) -> None:
+        """Judge against the best now; a would-be keep waits for the advance lock, then keep (rebased and confirmed
+        when the best moved), discard or conflict; the branch advances under the lock."""
+        lab, out = self.lab, a.out
+        with lab.lock:
+            rows = lab.rows()
+            st = lab.standings(rows)
+            keep = out.ok and out.val_bpb is not None and decide(out.val_bpb, st.best.val_bpb, st.margin).keep
+            if not keep:  # discard, crash, disturbed, tampered: nothing more to run
+                self._decide(e, a, st, overrides, rows, parent)
+                self._finish(e, rows, out)
+                return
+        with lab.advance:  # would-be keeps one at a time: only their holder moves the best
+            with lab.lock:
+                rows = lab.rows()
+                st = lab.standings(rows)
+            if st.best.commit == parent:
+                self._decide(e, a, st, overrides, rows, parent)
+            else:
+                self._rebase(e, a, proposal, st, rows, parent)
+            with lab.lock:
+                self._finish(e, rows, out)
+
+    def _decide(self, e: Experiment, a: Attempt, st: Standings, overrides: list[str], rows: list[Experiment],
+                parent: str) -> None:
         """Keep, discard (screen, then the paired confirmation while the noise is weak), or why neither."""
         out, best, s = a.out, st.best, self.lab.cfg.search
         if out.status == DISTURBED:
@@ -116,7 +210,7 @@ class Experiments:
         notes = [f"{a.rerun_note}; re-run"] if a.rerun_note else []
         doubt = implausible(out.val_bpb, best.val_bpb, rows, s, self.lab.base_config.data.bpb_floor) if v.keep else ""
         if doubt:  # score it again in a fresh scorer process, then confirm it whatever the noise floor says
-            again = self.lab.runner.rescore(out)
+            again = self.worker.runner.rescore(out)
             if not (again.get("status") == OK and abs(again["val_bpb"] - out.val_bpb) <= 1e-6 * out.val_bpb):
                 e.status, e.delta = TAMPERED, None
                 e.reason = (f"implausible ({doubt}) and a fresh scorer process gave {again.get('val_bpb')} "
@@ -124,7 +218,7 @@ class Experiments:
                 return
             notes.append(f"implausible ({doubt}): re-scored identically in a fresh process; confirming")
         if v.keep and (doubt or weak(st.noise, s.confirm, s.confirm_min_dof)):
-            c = Confirmation(self.lab, self.attempts, self.record).run(e, best, e.commit, overrides, rows, st.noise)
+            c = self._confirmation(parent).run(e, best, e.commit, overrides, rows, st.noise)
             notes.append(f"screen: {v.delta:+.4f} beat the margin {v.margin:.4f} (noise {st.noise.describe()}); "
                          f"{c.reason}")
             e.status = c.decision
@@ -138,6 +232,64 @@ class Experiments:
                 e.delta = None
         e.reason = "; ".join(notes)
 
+    def _rebase(self, e: Experiment, a: Attempt, proposal: Proposal, st: Standings, rows: list[Experiment],
+                parent: str) -> None:
+        """The best moved while `e` ran: judged against it; if it still beats it, re-staged on it and confirmed."""
+        lab, out, best, tree = self.lab, a.out, st.best, self.worker.tree
+        v = decide(out.val_bpb, best.val_bpb, st.margin)
+        e.val_bpb, e.values, e.delta, e.margin, e.status = out.val_bpb, [out.val_bpb], v.delta, v.margin, v.decision
+        moved = f"the best moved to {best.exp} ({best.commit[:7]}) while it ran on {parent[:7]}"
+        if not v.keep:
+            e.reason = f"{moved}; it does not beat the new best by the margin"
+            return
+        with lab.lock:
+            overrides = merge_overrides(best.overrides, proposal.overrides)
+            tree.keep_ref(f"{e.exp}-screen", e.commit)  # the commit the screen run ran stays inspectable
+            try:
+                tree.reset(best.commit)
+                commit = candidate.stage(lab, tree, e.exp, proposal, best, overrides)
+            except InvalidProposal as err:
+                e.status, e.values = CONFLICT, []
+                e.reason = (f"conflict: {moved}, and beat it by {-v.delta:.4f} (margin {v.margin:.4f}), but the "
+                            f"proposal cannot be re-applied on it: {err}")
+                return
+            e.commit, e.overrides_in_effect = commit, overrides
+            lab.ledger.save(e.exp, proposal, overrides, commit=commit)
+        log.info("%s: %s; rebased on it as %s and confirming there", e.exp, moved, commit[:7])
+        s = lab.cfg.search
+        conf = self._confirmation(parent)
+        doubt = implausible(out.val_bpb, best.val_bpb, rows, s, lab.base_config.data.bpb_floor)  # paired, always
+        if doubt or weak(st.noise, s.confirm, s.confirm_min_dof):
+            c = conf.run(e, best, commit, overrides, rows, st.noise)
+        else:
+            c = conf.rerun(e, best, commit, overrides, st.margin)
+        e.status = c.decision
+        if c.verdict is not None:
+            e.delta, e.margin = c.verdict.delta, c.verdict.margin
+        if c.decision == DISTURBED:
+            e.delta = None
+        e.values = list(c.candidate_runs)  # the screen run ran the old parent: only the rebased runs stand
+        if c.candidate_runs:
+            e.val_bpb = sum(c.candidate_runs) / len(c.candidate_runs)
+        e.reason = (f"{moved}: rebased on it (screen on the old parent {v.delta:+.4f}, margin {v.margin:.4f}); "
+                    f"{c.reason}")
+
+    def _confirmation(self, parent: str) -> Confirmation:
+        """Confirmation runs of this worker's experiment: rows of their own, marked with where they ran."""
+        def record(row: Experiment, rows: list[Experiment], out: Optional[Outcome] = None) -> Experiment:
+            return self.record(self.worker.mark(row, parent, row.proposed), rows, out)
+        return Confirmation(self.lab, self.attempts, record)
+
+    def _finish(self, e: Experiment, rows: list[Experiment], out: Optional[Outcome], prune: bool = True) -> None:
+        """Under the lock: the branch tip follows the best (a keep: one fast-forward commit), then the row."""
+        lab, sess = self.lab, self.lab.session
+        tip = e.commit if e.status == KEEP else lab.standings().best.commit
+        if sess.head() != tip:
+            sess.reset(tip)
+        self.record(e, rows, out)
+        if prune:
+            prune_checkpoints(sess.runs_dir, e.exp, e.status, lab.cfg.search.keep_checkpoints)
+
     # ------------------------------------------------------------------ recording
     def record(self, e: Experiment, rows: list[Experiment], out: Optional[Outcome] = None) -> Experiment:
         """Ledger row (the commit point), then MLflow tags, then the branch and state follow.
@@ -145,12 +297,16 @@ class Experiments:
         rows: the ledger before this row's experiment (what its margin and noise were measured on).
         A confirmation run's row leaves the experiment in flight; any other row ends it.
         """
+        with self.lab.lock:
+            return self._record(e, rows, out)
+
+    def _record(self, e: Experiment, rows: list[Experiment], out: Optional[Outcome]) -> Experiment:
         lab, sess = self.lab, self.lab.session
-        e.finished = dt.datetime.now().isoformat(timespec="seconds")
+        e.finished = now()
         if e.status != INVALID and e.margin is None and e.kind != CONFIRM:
             e.margin = lab.standings(rows).margin
-        now = lab.rows()
-        after = lab.standings(now + [e]).best
+        ledger = lab.rows()
+        after = lab.standings(ledger + [e]).best
         e.best_val_bpb = _finite(after.val_bpb)
         if e.values is not None:
             lab.ledger.save(e.exp, e.proposal, e.overrides_in_effect, commit=e.commit, values=e.values)
@@ -158,13 +314,25 @@ class Experiments:
         e.mlflow_run_id = run_id or ""
         lab.ledger.append(e)
         try:
-            lab.runs.tag_row(e, len(now) + 1, run_id, after, out, created)
+            lab.runs.tag_row(e, len(ledger) + 1, run_id, after, out, created)
         except Exception as err:
             log.warning("MLflow: could not tag the run of %s: %s", e.exp, err)
         if e.kind != CONFIRM:
-            sess.untrack()
+            sess.untrack(self.worker.index)
         log_row(e)
         return e
+
+
+def settle_baseline(e: Experiment, a: Attempt) -> None:
+    """A baseline run's row: `baseline` with its score, `disturbed`, or `crash`."""
+    out = a.out
+    if out.status == DISTURBED:
+        e.status, e.val_bpb, e.reason = DISTURBED, out.val_bpb, a.disturbed_note
+    elif out.ok and out.val_bpb is not None:
+        e.status, e.val_bpb, e.values = BASELINE, out.val_bpb, [out.val_bpb]
+        e.reason = f"{a.rerun_note}; re-run" if a.rerun_note else ""
+    else:
+        e.status, e.reason = CRASH, out.error_line
 
 
 def prune_checkpoints(runs_dir: Path, exp: str, status: str, policy: str) -> None:

@@ -16,12 +16,14 @@ Usage: why = clock_mismatch(outcome, rows, cfg.search); why = implausible(val, b
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from src.lab.config import SearchConfig
 from src.lab.ledger import Experiment
-from src.lab.runner import Outcome
 from src.lab.decisions import BASELINE, KEEP
+
+if TYPE_CHECKING:  # the runner imports overcounted() from here
+    from src.lab.runner import Outcome
 
 
 def fixed_costs(rows: list[Experiment]) -> list[float]:
@@ -30,14 +32,23 @@ def fixed_costs(rows: list[Experiment]) -> list[float]:
             if e.status == BASELINE and e.wall_seconds is not None and e.training_seconds is not None]
 
 
-def clock_mismatch(out: Outcome, rows: list[Experiment], s: SearchConfig) -> str:
+def overcounted(summary: dict, wall_seconds: float) -> str:
+    """'' unless the run counted more training seconds than its process lived (the runner's wall time)."""
+    counted = summary.get("training_seconds")
+    if isinstance(counted, (int, float)) and wall_seconds and counted > wall_seconds + 1.0:
+        return (f"the run counted {counted:.1f} s of training in a process that lived {wall_seconds:.1f} s "
+                "(measured by the runner)")
+    return ""
+
+
+def clock_mismatch(out: "Outcome", rows: list[Experiment], s: SearchConfig) -> str:
     """'' when the run's counted time fits what the runner observed, else why it does not."""
     counted = out.summary.get("training_seconds")
     if not isinstance(counted, (int, float)) or not out.wall_seconds:
         return ""
-    if counted > out.wall_seconds + 1.0:
-        return (f"the run counted {counted:.1f} s of training in a process that lived {out.wall_seconds:.1f} s "
-                "(measured by the runner)")
+    why = overcounted(out.summary, out.wall_seconds)
+    if why:
+        return why
     costs = fixed_costs(rows)
     if not costs:
         return ""

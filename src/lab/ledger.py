@@ -19,7 +19,7 @@ import re
 import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from src.lab.proposal import Proposal
 from src.lab.session import atomic_write, disk_error
@@ -36,7 +36,7 @@ FLOATS = ("val_bpb", "memory_gb", "delta", "margin", "best_val_bpb", "training_s
           "wall_seconds", "tokens_per_sec", "step_time_p50", "mfu_percent", "sigma")
 PRECISE = ("val_bpb", "delta", "margin", "best_val_bpb", "sigma", "step_time_p50")  # 6 decimals in the TSV
 INTS = ("num_steps", "attempts", "disturbed_runs", "dof", "worker")
-EXPERIMENT_ID = re.compile(r"exp-\d+")  # an experiment's own row (not one of its confirmation runs)
+EXPERIMENT_ID = re.compile(r"exp-(\d+)")  # an experiment's own row (not one of its confirmation runs)
 
 
 @dataclass
@@ -243,9 +243,11 @@ class Ledger:
             return None
 
 
-def next_experiment(rows: list[Experiment]) -> str:
-    """The id of the next experiment: exp-001, exp-002, ... (confirmation rows do not count)."""
-    return f"exp-{sum(1 for e in rows if e.is_experiment) + 1:03d}"
+def next_experiment(rows: list[Experiment], in_flight: Iterable[str] = ()) -> str:
+    """The id of the next experiment, after every one recorded or in flight: exp-001, exp-002, ... (ids are the
+    proposal order; baseline and confirmation rows do not count)."""
+    nums = [int(m.group(1)) for x in [*(e.exp for e in rows), *in_flight] for m in [EXPERIMENT_ID.fullmatch(x)] if m]
+    return f"exp-{max(nums, default=0) + 1:03d}"
 
 
 def next_baseline(rows: list[Experiment]) -> str:

@@ -5,7 +5,8 @@ its data is prepared and it dry-runs on the device. A session (src/lab/session.p
 research/<tag> off the current commit in a worktree under outputs/research/<tag>/, runs the
 baseline until its repeats agree (src/lab/baseline.py: the noise floor), then asks the agent for
 proposals until `search.max_experiments` have run, the agent has nothing left,
-`search.max_hours` pass or Ctrl-C. Each proposal becomes one experiment (src/lab/experiment.py):
+`search.max_hours` pass or Ctrl-C, through the pool of workers (src/lab/workers.py; search.workers=1 is a
+pool of one). Each proposal becomes one experiment (src/lab/experiment.py):
 checked, committed on the branch, run as `python -m src.train` in the worktree and kept only if it
 beats the best by more than the noise margin (src/lab/standings.py), confirmed by paired re-runs
 while the noise estimate is weak (src/lab/confirm.py); otherwise the branch is reset to the best.
@@ -23,19 +24,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from src.lab.agents import Agent, AgentStop, build_agent
+from src.lab.agents import Agent, build_agent
 from src.lab.baseline import run_baseline
 from src.lab.config import SearchAppConfig, check_search
 from src.lab.context import Lab
-from src.lab.experiment import Experiments, new_row
-from src.lab.ledger import Ledger, next_experiment
+from src.lab.experiment import new_row
+from src.lab.ledger import Ledger
 from src.lab.preflight import code_at, preflight
 from src.lab.proposal import override_key
-from src.lab.resume import Pending, explicit_keys, reconcile, record_knobs, restore_knobs
+from src.lab.resume import explicit_keys, reconcile, record_knobs, restore_baseline, restore_knobs
 from src.lab.runner import Runner
 from src.lab.runs import open_session_runs
 from src.lab.session import Session, SessionError
-from src.lab.decisions import INVALID
+from src.lab.slots import check_workers
+from src.lab.workers import Pool, Worker, home
 
 log = logging.getLogger(__name__)
 # command-line keys that do not set the baseline
@@ -59,6 +61,7 @@ class Search:
         self.agent: Optional[Agent] = None
         self.lab: Optional[Lab] = None
         self.session: Optional[Session] = None
+        self.home: Optional[Worker] = None  # the session's own worktree and runner: the baseline, a pool of one
         self.stop_reason = ""
         self._log_handler: Optional[logging.Handler] = None
 
@@ -76,8 +79,6 @@ class Search:
         except ValueError as e:
             raise SessionError(str(e)) from None
         if s.workers > 1:
-            from src.lab.workers import check_workers
-
             check_workers(self.cfg)  # a device slot per worker (GPUs, or threads x workers <= cores)
             if getattr(self.cfg.agent, "constant_liar", False) is None:  # TPE: trials in flight count as running
                 self.cfg.agent.constant_liar = True
@@ -104,8 +105,8 @@ class Search:
         record_knobs(self.cfg, st)
         runs = open_session_runs(self.cfg, st, sess.dir)
         sess.save()
-        self.lab = Lab(self.cfg, sess, Ledger(sess.dir), runs, self._runner(sess.worktree), self.base_overrides,
-                       base_config)
+        self.lab = Lab(self.cfg, sess, Ledger(sess.dir), runs, self.base_overrides, base_config)
+        self.home = home(self.lab, self._runner(sess.worktree))
 
     def _runner(self, cwd: Path) -> Runner:
         return self.make_runner(cwd)
@@ -129,6 +130,7 @@ class Search:
             log.warning("resume: the session's train overrides are fixed at %s; ignoring %s from this command",
                         st.base_overrides, self.base_overrides)
         self.base_overrides = list(st.base_overrides)
+        restore_baseline(self.cfg, st)
         explicit = self.explicit if self.explicit is not None else \
             {f"{g}.{k}" for g in ("search", "agent", "search_space", "launcher")
              for k in asdict(getattr(self.cfg, g))} | {"agent", "search_space", "launcher"}
@@ -157,10 +159,10 @@ class Search:
             raise
         lab = self.lab
         lab.deadline = time.time() + self.cfg.search.max_hours * 3600
-        pendings = reconcile(lab)
+        jobs = reconcile(lab)
         rows = lab.rows()
         state = lab.state(rows, lab.deadline - time.time())
-        state.in_flight = [new_row(p.exp, p.proposal, [], []) for p in pendings if p.proposal is not None]
+        state.in_flight = [new_row(j.exp, j.proposal, [], []) for j in jobs if j.proposal is not None]
         self.agent.restore(rows, state)
         log.info("session %s: branch %s, dir %s, %d rows so far", self.session.tag, self.session.state.branch,
                  self.session.dir, len(rows))
@@ -168,19 +170,13 @@ class Search:
         bar = tqdm(total=total, initial=min(lab.standings(rows).experiments_run, total), unit="exp",
                    desc=f"search {self.session.tag}", disable=None if self.cfg.search.progress else True,
                    dynamic_ncols=True)  # None: shown on a terminal only
-        status = "FINISHED"
+        status, pool = "FINISHED", None
         try:
+            pool = Pool(lab, self.agent, self.home, self.make_runner)
             with logging_redirect_tqdm():
-                base = next((p for p in pendings if p.proposal is None), None)
-                rest = [p for p in pendings if p is not base]
-                pending = run_baseline(lab, base)
-                rest = ([pending] if pending is not None else []) + rest
-                if self.cfg.search.workers > 1 or self.cfg.launcher.name != "local":
-                    from src.lab.workers import Pool
-
-                    Pool(self).run(rest, bar)
-                else:
-                    self.loop(rest, bar)
+                base = next((j for j in jobs if j.proposal is None), None)
+                run_baseline(lab, self.home, base)
+                pool.run([j for j in jobs if j is not base], bar)
         except KeyboardInterrupt:
             status = "KILLED"
             self.stop_reason = "interrupted (Ctrl-C)"
@@ -189,60 +185,11 @@ class Search:
             status = "FAILED"
             raise
         finally:
+            if pool is not None and status != "KILLED":
+                self.stop_reason = pool.stop_reason
             bar.close()
             self.finish(status)
         return self.summary()
-
-    def loop(self, pendings: list[Pending], bar) -> None:
-        """One experiment after another (search.workers=1); pendings: what a resume finishes first."""
-        lab, s = self.lab, self.cfg.search
-        experiments = Experiments(lab)
-        invalid_streak = 0
-        pendings = list(pendings)
-        while True:
-            rows = lab.rows()
-            pending = pendings.pop(0) if pendings else None
-            if pending is None:
-                proposal = self._next_proposal(rows)
-                if proposal is None:
-                    return
-                exp, attempt = next_experiment(rows), 0
-            else:
-                exp, proposal, attempt = pending.exp, pending.proposal, pending.attempt
-            e = experiments.execute(exp, proposal, rows, attempt)
-            rows = lab.rows()
-            self.agent.observe(e, lab.state(rows, lab.deadline - time.time()))
-            try:  # the agent's session totals (agent=claude: tokens, cost) on the parent run
-                lab.runs.log_parent(len(rows), self.agent.usage())
-            except Exception as err:
-                log.warning("MLflow: could not log the agent's usage: %s", err)
-            if e.counted:
-                bar.update(1)
-            bar.set_postfix(best=f"{lab.standings(rows).best.val_bpb:.4f}", last=e.status, refresh=True)
-            invalid_streak = invalid_streak + 1 if e.status == INVALID else 0
-            if invalid_streak >= s.max_invalid_in_row:
-                self.stop_reason = (f"{invalid_streak} invalid proposals in a row (search.max_invalid_in_row); "
-                                    "see the `reason` column of results.tsv")
-                return
-
-    def _next_proposal(self, rows):
-        """The agent's next proposal, or None (with the stop reason set) when the session should stop."""
-        lab, s = self.lab, self.cfg.search
-        if lab.standings(rows).experiments_run >= s.max_experiments:
-            self.stop_reason = f"search.max_experiments={s.max_experiments} reached"
-            return None
-        if time.time() >= lab.deadline:
-            self.stop_reason = f"search.max_hours={s.max_hours} reached"
-            return None
-        try:
-            proposal = self.agent.propose(lab.state(rows, lab.deadline - time.time()))
-        except AgentStop as err:  # a cost cap, an API down for long: stop cleanly, resumable
-            log.warning("%s", err)
-            self.stop_reason = f"paused: {err}"
-            return None
-        if proposal is None:
-            self.stop_reason = f"agent {self.cfg.agent.name} has nothing more to propose"
-        return proposal
 
     # ------------------------------------------------------------------ finish
     def finish(self, status: str) -> None:

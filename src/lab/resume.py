@@ -5,20 +5,23 @@ orphaned train process is stopped, the stale MLflow runs of its attempts are clo
 row's MLflow tags are re-applied (the search may have died between the ledger and MLflow), the
 branch is put back at the best commit, and the unfinished experiment is handed back to the loop.
 
-It also puts back the session's own search knobs, agent and agent options, and search space
-(restore_knobs): a resume continues the session as it was started, unless told otherwise.
+It also puts back the session's whole baseline config (the train part of the search app's config:
+device, budget, tracking, ... as the session started; slot planning reads its device) and its own
+search knobs, agent and agent options, and search space (restore_knobs): a resume continues the
+session as it was started, unless told otherwise.
 
-Usage: pendings = reconcile(lab)   # the experiments to finish first (none, one, or several in flight)
+Usage: jobs = reconcile(lab)   # the experiments to finish first (none, one, or several in flight)
        changes = restore_knobs(cfg, session.state, explicit_keys(command_line))
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields, is_dataclass
-from typing import Optional
+from dataclasses import asdict, fields, is_dataclass
 
+from src.harness.config import TrainConfig
 from src.lab.config import SearchAppConfig
 from src.lab.context import Lab
+from src.lab.experiment import Job
 from src.lab.proposal import Proposal, override_key
 from src.lab.session import SessionState
 from src.lab.runner import alive, attempt_name, is_train_process, stop_group
@@ -26,29 +29,14 @@ from src.lab.runner import alive, attempt_name, is_train_process, stop_group
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Pending:
-    """An experiment the previous invocation started but did not record (resume finishes it)."""
-    exp: str
-    proposal: Optional[Proposal]  # None: a baseline run
-    attempt: int  # attempts already started
-    commit: str
-    run_dir: str
-    worker: Optional[int] = None  # search.workers > 1: the slot it ran on
-    parent: str = ""  # the best commit it was branched from
-    proposed: str = ""
-    job: str = ""  # launcher=submitit_*: a job of attempt `attempt` still running: re-attach to it, do not re-run
-    job_folder: str = ""
-
-
-def reconcile(lab: Lab) -> list[Pending]:
+def reconcile(lab: Lab) -> list[Job]:
     """Stop orphaned runs, fix MLflow, put the branch at the best; the experiments to finish (in proposal order).
 
-    state.json's `in_flight` (the sequential loop) and `running` (search.workers > 1) both count. A submitit
-    job that is still running is not stopped: its Pending carries the job, and the resume re-attaches to it."""
+    state.json's `running` counts (and `in_flight`, the one entry of a session from before). A submitit job that
+    is still running is not stopped: its Job carries it, and the resume re-attaches to it."""
     rows = lab.rows()
     st = lab.session.state
-    pendings = []
+    jobs = []
     if rows and lab.runs.enabled:
         last = rows[-1]
         try:
@@ -77,8 +65,8 @@ def reconcile(lab: Lab) -> list[Pending]:
             stop_group(fl.pid, 5.0)
         rec = lab.ledger.load(fl.exp) or {}
         proposal = Proposal.from_dict(rec["proposal"]) if rec.get("proposal") else None
-        pendings.append(Pending(fl.exp, proposal, fl.attempt, fl.commit, fl.run_dir, fl.worker, fl.parent,
-                                fl.proposed, job, fl.job_folder if job else ""))
+        jobs.append(Job(fl.exp, proposal, fl.attempt, fl.proposed, job, fl.job_folder if job else "", fl.worker,
+                        fl.commit, fl.parent))
         if not job:
             log.warning("resume: %s was interrupted (attempt %d) and will be finished now", fl.exp, fl.attempt)
         for a in range(1, fl.attempt + (0 if job else 1)):
@@ -90,7 +78,7 @@ def reconcile(lab: Lab) -> list[Pending]:
         st.in_flight, st.running = None, []
         lab.session.save()
     lab.session.reset(lab.standings(rows).best.commit)
-    return sorted(pendings, key=lambda p: p.exp)
+    return sorted(jobs, key=lambda j: j.exp)
 
 
 def job_resumable(ref: str, folder: str) -> bool:
@@ -187,8 +175,21 @@ def restore_knobs(cfg: SearchAppConfig, st: SessionState, explicit: set[str]) ->
     return changes
 
 
+def restore_baseline(cfg: SearchAppConfig, st: SessionState) -> None:
+    """Put back into `cfg` the train part the session started with (device, budget, tracking, ...): a resume's
+    command line cannot change the baseline (its train overrides are the session's), so neither may the config
+    the lab reads of it (slot planning: the device; preflight, MLflow). A session from before it was recorded
+    keeps this command line's."""
+    if not st.baseline:
+        return
+    restored = _typed(TrainConfig, st.baseline)
+    for f in fields(TrainConfig):
+        setattr(cfg, f.name, getattr(restored, f.name))
+
+
 def record_knobs(cfg: SearchAppConfig, st: SessionState) -> None:
     """What the session runs with now: the next resume continues with it."""
+    st.baseline = {f.name: _plain(getattr(cfg, f.name)) for f in fields(TrainConfig)}
     st.search, st.agent = asdict(cfg.search), cfg.agent.name
     st.agent_config, st.agent_schema = asdict(cfg.agent), type(cfg.agent).__name__
     st.search_space = asdict(cfg.search_space)

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from src.lab.config import ENV_STRIP
+from src.lab.integrity import overcounted
 from src.lab.session import atomic_write
-from src.harness.score import CHECKPOINT, Scorer, apply_verdict, pin
+from src.harness.pinning import pin
+from src.harness.score import CHECKPOINT, Scorer, apply_verdict
 from src.lab.decisions import CRASH, INTERRUPTED, OK, STALLED, TAMPERED, TIMEOUT
 
 ALWAYS_STRIP = ("MLFLOW_RUN_ID",)  # would attach the child to whatever run the parent has open
@@ -276,10 +278,9 @@ class Runner:
 
     def _tampering(self, out: Outcome) -> str:
         """What the runner itself saw that the run's report cannot explain: '' when nothing."""
-        counted = out.summary.get("training_seconds")
-        if isinstance(counted, (int, float)) and counted > out.wall_seconds + 1.0:
-            return (f"the run reports {counted:.1f} s of counted training but its process lived {out.wall_seconds:.1f} s "
-                    "(measured by the runner): the clock was tampered with")
+        why = overcounted(out.summary, out.wall_seconds)
+        if why:
+            return f"{why}: the clock was tampered with"
         if not (out.run_dir / CHECKPOINT).is_file():
             return "the run finished without saving its checkpoint, so its score cannot be checked"
         changed = worktree_changes(self.cwd)

@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -101,8 +102,8 @@ class InFlight:
     run_dir: str
     pid: Optional[int] = None  # the train process (its own process group)
     started: float = 0.0
-    worker: Optional[int] = None  # search.workers > 1: the worker slot running it
-    parent: str = ""  # the best commit it was branched from (search.workers > 1)
+    worker: Optional[int] = None  # the worker slot running it (None: the session's own worktree and runner)
+    parent: str = ""  # the best commit it was branched from
     job: str = ""  # launcher=submitit_*: the job id of the attempt (a resume re-attaches to it)
     job_folder: str = ""  # ... and submitit's folder
     proposed: str = ""  # when it was proposed (ISO time)
@@ -117,8 +118,8 @@ class SessionState:
     created: str
     base_overrides: list[str] = field(default_factory=list)  # the session's train overrides (fixed)
     parent_run_id: Optional[str] = None  # MLflow parent run of the session
-    in_flight: Optional[InFlight] = None  # the sequential loop's experiment in flight (search.workers=1)
-    running: list[InFlight] = field(default_factory=list)  # search.workers > 1: every experiment in flight
+    in_flight: Optional[InFlight] = None  # read only: a session from before `running` held every one (a resume)
+    running: list[InFlight] = field(default_factory=list)  # every experiment in flight, one entry per worker
     invocations: int = 0  # how many times the session was started or resumed
     tracking_uri: Optional[str] = None  # MLflow store of the session (the report logs to it)
     tracking_experiment: str = "overnight"
@@ -128,6 +129,7 @@ class SessionState:
     agent_schema: str = ""
     search_space: dict = field(default_factory=dict)  # SearchSpaceConfig
     launcher: dict = field(default_factory=dict)  # LauncherConfig (a resume re-attaches to its jobs)
+    baseline: dict = field(default_factory=dict)  # the train part of the search app's config (TrainConfig)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -150,27 +152,17 @@ class Plan:
     base_commit: str
 
 
-class Session:
-    def __init__(self, dir: Path, state: SessionState, lock_fd: int):
-        self.dir = dir
-        self.state = state
-        self._lock_fd = lock_fd
-        self.worktree = dir / "worktree"
+class Worktree:
+    """A git worktree of the session's repository and what happens in it: candidates committed, resets.
+
+    The session's own (on branch research/<tag>) and each worker's (search.workers > 1: a detached HEAD
+    under <session>/workers/w<i>, see ensure()) are both one; refs are shared by every worktree."""
+
+    def __init__(self, worktree: Path, tag: str, env: Optional[dict] = None):
+        self.worktree = Path(worktree)
         self.git = Git(self.worktree)
-        self.repo_git = Git(Path(state.repo))
-        self.dirty_warning = ""  # a new session: uncommitted changes in src/ or conf/ it does not include
-        self.lock = threading.RLock()  # search.workers > 1: state, ledger and branch writes of the worker threads
-        if not Git(Path(state.repo))("config", "user.email", check=False).stdout.strip():
-            self.git.env = {**os.environ, **BOT}  # commits need an identity; the user has none configured
-
-    # ------------------------------------------------------------------ paths
-    @property
-    def tag(self) -> str:
-        return self.state.tag
-
-    @property
-    def runs_dir(self) -> Path:
-        return self.dir / "runs"
+        self.git.env = env
+        self.tag = tag
 
     @property
     def conf_dir(self) -> Path:
@@ -183,6 +175,75 @@ class Session:
     @property
     def preset_path(self) -> Path:
         return self.conf_dir / "experiment" / f"{self.preset_name}.yaml"
+
+    def head(self) -> str:
+        return self.git("rev-parse", "HEAD")
+
+    def reset(self, commit: str) -> None:
+        """Put the branch and the worktree exactly at `commit` (the best): discards a candidate."""
+        self.git("reset", "--hard", "--quiet", commit)
+        self.git("clean", "-fdq")
+
+    def check_patch(self, patch: str) -> Optional[str]:
+        """None if the patch applies cleanly to the worktree's HEAD, else git's reason."""
+        out = self.git("apply", "--check", "--recount", "--whitespace=nowarn", "-", input=_nl(patch), check=False)
+        return None if out.returncode == 0 else (out.stderr or out.stdout).strip()
+
+    def commit_candidate(self, message: str, patch: Optional[str], preset: Optional[str]) -> str:
+        """Apply the patch and write the preset on top of HEAD, commit, return the new sha."""
+        if patch:
+            self.git("apply", "--index", "--recount", "--whitespace=nowarn", "-", input=_nl(patch))
+            if self.git("diff", "--cached", "--quiet", check=False).returncode == 0:
+                raise InvalidProposal("the patch changes nothing: it applies, but every file it touches is left as "
+                                      "it was (its + and - lines are the same). Propose a patch that changes the "
+                                      "code, or only overrides")
+        path = self.preset_path
+        if preset is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(preset)
+            self.git("add", "--", str(path.relative_to(self.worktree)))
+        elif path.exists():
+            self.git("rm", "-q", "--", str(path.relative_to(self.worktree)))
+        if self.git("status", "--porcelain", "--untracked-files=no") == "":
+            raise InvalidProposal("the proposal changes nothing: its code and overrides equal the current best's")
+        self.git("commit", "-q", "-m", message)
+        return self.head()
+
+    def tree(self, commit: str, path: str) -> str:
+        """The git object id of `path` at `commit`: equal ids, equal contents (what the code of a run was)."""
+        return self.git("rev-parse", f"{commit}:{path}")
+
+    def keep_ref(self, exp: str, commit: str) -> None:
+        """refs/research/<tag>/<exp>: every candidate stays inspectable (and safe from gc) after a reset."""
+        self.git("update-ref", f"refs/research/{self.tag}/{exp}", commit)
+
+    def ensure(self, repo_git: Git, commit: str) -> None:
+        """A worker's worktree (detached HEAD) at `commit`, created on first use or after it was deleted."""
+        if (self.worktree / ".git").exists():
+            self.reset(commit)
+            return
+        repo_git("worktree", "prune")
+        shutil.rmtree(self.worktree, ignore_errors=True)
+        self.worktree.parent.mkdir(parents=True, exist_ok=True)
+        repo_git("worktree", "add", "--detach", "--quiet", str(self.worktree), commit)
+
+
+class Session(Worktree):
+    def __init__(self, dir: Path, state: SessionState, lock_fd: int):
+        self.dir = dir
+        self.state = state
+        self._lock_fd = lock_fd
+        super().__init__(dir / "worktree", state.tag)
+        self.repo_git = Git(Path(state.repo))
+        self.dirty_warning = ""  # a new session: uncommitted changes in src/ or conf/ it does not include
+        self.lock = threading.RLock()  # search.workers > 1: state, ledger and branch writes of the worker threads
+        if not Git(Path(state.repo))("config", "user.email", check=False).stdout.strip():
+            self.git.env = {**os.environ, **BOT}  # commits need an identity; the user has none configured
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def runs_dir(self) -> Path:
+        return self.dir / "runs"
 
     # ------------------------------------------------------------------ open / close
     @classmethod
@@ -268,22 +329,34 @@ class Session:
         with self.lock:
             atomic_write(self.dir / "state.json", self.state.to_json())
 
-    # the experiment in flight, persisted before its run starts (a worker's view keeps its own entry of `running`)
+    # ------------------------------------------------------------------ what is in flight (state.running)
+    def worker_tree(self, index: int) -> Worktree:
+        """Worker `index`'s worktree, <session>/workers/w<index> (created by its first ensure())."""
+        # no `git gc --auto` from a worker's commit while other worktrees of the repo are busy
+        env = {**(self.git.env or os.environ), "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "gc.auto",
+               "GIT_CONFIG_VALUE_0": "0"}
+        return Worktree(self.dir / "workers" / f"w{index}", self.tag, env)
+
     def track(self, fl: InFlight) -> None:
+        """Persist `fl` (before its run starts) as its worker's entry of state.running, replacing the one before."""
         with self.lock:
-            self.state.in_flight = fl
+            st = self.state
+            old = next((x for x in st.running if x.worker == fl.worker), None)
+            if old is not None and (old.exp, old.attempt) == (fl.exp, fl.attempt) and old.job and not fl.job:
+                fl.pid, fl.job, fl.job_folder = old.pid, old.job, old.job_folder  # a re-attached job stays known
+            st.running = [x for x in st.running if x.worker != fl.worker] + [fl]
             self.save()
 
-    def track_pid(self, pid: int, job: str = "", job_folder: str = "") -> None:
+    def track_pid(self, worker: Optional[int], pid: int, job: str = "", job_folder: str = "") -> None:
         with self.lock:
-            fl = self.state.in_flight
-            if fl is not None:
-                fl.pid, fl.job, fl.job_folder = pid, job or fl.job, job_folder or fl.job_folder
-                self.save()
+            for fl in self.state.running:
+                if fl.worker == worker:
+                    fl.pid, fl.job, fl.job_folder = pid, job or fl.job, job_folder or fl.job_folder
+            self.save()
 
-    def untrack(self) -> None:
+    def untrack(self, worker: Optional[int]) -> None:
         with self.lock:
-            self.state.in_flight = None
+            self.state.running = [x for x in self.state.running if x.worker != worker]
             self.save()
 
     def close(self) -> None:
@@ -297,56 +370,10 @@ class Session:
 
     def discard(self) -> None:
         """Undo a session that never ran anything: its worktree, branch and directory."""
-        import shutil
-
         self.close()
         self.repo_git("worktree", "remove", "--force", str(self.worktree), check=False)
         self.repo_git("branch", "-D", self.state.branch, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    # ------------------------------------------------------------------ git in the worktree
-    def head(self) -> str:
-        return self.git("rev-parse", "HEAD")
-
-    def reset(self, commit: str) -> None:
-        """Put the branch and the worktree exactly at `commit` (the best): discards a candidate."""
-        self.git("reset", "--hard", "--quiet", commit)
-        self.git("clean", "-fdq")
-
-    def check_patch(self, patch: str) -> Optional[str]:
-        """None if the patch applies cleanly to the worktree's HEAD, else git's reason."""
-        out = self.git("apply", "--check", "--recount", "--whitespace=nowarn", "-", input=_nl(patch), check=False)
-        return None if out.returncode == 0 else (out.stderr or out.stdout).strip()
-
-    def commit_candidate(self, message: str, patch: Optional[str], preset: Optional[str]) -> str:
-        """Apply the patch and write the preset on top of HEAD, commit, return the new sha."""
-        if patch:
-            self.git("apply", "--index", "--recount", "--whitespace=nowarn", "-", input=_nl(patch))
-            if self.git("diff", "--cached", "--quiet", check=False).returncode == 0:
-                raise InvalidProposal("the patch changes nothing: it applies, but every file it touches is left as "
-                                      "it was (its + and - lines are the same). Propose a patch that changes the "
-                                      "code, or only overrides")
-        path = self.preset_path
-        if preset is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(preset)
-            self.git("add", "--", str(path.relative_to(self.worktree)))
-        elif path.exists():
-            self.git("rm", "-q", "--", str(path.relative_to(self.worktree)))
-        if self.git("status", "--porcelain", "--untracked-files=no") == "":
-            raise InvalidProposal("the proposal changes nothing: its code and overrides equal the current best's")
-        self.git("commit", "-q", "-m", message)
-        return self.head()
-
-    def tree(self, commit: str, path: str) -> str:
-        """The git object id of `path` at `commit`: equal ids, equal contents (what the code of a run was)."""
-        return self.git("rev-parse", f"{commit}:{path}")
-
-    def keep_ref(self, exp: str, commit: str) -> None:
-        """refs/research/<tag>/<exp>: every candidate stays inspectable (and safe from gc) after a reset."""
-        self.git("update-ref", f"refs/research/{self.tag}/{exp}", commit)
-
-
 
 def check_tag(tag: Optional[str]) -> None:
     if tag is not None and not TAG_RE.match(tag):

@@ -82,7 +82,7 @@ def test_a_replay_session_with_real_training_keeps_refuses_and_crashes_then_repo
 
 def _in_flight(d: Path, exp: str):
     try:
-        fl = json.loads((d / "state.json").read_text()).get("in_flight")
+        fl = next(iter(json.loads((d / "state.json").read_text()).get("running") or []), None)
     except (OSError, ValueError):
         return None
     return fl if fl and fl["exp"] == exp and fl.get("pid") and alive(fl["pid"]) else None
@@ -128,7 +128,7 @@ def test_ctrl_c_then_kill_9_mid_experiment_then_resume_finishes_it_once(tmp_path
     best = [r for r in rows if r["status"] == "keep"]
     tip = git(repo, "rev-parse", "research/cli")
     assert tip.startswith(best[-1]["commit"]) if best else tip == git(repo, "rev-parse", "main")
-    assert json.loads((d / "state.json").read_text())["in_flight"] is None
+    assert json.loads((d / "state.json").read_text())["running"] == []
     state = json.loads((d / "state.json").read_text())
     children = session_children(os.environ["MLFLOW_TRACKING_URI"], state["parent_run_id"])
     tagged = [r.data.tags["search.exp"] for r in children if "search.exp" in r.data.tags]

@@ -1,4 +1,4 @@
-"""search.workers > 1 (src/lab/workers.py): device slots, the asynchronous pool, decisions under concurrency
+"""search.workers > 1 (src/lab/workers.py, src/lab/slots.py): device slots, the asynchronous pool, decisions under concurrency
 (rebase + confirmation, conflicts), Ctrl-C / kill -9 / resume with several experiments in flight. Sessions run
 the stand-in train (fakes/train.py) on real git repositories and a real MLflow store; the order in
 which workers finish is forced with $FAKE_AFTER, so every drill is deterministic.
@@ -20,7 +20,7 @@ import yaml
 from src.lab.loop import Search, train_overrides
 from src.lab.runner import alive
 from src.lab.session import SessionError
-from src.lab.workers import plan_slots
+from src.lab.slots import plan_slots
 from tests.support.helpers import (REPO, compose_search, fake_command, git, make_patch, make_repo, read_tsv,
                                    session_children, wait_for)
 
@@ -232,6 +232,37 @@ def test_ctrl_c_and_kill_9_with_two_in_flight_then_resume_loses_nothing_and_runs
     tagged = [r.data.tags["search.exp"] for r in children if "search.exp" in r.data.tags]
     assert sorted(tagged) == sorted(exps)
     assert all(r.info.status != "RUNNING" for r in children)
+
+
+@pytest.mark.slow
+def test_a_killed_cpu_two_worker_session_resumed_bare_finishes_its_experiments(tmp_path):
+    """`search.tag=w search.resume=true` and nothing else: the session's baseline config comes back whole (device=cpu,
+    device.threads=1, which slot planning reads), so the two workers are planned as it started and both experiments
+    that kill -9 left in flight are finished, once each."""
+    repo = make_repo(tmp_path)
+    ovs = search_overrides(tmp_path, repo, [lr(v) for v in (0.05, 0.03, 0.07)], "search.max_experiments=3")
+    d = repo / "outputs" / "research" / "w"
+    script = tmp_path / "session.py"
+    script.write_text(SCRIPT.format(repo=str(REPO), ovs=ovs))
+    env = {**os.environ, "FAKE_HOLD": "exp-001,exp-002", "FAKE_HOLD_FILE": str(tmp_path / "never")}  # held
+    p = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    fls = wait_for(lambda: _running(d, 2))
+    p.kill()
+    p.wait(30)
+    wait_for(lambda: not any(alive(f["pid"]) for f in fls), 30)
+    bare = [f"search.repo={repo}", "search.tag=w", "search.resume=true"]
+    cfg = compose_search(bare)
+    assert cfg.device.threads is None  # what the bare command line alone would plan the slots with
+    out = Search(cfg, train_overrides(bare), fake_command(), cli=bare).run()
+    rows = read_tsv(d / "results.tsv")
+    by = {r["exp"]: r for r in rows}
+    assert sorted(by) == ["base-1", "exp-001", "exp-002", "exp-003"], out
+    assert by["exp-001"]["attempts"] == by["exp-002"]["attempts"] == "2" and by["exp-003"]["attempts"] == "1"
+    assert {by[x]["worker"] for x in ("exp-001", "exp-002", "exp-003")} <= {"0", "1"}
+    assert cfg.device.type == "cpu" and cfg.device.threads == 1 and cfg.search.workers == 2
+    state = json.loads((d / "state.json").read_text())
+    assert state["running"] == [] and state["baseline"]["device"]["threads"] == 1
 
 
 def _kill_tree(pid: int) -> None:
