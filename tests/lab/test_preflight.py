@@ -64,7 +64,7 @@ def test_a_baseline_that_does_not_compose_fails_in_one_line(tmp_path, shakespear
     repo = make_repo(tmp_path)
     git(repo, "rm", "-q", "conf/model/small.yaml")  # the session branches from a commit without it
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "drop model=small")
-    (repo / "conf" / "model" / "small.yaml").write_text((Path(__file__).parent.parent / "conf" / "model" /
+    (repo / "conf" / "model" / "small.yaml").write_text((Path(__file__).parents[2] / "conf" / "model" /
                                                          "small.yaml").read_text())  # in the checkout, not the commit
     p = run_cli("src.search", *replay_args(tmp_path, repo), "model=small", "device=cpu", check=False)
     line = one_error_line(p)

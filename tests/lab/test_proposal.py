@@ -129,7 +129,7 @@ def test_an_env_secret_asked_for_by_interpolation_reaches_nothing_the_session_wr
     import yaml
 
     from src.lab.loop import Search, train_overrides
-    from tests.helpers import compose_search, fake_command, make_repo
+    from tests.support.helpers import compose_search, fake_command, make_repo
 
     secret = "sk-test-7f3a9c1e-do-not-leak"
     monkeypatch.setenv("OVERNIGHT_TEST_SECRET", secret)
