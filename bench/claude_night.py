@@ -1,7 +1,7 @@
 """What a night of agent=claude costs, and that it never idles: sessions against the local Messages API server.
 
 Each scenario is a real research session (src/lab/loop.py, a throwaway git copy of the project, the
-stand-in train script fakes/train.py) with Claude played by fakes/scripted_researcher.py:
+stand-in train script src/lab/fakes/train.py) with Claude played by src/lab/fakes/scripted_researcher.py:
 every reply has a thinking block of ~3,600 characters and a proposal of ~600 (about 1,050 output tokens
 by the server's count of ~4 characters per token). The server's clock advances by the length of one
 run per answered request, so the prompt cache ages as in a real night; its usage accounting is what
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fakes.scripted_researcher import ScriptedResearcher, cost_table, run_night  # noqa: E402
+from src.lab.fakes.scripted_researcher import ScriptedResearcher, cost_table, run_night  # noqa: E402
 
 SCENARIOS = ("night-5m", "night-1h", "night-1h-as-5m", "outage", "refusal")
 
@@ -55,7 +55,7 @@ def main() -> None:
     logging.getLogger().handlers[0].setLevel(logging.WARNING)  # the sessions log INFO to their search.log
     root = Path(tempfile.mkdtemp(prefix="claude-night-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")  # the data: your usual cache
-    print(f"# agent=claude against the local Messages API (fakes/messages_server.py); sessions under {root}\n")
+    print(f"# agent=claude against the local Messages API (src/lab/fakes/messages_server.py); sessions under {root}\n")
     for name in args.scenarios:
         tmp = root / name
         tmp.mkdir()

@@ -1,4 +1,4 @@
-"""The red-team table: every adversarial and honest patch of fakes/redteam.py through a real research session.
+"""The red-team table: every adversarial and honest patch of src/lab/fakes/redteam.py through a real research session.
 
 For each arm (the static contract on, as by default; and off, so only the scorer and the runner
 stand between an attack and a keep) one `python -m src.search agent=replay` session runs on a
@@ -24,7 +24,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from fakes.redteam import ATTACKS, LEGIT  # noqa: E402
+from src.lab.fakes.redteam import ATTACKS, LEGIT  # noqa: E402
 
 
 def unified(repo: Path, p) -> str:

@@ -1,4 +1,4 @@
-"""The red team: every adversarial patch (fakes/redteam.py) is refused or scored `tampered`; every honest one passes.
+"""The red team: every adversarial patch (src/lab/fakes/redteam.py) is refused or scored `tampered`; every honest one passes.
 
 Two layers. The static contract (src/lab/contract.py) refuses, before any run, patches that
 import outside the allow-list, rebind library or harness functions, or reach files, the process,
@@ -15,7 +15,7 @@ import pytest
 from src.lab.config import ContractConfig
 from src.lab.contract import ContractViolation, check_files, check_source
 from src.lab.runner import Runner
-from fakes.redteam import ATTACKS, LEGIT, prepend
+from src.lab.fakes.redteam import ATTACKS, LEGIT, prepend
 from tests.support.helpers import REPO, git, make_repo
 
 TINY_RUN = ["model.depth=2", "budget.mode=tokens", "budget.tokens=16384", "data.eval_tokens=8192", "device=cpu",

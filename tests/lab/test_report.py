@@ -1,6 +1,6 @@
 """The session report (src/lab/report.py): leaderboard, progress plot, best diff and overrides, MLflow.
 
-Builds a real session in-process (git repo, stand-in train from fakes/train.py), then
+Builds a real session in-process (git repo, stand-in train from src/lab/fakes/train.py), then
 runs the `python -m src.report` entry point (src/report.py main) on it.
 
 Run: python -m pytest -q tests/lab/test_report.py   (the session-building test is marked slow)

@@ -1,5 +1,5 @@
 """The research loop in-process (src/lab/loop.py), on a real git repo and a real MLflow store, with a
-stand-in for src.train (fakes/train.py: same CLI contract, no torch, a val_bpb that is a
+stand-in for src.train (src/lab/fakes/train.py: same CLI contract, no torch, a val_bpb that is a
 known function of the overrides) so that decisions, faults and resume are fast to exercise.
 
 Run: python -m pytest -q tests/lab/test_search_loop.py   (sessions of several runs are marked slow)

@@ -1,6 +1,6 @@
 """Verdicts on a noisy machine (src/lab/decision.py, disturbance.py, baseline.py, confirm.py): the
 robust noise floor and the paired rule, then whole sessions on a real git repo and MLflow store
-with the stand-in train (fakes/train.py), whose $FAKE_SLOW makes named runs slow (a
+with the stand-in train (src/lab/fakes/train.py), whose $FAKE_SLOW makes named runs slow (a
 busy machine), $FAKE_SHIFT makes named runs score off, and $FAKE_NOISE adds run-to-run noise.
 
 Run: python -m pytest -q tests/lab/test_verdicts.py   (sessions of several runs are marked slow)

@@ -1,6 +1,6 @@
 """search.workers > 1 (src/lab/workers.py, src/lab/slots.py): device slots, the asynchronous pool, decisions under concurrency
 (rebase + confirmation, conflicts), Ctrl-C / kill -9 / resume with several experiments in flight. Sessions run
-the stand-in train (fakes/train.py) on real git repositories and a real MLflow store; the order in
+the stand-in train (src/lab/fakes/train.py) on real git repositories and a real MLflow store; the order in
 which workers finish is forced with $FAKE_AFTER, so every drill is deterministic.
 
 Run: python -m pytest -q tests/lab/test_workers.py   (the sessions are marked slow)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from fakes.messages_server import MessagesServer, tool_use
+from src.lab.fakes.messages_server import MessagesServer, tool_use
 from src.harness.config import TrainConfig
 from src.lab.agents.base import Best, SearchState
 from src.lab.agents.claude import ClaudeAgent

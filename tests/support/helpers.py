@@ -5,8 +5,8 @@
 - composed configs: compose_train_cfg (the typed TrainConfig), compose_search (the typed SearchAppConfig),
   config_options (the options of a config group)
 - the research loop: make_repo (a throwaway git copy of the project), git, fake_command (the stand-in
-  train script fakes/train.py), make_patch / crash_patch / comment_patch, read_tsv (the ledger),
-  session_children (a session's MLflow child runs); those the benches need too live in fakes/project.py
+  train script src/lab/fakes/train.py), make_patch / crash_patch / comment_patch, read_tsv (the ledger),
+  session_children (a session's MLflow child runs); those the benches need too live in src/lab/fakes/project.py
 - free_port (a local TCP port with nothing listening on it)
 
 Run: python -m pytest -q   (the suite imports this module; it holds no tests)
@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from fakes.project import (CONF, REPO, comment_patch, compose_search, fake_command,  # noqa: F401
-                           git, make_patch, make_repo, read_tsv)  # shared with bench/ (fakes/scripted_researcher.py)
+from src.lab.fakes.project import (CONF, REPO, comment_patch, compose_search, fake_command,  # noqa: F401
+                           git, make_patch, make_repo, read_tsv)  # shared with bench/ (src/lab/fakes/scripted_researcher.py)
 
 # Tiny, fast runs of the real CLI: 2 layers, a few seconds, a slice of the validation split.
 TINY = ["model.depth=2", "data.eval_tokens=8192", "progress=false"]

@@ -10,13 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from fakes.messages_server import MessagesServer
+from src.lab.fakes.messages_server import MessagesServer
 from tests.support.claude import KEY
 
 
 @pytest.fixture
 def server():
-    """A local Messages API (fakes/messages_server.py) that accepts KEY; tests script its replies."""
+    """A local Messages API (src/lab/fakes/messages_server.py) that accepts KEY; tests script its replies."""
     with MessagesServer(api_key=KEY) as srv:
         yield srv
 

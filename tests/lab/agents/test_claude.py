@@ -1,5 +1,5 @@
 """agent=claude (src/lab/agents/claude.py) driven the way the loop drives it (restore, propose, observe),
-against a local Messages API server (fakes/messages_server.py), never the real API: every stop reason
+against a local Messages API server (src/lab/fakes/messages_server.py), never the real API: every stop reason
 re-asked, refusals (rephrased, then the turn dropped, then the fallback), a spend limit and an outage
 handed to the fallback agent (on the server's clock: no real waiting), the key and the API checked before
 any training, and cost accounted per proposal and session, its cap holding across a resume. The end-to-end
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes.messages_server import MessagesServer, max_tokens, refusal, spend_limit, text, tool_use
+from src.lab.fakes.messages_server import MessagesServer, max_tokens, refusal, spend_limit, text, tool_use
 from src.lab.agents.base import AgentStop
 from src.lab.agents.claude import JOURNAL_FILE, USAGE_FILE
 from src.lab.agents.claude_api import Usage

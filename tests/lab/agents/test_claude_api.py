@@ -1,7 +1,7 @@
 """agent=claude's side of the wire (src/lab/agents/claude_api.py): the request options chosen from what the
 model supports (thinking, effort, strict tool schemas, tool_choice), failures classified by status, type and
 error code, prices and usage, and conf/agent/claude.yaml composing with a price for its model. Against the
-local Messages API (fakes/messages_server.py), never the real one.
+local Messages API (src/lab/fakes/messages_server.py), never the real one.
 
 Run: python -m pytest -q tests/lab/agents/test_claude_api.py
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from fakes.messages_server import MessagesServer, tool_use
+from src.lab.fakes.messages_server import MessagesServer, tool_use
 from src.lab.agents.base import AgentStop
 from src.lab.agents.claude import parse_input
 from src.lab.agents.claude_api import Capabilities, Options, Usage, classify, price_for

@@ -1,6 +1,6 @@
 """agent=claude's link to the Messages API (src/lab/agents/claude_client.py): a 400 drops one optional
 feature at a time, transient errors are retried briefly, a hung request times out, and no request is sent
-that could cross the token cap. Against the local Messages API (fakes/messages_server.py).
+that could cross the token cap. Against the local Messages API (src/lab/fakes/messages_server.py).
 
 Run: python -m pytest -q tests/lab/agents/test_claude_client.py
 """
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fakes.messages_server import error, hang, tool_use
+from src.lab.fakes.messages_server import error, hang, tool_use
 from src.lab.agents.base import AgentStop
 from tests.support.claude import BASE, agent_for, good, idea, make_state, step, worktree
 

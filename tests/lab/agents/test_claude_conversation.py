@@ -1,7 +1,7 @@
 """agent=claude's conversation (src/lab/agents/claude_conversation.py): one append-only conversation per
 session with cache breakpoints on its stable parts, outcomes as tool results with the run's figures, and
 the conversation saved so a resume continues it (thinking blocks sent back unchanged). Against the local
-Messages API (fakes/messages_server.py), which refuses malformed conversations like the real one.
+Messages API (src/lab/fakes/messages_server.py), which refuses malformed conversations like the real one.
 
 Run: python -m pytest -q tests/lab/agents/test_claude_conversation.py
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from fakes.messages_server import tool_use
+from src.lab.fakes.messages_server import tool_use
 from src.lab.agents.claude import CONVERSATION_FILE
 from src.lab.agents.claude_api import Usage
 from tests.support.claude import (BASE, agent_for, blocks_of, good, idea, last_user, make_state, outcome, row, step,

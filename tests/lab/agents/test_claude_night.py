@@ -1,7 +1,7 @@
 """Whole nights of agent=claude against the local Messages API server: what they cost, and that they never idle.
 
 Real research sessions (src/lab/loop.py on a throwaway git copy of the project) with the stand-in
-train script and Claude played by fakes/scripted_researcher.py (replies of realistic size); the
+train script and Claude played by src/lab/fakes/scripted_researcher.py (replies of realistic size); the
 server's clock advances one run per request, so its prompt cache ages as in a real night. The
 figures these tests check are the ones bench/claude_night.py prints for docs/LOG.md.
 
@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from fakes.scripted_researcher import ScriptedResearcher, cost_table, run_night
+from src.lab.fakes.scripted_researcher import ScriptedResearcher, cost_table, run_night
 from tests.support.helpers import compose_search
 
 

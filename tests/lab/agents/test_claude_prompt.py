@@ -1,6 +1,6 @@
 """agent=claude's requests (src/lab/agents/claude_prompt.py): the static prefix is rebuilt only when a kept
 patch changes it, and a conversation that outgrows agent.context_tokens is condensed into a digest in one
-step, the journal kept. Against the local Messages API (fakes/messages_server.py).
+step, the journal kept. Against the local Messages API (src/lab/fakes/messages_server.py).
 
 Run: python -m pytest -q tests/lab/agents/test_claude_prompt.py
 """

@@ -4,7 +4,7 @@
 thinking block, the journal fields, a hypothesis, valid overrides and now and then a patch), drawn
 deterministically from a seed. `run_night` runs a real session in-process (src/lab/loop.py's Search
 on a throwaway git copy of the project, the real MLflow store of the test session) with the stand-in
-train script (fakes/train.py), so a 100-experiment night takes minutes on two cores,
+train script (src/lab/fakes/train.py), so a 100-experiment night takes minutes on two cores,
 while the server's clock lets each run last as long as a real one for the prompt cache.
 
 Not a test module: tests/lab/agents/test_claude_night.py and bench/claude_night.py use it.
@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from fakes.messages_server import MessagesServer, error, refusal, tool_use
-from fakes.project import comment_patch, compose_search, fake_command, make_repo, read_tsv
+from src.lab.fakes.messages_server import MessagesServer, error, refusal, tool_use
+from src.lab.fakes.project import comment_patch, compose_search, fake_command, make_repo, read_tsv
 
 KEY = "sk-ant-test-night-0000"
 # (overrides, what it tests): every one composes with the cpu presets and changes the baseline

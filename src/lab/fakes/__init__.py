@@ -9,5 +9,5 @@
 Not part of the installed package (pyproject.toml packages src only); importable from the repository root
 (pytest's pythonpath, the benches' sys.path).
 
-Usage: from fakes.messages_server import MessagesServer, tool_use
+Usage: from src.lab.fakes.messages_server import MessagesServer, tool_use
 """

@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 
 
-def main() -> int:
+def effective_overrides(argv: list[str]) -> tuple[dict, dict]:
+    """(the command-line overrides, those merged over the named experiment presets)."""
     ovs = {}
     experiments = []
-    for a in sys.argv[1:]:
+    for a in argv:
         k, _, v = a.partition("=")
         v = v.strip("'")
         if k.lstrip("+") == "experiment":
@@ -54,6 +55,41 @@ def main() -> int:
 
         flat(yaml.safe_load(Path("conf/experiment", name + ".yaml").read_text()) or {})
     eff.update(ovs)
+    return ovs, eff
+
+
+def hold(out: Path) -> None:
+    """$FAKE_AFTER (name:exp) holds a run until exp is in the ledger; $FAKE_HOLD until $FAKE_HOLD_FILE exists."""
+    after = dict(p.split(":", 1) for p in os.environ.get("FAKE_AFTER", "").split(",") if ":" in p).get(out.name)
+    if after:  # hold this run until the other experiment is recorded
+        ledger, t0 = out.parent.parent / "results.tsv", time.time()
+        while time.time() - t0 < 60 and not (ledger.exists() and f"\t{after}\t" in ledger.read_text()):
+            time.sleep(0.05)
+    if out.name in os.environ.get("FAKE_HOLD", "").split(","):  # hold this run until the test lets it go
+        gate, t0 = Path(os.environ["FAKE_HOLD_FILE"]), time.time()
+        while time.time() - t0 < 60 and not gate.exists():
+            time.sleep(0.05)
+
+
+def log_to_mlflow(eff: dict, bpb: float, summary: dict) -> None:
+    """$FAKE_MLFLOW: a child run under tracking.parent_run_id, like the real train logs."""
+    from mlflow.tracking import MlflowClient
+
+    sys.path.insert(0, os.getcwd())  # the worktree's src/
+    from src.harness.tracking import ensure_experiment
+
+    uri = eff["tracking.uri"]
+    client = MlflowClient(uri)
+    exp = ensure_experiment(client, eff.get("tracking.experiment", "overnight"), uri)
+    tags = {"mlflow.parentRunId": eff["tracking.parent_run_id"]} if eff.get("tracking.parent_run_id") else {}
+    run = client.create_run(exp.experiment_id, run_name=eff.get("tracking.run_name"), tags=tags)
+    client.log_metric(run.info.run_id, "val/bpb", bpb, step=0)
+    client.set_terminated(run.info.run_id)
+    summary["mlflow_run_id"] = run.info.run_id
+
+
+def main() -> int:
+    ovs, eff = effective_overrides(sys.argv[1:])
     if eff.get("dry_run") == "true":
         print("dry run ok")
         return 0
@@ -81,15 +117,7 @@ def main() -> int:
         pairs = (s.partition(":") for s in os.environ.get(var, "").split(",") if s)
         return dict((k, float(v)) for k, _, v in pairs).get(out.name, default)
 
-    after = dict(p.split(":", 1) for p in os.environ.get("FAKE_AFTER", "").split(",") if ":" in p).get(out.name)
-    if after:  # hold this run until the other experiment is recorded
-        ledger, t0 = out.parent.parent / "results.tsv", time.time()
-        while time.time() - t0 < 60 and not (ledger.exists() and f"\t{after}\t" in ledger.read_text()):
-            time.sleep(0.05)
-    if out.name in os.environ.get("FAKE_HOLD", "").split(","):  # hold this run until the test lets it go
-        gate, t0 = Path(os.environ["FAKE_HOLD_FILE"]), time.time()
-        while time.time() - t0 < 60 and not gate.exists():
-            time.sleep(0.05)
+    hold(out)
     slowdown = by_run("FAKE_SLOW", 1.0)
     bpb += 0.3 * math.log(slowdown) + by_run("FAKE_SHIFT", 0.0)
     tps = 20000.0 / slowdown
@@ -99,19 +127,7 @@ def main() -> int:
                "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None, "tokens_per_sec": tps, "mfu_percent": 30.0 / slowdown,
                "step_time_p50": float(eff.get("batch.total_tokens", "8192")) / tps, "device": "cpu", "dtype": "fp32"}
     if os.environ.get("FAKE_MLFLOW") and eff.get("tracking.uri") and eff.get("tracking.enabled") != "false":
-        from mlflow.tracking import MlflowClient
-
-        sys.path.insert(0, os.getcwd())  # the worktree's src/
-        from src.harness.tracking import ensure_experiment
-
-        uri = eff["tracking.uri"]
-        client = MlflowClient(uri)
-        exp = ensure_experiment(client, eff.get("tracking.experiment", "overnight"), uri)
-        tags = {"mlflow.parentRunId": eff["tracking.parent_run_id"]} if eff.get("tracking.parent_run_id") else {}
-        run = client.create_run(exp.experiment_id, run_name=eff.get("tracking.run_name"), tags=tags)
-        client.log_metric(run.info.run_id, "val/bpb", bpb, step=0)
-        client.set_terminated(run.info.run_id)
-        summary["mlflow_run_id"] = run.info.run_id
+        log_to_mlflow(eff, bpb, summary)
     (out / "summary.json").write_text(json.dumps(summary))
     print(f"---\nval_bpb: {bpb:.6f}\nstatus: {status}", flush=True)
     return 0 if status == "ok" else 1

@@ -1,9 +1,9 @@
 """The project in a throwaway git repo, and what a stand-in research session needs around it.
 
-Shared by the tests (through tests/support/helpers.py) and the benches (through fakes/scripted_researcher.py):
+Shared by the tests (through tests/support/helpers.py) and the benches (through src/lab/fakes/scripted_researcher.py):
 - make_repo (a git copy of this checkout's working tree, one commit), git (a git command that must succeed)
 - make_patch / comment_patch (unified diffs against that copy)
-- fake_command (the stand-in train script fakes/train.py, the command a session runs instead of src.train)
+- fake_command (the stand-in train script src/lab/fakes/train.py, the command a session runs instead of src.train)
 - compose_search (the typed SearchAppConfig, composed like `python -m src.search`), read_tsv (the ledger)
 
 Usage: repo = make_repo(tmp); Search(compose_search(ovs), train_overrides(ovs), fake_command()).run()
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 CONF = REPO / "conf"
 FAKE_TRAIN = Path(__file__).resolve().parent / "train.py"
 
@@ -45,7 +45,7 @@ def make_repo(root: Path) -> Path:
 
 
 def fake_command() -> list[str]:
-    """The stand-in for `python -m src.train` (fakes/train.py): same CLI contract, no torch."""
+    """The stand-in for `python -m src.train` (src/lab/fakes/train.py): same CLI contract, no torch."""
     return [sys.executable, str(FAKE_TRAIN)]
 
 

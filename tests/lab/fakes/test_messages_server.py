@@ -1,13 +1,13 @@
-"""The local Messages API itself (fakes/messages_server.py): prompt-cache lifetimes and minimum lengths on
+"""The local Messages API itself (src/lab/fakes/messages_server.py): prompt-cache lifetimes and minimum lengths on
 its virtual clock, and the requests it refuses as the real API does.
 
-Run: python -m pytest -q tests/fakes/test_messages_server.py
+Run: python -m pytest -q tests/lab/fakes/test_messages_server.py
 """
 from __future__ import annotations
 
 import pytest
 
-from fakes.messages_server import MessagesServer, text
+from src.lab.fakes.messages_server import MessagesServer, text
 from src.lab.agents.claude_context import TOOL_NAME, tool_schema
 from tests.support.claude import KEY
 
