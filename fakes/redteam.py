@@ -246,10 +246,10 @@ LEGIT = [
                   "                nn.init.trunc_normal_(m.weight, std=1 / math.sqrt(m.weight.size(-1)))\n")),
     Patch("a linear-decay schedule with functools", "schedule", "src/research/optim.py",
           both(replace("import torch\n", "import functools\n\nimport torch\n"),
-               replace("def lr_multiplier(progress: float, cfg: OptimizerConfig) -> float:\n",
+               replace("def build_optimizer(model, cfg: OptimizerConfig) -> MuonAdamW:\n",
                        "@functools.lru_cache(maxsize=None)\ndef _linear(progress: float) -> float:\n"
                        "    return max(0.0, 1.0 - progress)\n\n\n"
-                       "def lr_multiplier(progress: float, cfg: OptimizerConfig) -> float:\n"))),
+                       "def build_optimizer(model, cfg: OptimizerConfig) -> MuonAdamW:\n"))),
     Patch("a numerically different causal model (scaled residual, tanh-GELU MLP)", "causal model", A,
           both(replace("        return self.c_proj(self.act(self.c_fc(x)))",
                        "        return self.c_proj(F.gelu(self.c_fc(x), approximate='tanh'))"),

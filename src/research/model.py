@@ -225,22 +225,3 @@ class GPT(nn.Module):
         if self.config.softcap > 0:
             logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         return logits
-
-    def param_counts(self) -> dict[str, int]:
-        groups = {
-            "wte": self.wte.weight.numel(),
-            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
-            "lm_head": self.lm_head.weight.numel(),
-            "transformer_matrices": sum(p.numel() for p in self.blocks.parameters()),
-            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
-        }
-        groups["total"] = sum(groups.values())
-        return groups
-
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention."""
-        c = self.param_counts()
-        dense = c["total"] - c["wte"] - c["value_embeds"] - c["scalars"]
-        T = self.config.sequence_len
-        attn = sum(12 * self.config.n_head * self.config.head_dim * min(w, T) for w in self.window_sizes)
-        return 6 * dense + attn
