@@ -7,11 +7,12 @@ compiled on CUDA (fused, at flash speed), SDPA with a boolean mask elsewhere (CP
 and so the scorer's eager pass), numerically the same. This file is part of the editable
 research surface.
 
-The contract with the harness: `model(idx)` takes token ids (B, T) and returns logits
-(B, T, vocab_size), nothing else. The harness computes the loss and val_bpb from those
-logits (src/harness/evaluate.py) in its own scorer process; targets never reach the model. The
-scorer checks that the logits at a position do not depend on later tokens or on the other
-rows of the batch, and that two passes over the same input agree.
+The contract with the harness (all of it: src/research/__init__.py): `model(idx)` takes token ids
+(B, T) and returns logits (B, T, vocab_size), nothing else. The harness computes the loss and
+val_bpb from those logits (src/harness/evaluate.py) in its own scorer process; targets never reach
+the model. The scorer checks that the logits at a position do not depend on later tokens or on the
+other rows of the batch, and that two passes over the same input agree. Parameter counts and FLOPs
+are the harness's, from the config (src/harness/model_facts.py).
 
 Usage: model = GPT(GPTConfig.from_model_config(cfg.model, vocab_size)); logits = model(idx)
 """
