@@ -209,8 +209,8 @@ LEGIT = [
                   "            y = att.masked_fill(~causal, float('-inf')).softmax(dim=-1) @ v")),
     Patch("cosine warmdown", "schedule", "src/research/optim.py",
           both(replace("import torch\n", "import math\n\nimport torch\n"),
-               replace("    cooldown = max(1.0 - progress, 0.0) / cfg.warmdown_ratio\n",
-                       "    cooldown = 0.5 * (1 - math.cos(math.pi * max(1.0 - progress, 0.0) / cfg.warmdown_ratio))\n"))),
+               replace("            g[\"lr\"] = g[\"initial_lr\"] * lr_mult\n",  # the harness's linear ramp, cosine-shaped
+                       "            g[\"lr\"] = g[\"initial_lr\"] * 0.5 * (1 - math.cos(math.pi * lr_mult))\n"))),
     Patch("different init (lm_head std 0.002)", "init", "src/research/model.py",
           replace("nn.init.normal_(self.lm_head.weight, std=0.001)", "nn.init.normal_(self.lm_head.weight, std=0.002)")),
     Patch("gradient clipping", "step recipe", "src/research/step.py",
