@@ -47,7 +47,7 @@ from src.harness.tracking import Tracker, TrackingError, flatten
 
 HARNESS_MODULES = ("time", "src.harness.budget", "src.harness.data", "src.harness.model_facts", __name__)
 _HARNESS = library_snapshot(extra=HARNESS_MODULES)
-# ... then the research surface (src/research/model.py, src/research/optim.py, src/research/step.py)
+# ... then the research surface: all it is asked for is the research contract (src/research/__init__.py)
 from src.research.model import GPT, GPTConfig  # noqa: E402
 from src.research.optim import build_optimizer  # noqa: E402
 from src.research.step import train_step  # noqa: E402
