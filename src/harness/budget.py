@@ -10,7 +10,11 @@ Stalls: a counted step slower than `stall_factor` x the running median of the la
 its full budget of productive training; the excess goes to `stalled_seconds`. A hard
 wall-clock ceiling (`deadline`) still ends a run that stalls forever.
 
+The learning-rate schedule follows the same progress: `lr_multiplier` (warm-up, then warmdown to
+optimizer.final_lr_frac) is computed here and handed to the research step (src/research/step.py).
+
 Usage: clock = BudgetClock(cfg.budget, tokens_per_step); clock.tick(dt); clock.done
+       lr_mult = lr_multiplier(clock.progress, cfg.optimizer)
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import time
 from collections import deque
 from typing import Callable, Iterator, Optional
 
-from src.harness.config import BudgetConfig
+from src.harness.config import BudgetConfig, OptimizerConfig
 
 MIN_HISTORY = 3  # normal counted steps needed before a step can be called a stall
 STALL_ENV = "OVERNIGHT_INJECT_STALL"  # fault drill: "<step>:<seconds>[,...]" sleeps inside those optimizer steps
@@ -124,3 +128,14 @@ def inject_stalls(batches: Iterator, accum: int, spec: str) -> Iterator:
         if micro == 0 and step + 1 in stalls:
             time.sleep(stalls[step + 1])
         yield batch
+
+
+def lr_multiplier(progress: float, cfg: OptimizerConfig) -> float:
+    """The LR multiplier at budget progress in [0, 1]: a linear ramp over optimizer.warmup_ratio, then 1, then a
+    linear warmdown over the last optimizer.warmdown_ratio of the budget to optimizer.final_lr_frac."""
+    if progress < cfg.warmup_ratio:
+        return (progress + 1e-8) / cfg.warmup_ratio
+    if progress < 1.0 - cfg.warmdown_ratio:
+        return 1.0
+    cooldown = max(1.0 - progress, 0.0) / cfg.warmdown_ratio
+    return cooldown + (1 - cooldown) * cfg.final_lr_frac

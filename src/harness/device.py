@@ -191,12 +191,15 @@ def use_compile_cache(path: Optional[str] = None) -> Path:
 
 def compile_model(model: torch.nn.Module, rt: Runtime):
     """What the training loop calls: the model itself (eager), the model compiled as one graph, or the model with
-    each transformer block compiled (scope `blocks`: one block's graph is compiled once per distinct block
-    shape, e.g. window and value-embedding variants; embeddings, head and soft-cap stay eager)."""
+    each of its repeated blocks compiled (scope `blocks`: every module in an nn.ModuleList directly under the model,
+    so no attribute name is asked of it; one block's graph is compiled once per distinct block shape, e.g. window
+    and value-embedding variants; embeddings, head and soft-cap stay eager)."""
     if not rt.compile:
         return model
     if rt.compile_scope == "blocks":
-        for block in model.blocks:
-            block.compile(dynamic=False, mode=rt.compile_mode)
+        for child in model.children():
+            if isinstance(child, torch.nn.ModuleList):
+                for block in child:
+                    block.compile(dynamic=False, mode=rt.compile_mode)
         return model
     return torch.compile(model, dynamic=False, mode=rt.compile_mode)

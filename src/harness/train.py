@@ -32,11 +32,12 @@ from time import perf_counter  # bound before the research code is imported: it 
 import torch
 
 # the harness first ...
-from src.harness.budget import STALL_ENV, BudgetClock, inject_stalls
+from src.harness.budget import STALL_ENV, BudgetClock, inject_stalls, lr_multiplier
 from src.harness.config import TrainConfig
 from src.harness.data import load_prepared, train_batches
 from src.harness.device import Runtime, compile_model, process_age, resolve
 from src.harness.memory import Memory, cache_path, candidates, is_oom, oom_message
+from src.harness.model_facts import ModelFacts, model_facts
 from src.harness.paths import REPO
 from src.harness.provenance import provenance
 from src.harness.score import CHECKPOINT, Scorer, apply_verdict, library_changes, library_snapshot, save_checkpoint
@@ -44,9 +45,9 @@ from src.harness.status import CRASH, DRY_RUN, KILLED, NAN, OK, OOM, STALLED, TA
 from src.harness.sweep import job_run_name
 from src.harness.tracking import Tracker, TrackingError, flatten
 
-HARNESS_MODULES = ("time", "src.harness.budget", "src.harness.data", __name__)
+HARNESS_MODULES = ("time", "src.harness.budget", "src.harness.data", "src.harness.model_facts", __name__)
 _HARNESS = library_snapshot(extra=HARNESS_MODULES)
-# ... then the research surface (src/research/model.py, src/research/optim.py, src/research/step.py)
+# ... then the research surface: all it is asked for is the research contract (src/research/__init__.py)
 from src.research.model import GPT, GPTConfig  # noqa: E402
 from src.research.optim import build_optimizer  # noqa: E402
 from src.research.step import train_step  # noqa: E402
@@ -84,15 +85,8 @@ def derive_batch(cfg: TrainConfig) -> tuple[int, int]:
     return b.device_tokens // T, b.total_tokens // b.device_tokens
 
 
-def describe(model: GPT, cfg: TrainConfig, accum: int) -> str:
-    c = model.config
-    counts = model.param_counts()
-    lines = [f"model: depth {c.n_layer}, width {c.n_embd}, heads {c.n_head} (kv {c.n_kv_head}) x {c.head_dim}, "
-             f"seq {c.sequence_len}, vocab {c.vocab_size}, windows {model.window_sizes}, "
-             f"value embeds on layers {sorted(int(k) for k in model.value_embeds)}",
-             "parameters:"]
-    lines += [f"  {k:22s} {v:>14,}" for k, v in counts.items()]
-    lines.append(f"FLOPs per token: {model.flops_per_token():.4e}")
+def describe(facts: ModelFacts, cfg: TrainConfig, accum: int) -> str:
+    lines = [facts.describe()]
     if cfg.batch.device_tokens == "auto":
         lines.append(f"batch: {cfg.batch.total_tokens:,} tokens/step; tokens/device step auto (the largest "
                      "micro-batch that fits, probed at the start of the run)")
@@ -155,10 +149,11 @@ def train_loop(model, opt, batches, clock: BudgetClock, cfg: TrainConfig, rt: Ru
     model.train()
     while not clock.done:
         drawn[0] = 0
+        lr_mult = lr_multiplier(clock.progress, cfg.optimizer)  # the LR schedule is the harness's, by budget progress
         t0 = perf_counter()
         with guard():
-            loss, lrm = train_step(model, opt, next_batch, step=clock.step, progress=clock.progress, accum=accum,
-                                   optim_cfg=cfg.optimizer, autocast=rt.autocast)
+            loss = train_step(model, opt, next_batch, step=clock.step, progress=clock.progress, lr_mult=lr_mult,
+                              accum=accum, optim_cfg=cfg.optimizer, autocast=rt.autocast)
         loss_f = float(loss)  # one sync per step: the step time is real and NaN is caught at once
         dt = perf_counter() - t0
         if not math.isfinite(loss_f) or loss_f > cfg.budget.max_nan_loss:
@@ -171,7 +166,7 @@ def train_loop(model, opt, batches, clock: BudgetClock, cfg: TrainConfig, rt: Ru
         bar.update(min(clock.training_seconds if timed else clock.tokens, bar.total) - min(before, bar.total))
         bar.set_postfix(loss=f"{loss_f:.3f}", step=clock.step, refresh=False)
         if on_step is not None:
-            on_step(clock.step, dict(loss=loss_f, lr_mult=lrm, step_time=dt, tokens_per_sec=drawn[0] / dt))
+            on_step(clock.step, dict(loss=loss_f, lr_mult=lr_mult, step_time=dt, tokens_per_sec=drawn[0] / dt))
     bar.close()
     if clock.progress < 1.0:  # done without the budget spent: the wall-clock ceiling
         raise RunFailed(TIMEOUT, f"hard wall-clock ceiling of {clock.deadline:.0f} s hit after "
@@ -197,11 +192,11 @@ def killed_by_signals():
             signal.signal(s, h)
 
 
-def run_params(cfg: TrainConfig, model: GPT, rt: Runtime, accum: int, B: int, prov: dict) -> dict:
-    """MLflow params: the resolved config as dotted keys plus what code derived from it."""
-    derived = {"num_params": model.param_counts()["total"], "grad_accum_steps": accum, "device_batch_size": B,
+def run_params(cfg: TrainConfig, facts: ModelFacts, rt: Runtime, accum: int, B: int, prov: dict) -> dict:
+    """MLflow params: the resolved config as dotted keys plus what the harness derived from it."""
+    derived = {"num_params": facts.num_params, "grad_accum_steps": accum, "device_batch_size": B,
                "device": str(rt.device), "device_name": rt.name, "dtype": rt.dtype_name, "compile": rt.compile,
-               "peak_flops": rt.peak_flops, "flops_per_token": model.flops_per_token()}
+               "peak_flops": rt.peak_flops, "flops_per_token": facts.flops_per_token}
     return {**flatten(cfg), **flatten(derived, "derived."), "git.sha": prov["git_sha"],
             "git.dirty": prov["git_dirty"], "host": prov["host"], **flatten(prov["versions"], "version.")}
 
@@ -224,17 +219,18 @@ def run_texts(cfg: TrainConfig, prov: dict, out_dir: Path | None) -> dict[str, s
     return texts
 
 
-def fill_summary(summary: dict, cfg: TrainConfig, rt: Runtime, clock: BudgetClock | None, model: GPT | None,
-                 t_start: float) -> None:
-    """The summary's numbers, from as far as the run got (no clock or model: it failed before training)."""
+def fill_summary(summary: dict, cfg: TrainConfig, rt: Runtime, clock: BudgetClock | None,
+                 facts: ModelFacts | None, t_start: float) -> None:
+    """The summary's numbers, from as far as the run got (no clock or facts: it failed before training).
+    MFU and num_params are the harness's (src/harness/model_facts.py), from the config, never the model's."""
     train_s = clock.training_seconds if clock else 0.0
-    flops = model.flops_per_token() * clock.tokens if clock and model else 0.0
+    flops = facts.flops_per_token * clock.tokens if clock and facts else 0.0
     summary.setdefault("val_bpb", float("nan"))
     summary.update(
         training_seconds=train_s, total_seconds=time.time() - t_start, peak_vram_mb=rt.peak_memory_mb(),
         mfu_percent=100 * flops / (train_s * rt.peak_flops) if train_s > 0 and rt.peak_flops > 0 else 0.0,
         total_tokens_M=clock.tokens / 1e6 if clock else 0.0, num_steps=clock.step if clock else 0,
-        num_params_M=model.param_counts()["total"] / 1e6 if model else 0.0,
+        num_params_M=facts.num_params / 1e6 if facts else 0.0,
         depth=cfg.model.depth, tokens_per_sec=clock.tokens_per_sec if clock else 0.0,
         **quantiles(clock.step_times if clock else []),
         stalls=clock.stalls if clock else 0, stalled_seconds=clock.stalled_seconds if clock else 0.0,
@@ -249,17 +245,17 @@ def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
 
 
 def dry_run(cfg: TrainConfig) -> dict:
-    """Build the model on the meta device and print what it is: no data, no training."""
+    """Build the model on the meta device (its own checks of the knobs) and print what it is: no data, no training."""
     rt = resolve(cfg.device)
     _, accum = derive_batch(cfg)
     with torch.device("meta"):
-        model = GPT(GPTConfig.from_model_config(cfg.model, cfg.data.vocab_size))
-    print(describe(model, cfg, accum))
+        GPT(GPTConfig.from_model_config(cfg.model, cfg.data.vocab_size))
+    facts = model_facts(cfg.model, cfg.data.vocab_size)
+    print(describe(facts, cfg, accum))
     print(runtime_line(rt))
-    counts = model.param_counts()
-    print(f"num_params: {counts['total']:,} ({counts['total'] / 1e6:.1f}M)")
-    return {"status": DRY_RUN, "num_params": counts["total"], "num_params_M": counts["total"] / 1e6,
-            "flops_per_token": model.flops_per_token(), "depth": cfg.model.depth}
+    print(f"num_params: {facts.num_params:,} ({facts.num_params / 1e6:.1f}M)")
+    return {"status": DRY_RUN, "num_params": facts.num_params, "num_params_M": facts.num_params / 1e6,
+            "flops_per_token": facts.flops_per_token, "depth": cfg.model.depth}
 
 
 class TimedRun:
@@ -288,7 +284,7 @@ class TimedRun:
                         "dtype": self.rt.dtype_name, "compile": self.rt.compile, "seed": cfg.seed,
                         "grad_accum_steps": self.accum, "device_batch_size": self.B,
                         **{k: v for k, v in self.prov.items() if k != "versions"}, "mlflow_run_id": None}
-        self.model = self.clock = None
+        self.model = self.clock = self.facts = None
         self.train_tokens = 0
         self.harness = _HARNESS  # the library snapshot the end of the run is checked against
         self._lock, self._result = threading.Lock(), {}
@@ -335,7 +331,8 @@ class TimedRun:
             self.summary.update(grad_accum_steps=self.accum, device_batch_size=self.B, device_tokens_auto=True)
         model = self.model = GPT(GPTConfig.from_model_config(cfg.model, vocab)).to(rt.device)
         model.init_weights()
-        log.info("%s", describe(model, cfg, self.accum))
+        self.facts = model_facts(cfg.model, vocab)
+        log.info("%s", describe(self.facts, cfg, self.accum))
         log.info("%s", runtime_line(rt))
         opt = build_optimizer(model, cfg.optimizer)
         if rt.compile:
@@ -389,7 +386,7 @@ class TimedRun:
         """mlflow was imported and the run created while the model was built and warmed up."""
         self.tracker.wait_ready()  # a store that cannot be opened stops the run here, before counted training
         self.summary.update(mlflow_run_id=self.tracker.run_id, tracking_uri=self.tracker.uri)
-        self.tracker.log_params(run_params(self.cfg, self.model, self.rt, self.accum, self.B, self.prov))
+        self.tracker.log_params(run_params(self.cfg, self.facts, self.rt, self.accum, self.B, self.prov))
         self.tracker.set_tags({"mlflow.source.git.commit": self.prov["git_sha"]})
 
     def on_step(self, step: int, values: dict) -> None:
@@ -422,7 +419,7 @@ class TimedRun:
                 s.update(status=status, error=error, val_bpb=float("nan"))
             if "warmup_seconds" not in s:  # the run ended before its warm-up did (or never began)
                 s["warmup_seconds"] = clock.wall_seconds if clock else 0.0
-            fill_summary(s, self.cfg, self.rt, clock, self.model, self.t_start)
+            fill_summary(s, self.cfg, self.rt, clock, self.facts, self.t_start)
             s.update(train_epochs=clock.tokens / self.train_tokens if clock and self.train_tokens else 0.0,
                      process_seconds=process_age())
             print(format_summary(s), flush=True)
@@ -475,8 +472,8 @@ def pick_micro_batch(cfg: TrainConfig, rt: Runtime, memory: Memory, vocab: int) 
         model.init_weights()
         opt = build_optimizer(model, cfg.optimizer)
         x = torch.randint(0, vocab, (b, T), device=rt.device)
-        train_step(model, opt, lambda: (x, x), step=0, progress=0.0, accum=1, optim_cfg=cfg.optimizer,
-                   autocast=rt.autocast)
+        train_step(model, opt, lambda: (x, x), step=0, progress=0.0, lr_mult=lr_multiplier(0.0, cfg.optimizer),
+                   accum=1, optim_cfg=cfg.optimizer, autocast=rt.autocast)
 
     key = {"model": flatten(cfg.model), "vocab": vocab, "optimizer": flatten(cfg.optimizer),
            "total_tokens": cfg.batch.total_tokens}

@@ -7,11 +7,12 @@ compiled on CUDA (fused, at flash speed), SDPA with a boolean mask elsewhere (CP
 and so the scorer's eager pass), numerically the same. This file is part of the editable
 research surface.
 
-The contract with the harness: `model(idx)` takes token ids (B, T) and returns logits
-(B, T, vocab_size), nothing else. The harness computes the loss and val_bpb from those
-logits (src/harness/evaluate.py) in its own scorer process; targets never reach the model. The
-scorer checks that the logits at a position do not depend on later tokens or on the other
-rows of the batch, and that two passes over the same input agree.
+The contract with the harness (all of it: src/research/__init__.py): `model(idx)` takes token ids
+(B, T) and returns logits (B, T, vocab_size), nothing else. The harness computes the loss and
+val_bpb from those logits (src/harness/evaluate.py) in its own scorer process; targets never reach
+the model. The scorer checks that the logits at a position do not depend on later tokens or on the
+other rows of the batch, and that two passes over the same input agree. Parameter counts and FLOPs
+are the harness's, from the config (src/harness/model_facts.py).
 
 Usage: model = GPT(GPTConfig.from_model_config(cfg.model, vocab_size)); logits = model(idx)
 """
@@ -225,22 +226,3 @@ class GPT(nn.Module):
         if self.config.softcap > 0:
             logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         return logits
-
-    def param_counts(self) -> dict[str, int]:
-        groups = {
-            "wte": self.wte.weight.numel(),
-            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
-            "lm_head": self.lm_head.weight.numel(),
-            "transformer_matrices": sum(p.numel() for p in self.blocks.parameters()),
-            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
-        }
-        groups["total"] = sum(groups.values())
-        return groups
-
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention."""
-        c = self.param_counts()
-        dense = c["total"] - c["wte"] - c["value_embeds"] - c["scalars"]
-        T = self.config.sequence_len
-        attn = sum(12 * self.config.n_head * self.config.head_dim * min(w, T) for w in self.window_sizes)
-        return 6 * dense + attn

@@ -2,10 +2,11 @@
 
 Muon for the transformer matrices: Nesterov momentum, Polar Express orthogonalization,
 NorMuon variance normalization and cautious weight decay. AdamW for embeddings,
-unembedding and scalars, its LRs scaled by 1/sqrt(width/768). Part of the editable
-research surface.
+unembedding and scalars, its LRs scaled by 1/sqrt(width/768). The LR multiplier (warm-up and
+warmdown over the budget: optimizer.warmup_ratio, warmdown_ratio, final_lr_frac) comes from the
+harness (src/harness/budget.py lr_multiplier) through train_step. Part of the editable research surface.
 
-Usage: opt = build_optimizer(model, cfg.optimizer); opt.schedule(progress, step); opt.step()
+Usage: opt = build_optimizer(model, cfg.optimizer); opt.schedule(lr_mult, progress, step, cfg.optimizer); opt.step()
 """
 from __future__ import annotations
 
@@ -91,25 +92,15 @@ class MuonAdamW(torch.optim.Optimizer):
         stacked.sub_(lr * update + lr * g["weight_decay"] * stacked * cautious)
         torch._foreach_copy_(params, list(stacked.unbind(0)))
 
-    def schedule(self, progress: float, step: int, cfg: OptimizerConfig) -> float:
-        """Set LR, weight decay and Muon momentum for budget progress in [0, 1]; return the LR multiplier."""
-        mult = lr_multiplier(progress, cfg)
+    def schedule(self, lr_mult: float, progress: float, step: int, cfg: OptimizerConfig) -> None:
+        """Set the LR to `lr_mult` (the harness's schedule at this point of the budget) times each group's initial
+        LR, decay weight decay linearly to 0 over budget progress in [0, 1], warm Muon's momentum up by step."""
         frac = min(step / max(cfg.momentum_warmup_steps, 1), 1.0)
         for g in self.param_groups:
-            g["lr"] = g["initial_lr"] * mult
+            g["lr"] = g["initial_lr"] * lr_mult
             g["weight_decay"] = g["initial_wd"] * (1 - progress)
             if g["kind"] == "muon":
                 g["momentum"] = (1 - frac) * cfg.momentum_start + frac * cfg.momentum_end
-        return mult
-
-
-def lr_multiplier(progress: float, cfg: OptimizerConfig) -> float:
-    if progress < cfg.warmup_ratio:
-        return (progress + 1e-8) / cfg.warmup_ratio
-    if progress < 1.0 - cfg.warmdown_ratio:
-        return 1.0
-    cooldown = max(1.0 - progress, 0.0) / cfg.warmdown_ratio
-    return cooldown + (1 - cooldown) * cfg.final_lr_frac
 
 
 def build_optimizer(model, cfg: OptimizerConfig) -> MuonAdamW:

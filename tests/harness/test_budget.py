@@ -9,10 +9,19 @@ import math
 
 import pytest
 
-from src.harness.budget import BudgetClock, inject_stalls, parse_stalls
-from src.harness.config import BudgetConfig
+from src.harness.budget import BudgetClock, inject_stalls, lr_multiplier, parse_stalls
+from src.harness.config import BudgetConfig, OptimizerConfig
 from tests.support.helpers import TINY_ONE_THREAD as FAST, read_summary, run_cli
 
+
+
+def test_the_lr_schedule_warms_up_holds_and_warms_down_by_budget_progress():
+    cfg = OptimizerConfig(warmup_ratio=0.1, warmdown_ratio=0.5, final_lr_frac=0.1)
+    assert lr_multiplier(0.05, cfg) == pytest.approx(0.5, rel=1e-6)
+    assert lr_multiplier(0.3, cfg) == 1.0
+    assert lr_multiplier(0.75, cfg) == pytest.approx(0.5 + 0.5 * 0.1)
+    assert lr_multiplier(1.0, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(0.0, OptimizerConfig()) == 1.0  # the default: no warm-up, warmdown over the last half
 
 class FakeTime:
     def __init__(self):

@@ -14,7 +14,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from src.harness.config import DeviceConfig
-from src.harness.device import COMPILE_CACHE_ENV, resolve, use_compile_cache
+from src.harness.device import COMPILE_CACHE_ENV, compile_model, resolve, use_compile_cache
 from src.harness.paths import cache_dir
 from tests.support.helpers import TINY, compose_train_cfg, read_summary, run_cli
 
@@ -57,6 +57,18 @@ def test_resolve_maps_the_words_to_a_runtime_on_cpu():
     rt = resolve(DeviceConfig(type="cpu", dtype=True, compile=True, peak_flops=1e9, compile_scope="blocks"))
     assert (rt.dtype, rt.compile, rt.compile_scope) == (torch.bfloat16, True, "blocks")
     assert resolve(DeviceConfig(type="cpu", compile="auto", peak_flops=1e9)).compile is False  # auto: CUDA only
+
+
+def test_compile_scope_blocks_compiles_each_repeated_block_and_nothing_else():
+    """No attribute of the model is named: every module of an nn.ModuleList directly under it is a block."""
+    from src.harness.config import ModelConfig
+    from src.research.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig.from_model_config(ModelConfig(depth=2), 257))
+    rt = resolve(DeviceConfig(type="cpu", dtype="fp32", compile=True, compile_scope="blocks", peak_flops=1e9))
+    assert compile_model(model, rt) is model  # compiled in place, lazily: nothing is traced here
+    compiled = [name for name, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled == ["blocks.0", "blocks.1"]
 
 
 def test_the_compile_cache_is_one_directory_under_the_data_cache_unless_configured(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ def tiny_step(batch: int, seq: int = 128):
     model.init_weights()
     opt = build_optimizer(model, OptimizerConfig())
     x = torch.randint(0, 257, (batch, seq))
-    train_step(model, opt, lambda: (x, x), step=0, progress=0.0, accum=1, optim_cfg=OptimizerConfig(),
+    train_step(model, opt, lambda: (x, x), step=0, progress=0.0, lr_mult=1.0, accum=1, optim_cfg=OptimizerConfig(),
                autocast=nullcontext)
 
 

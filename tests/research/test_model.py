@@ -1,4 +1,6 @@
-"""The GPT: preset parameter counts, derived widths, sliding windows and the forward contract.
+"""The GPT: derived widths, sliding windows and the forward contract.
+
+Its parameter counts and FLOPs are the harness's, from the config: tests/harness/test_model_facts.py.
 
 Run: python -m pytest -q tests/research/test_model.py
 """
@@ -9,22 +11,11 @@ import torch
 
 from src.harness.config import ModelConfig
 from src.research.model import GPT, GPTConfig
-from tests.support.helpers import compose_train_cfg
 
 
 def build(model_cfg: ModelConfig, vocab: int, device="meta") -> GPT:
     with torch.device(device):
         return GPT(GPTConfig.from_model_config(model_cfg, vocab))
-
-
-@pytest.mark.parametrize("preset,vocab,expected", [("small", 8192, 11_534_472), ("h100", 8192, 50_332_176)])
-def test_presets_have_the_reference_parameter_counts(preset, vocab, expected):
-    cfg = compose_train_cfg([f"model={preset}", "data=climbmix"])
-    assert cfg.data.vocab_size == vocab
-    counts = build(cfg.model, vocab).param_counts()
-    assert counts["total"] == expected
-    if preset == "h100":
-        assert counts["value_embeds"] == 16_777_216  # the reference's 16.8M of value embeddings
 
 
 def test_widths_derive_from_depth():

@@ -209,8 +209,8 @@ LEGIT = [
                   "            y = att.masked_fill(~causal, float('-inf')).softmax(dim=-1) @ v")),
     Patch("cosine warmdown", "schedule", "src/research/optim.py",
           both(replace("import torch\n", "import math\n\nimport torch\n"),
-               replace("    cooldown = max(1.0 - progress, 0.0) / cfg.warmdown_ratio\n",
-                       "    cooldown = 0.5 * (1 - math.cos(math.pi * max(1.0 - progress, 0.0) / cfg.warmdown_ratio))\n"))),
+               replace("            g[\"lr\"] = g[\"initial_lr\"] * lr_mult\n",  # the harness's linear ramp, cosine-shaped
+                       "            g[\"lr\"] = g[\"initial_lr\"] * 0.5 * (1 - math.cos(math.pi * lr_mult))\n"))),
     Patch("different init (lm_head std 0.002)", "init", "src/research/model.py",
           replace("nn.init.normal_(self.lm_head.weight, std=0.001)", "nn.init.normal_(self.lm_head.weight, std=0.002)")),
     Patch("gradient clipping", "step recipe", "src/research/step.py",
@@ -246,10 +246,10 @@ LEGIT = [
                   "                nn.init.trunc_normal_(m.weight, std=1 / math.sqrt(m.weight.size(-1)))\n")),
     Patch("a linear-decay schedule with functools", "schedule", "src/research/optim.py",
           both(replace("import torch\n", "import functools\n\nimport torch\n"),
-               replace("def lr_multiplier(progress: float, cfg: OptimizerConfig) -> float:\n",
+               replace("def build_optimizer(model, cfg: OptimizerConfig) -> MuonAdamW:\n",
                        "@functools.lru_cache(maxsize=None)\ndef _linear(progress: float) -> float:\n"
                        "    return max(0.0, 1.0 - progress)\n\n\n"
-                       "def lr_multiplier(progress: float, cfg: OptimizerConfig) -> float:\n"))),
+                       "def build_optimizer(model, cfg: OptimizerConfig) -> MuonAdamW:\n"))),
     Patch("a numerically different causal model (scaled residual, tanh-GELU MLP)", "causal model", A,
           both(replace("        return self.c_proj(self.act(self.c_fc(x)))",
                        "        return self.c_proj(F.gelu(self.c_fc(x), approximate='tanh'))"),
