@@ -44,3 +44,10 @@ def test_every_local_link_resolves():
 def test_the_contract_section_has_its_markers_in_order():
     text = README.read_text()
     assert 0 < text.index("<!-- contract:begin -->") < text.index("<!-- contract:end -->")
+
+
+def test_every_repo_path_a_doc_names_exists():
+    """A doc that names tests/x.py, src/y.py or bench/z.py after a move is wrong: each named file exists."""
+    for doc in [README, REPO / "program.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for path in re.findall(r"\b((?:tests|src|bench)/[\w/]+\.py)\b", doc.read_text()):
+            assert (REPO / path).exists(), f"{doc.name} names {path}, which does not exist"
