@@ -239,8 +239,8 @@ def _search(args: list[str], tmp: Path, name: str):
 def test_cli_session_pauses_at_its_cost_cap_resumes_and_leaks_no_key(tmp_path, isolated_env):
     repo = make_repo(tmp_path)  # a copy: the session's branch and worktree stay out of the real checkout
     floor = make_patch(repo, "src/research/optim.py", lambda t: t.replace(
-        "    return cooldown + (1 - cooldown) * cfg.final_lr_frac\n",
-        "    return max(cooldown + (1 - cooldown) * cfg.final_lr_frac, 0.05)\n"))
+        "            g[\"lr\"] = g[\"initial_lr\"] * lr_mult\n",
+        "            g[\"lr\"] = g[\"initial_lr\"] * max(lr_mult, 0.05)\n"))
     assert floor
     u = {"input_tokens": 100_000, "output_tokens": 1_000, "cache_creation_input_tokens": 0,
          "cache_read_input_tokens": 0}  # $0.315 a reply at $3/$15
