@@ -1,36 +1,114 @@
-"""The training budget clock: what counts as training time, and when a run is done.
+"""The training budget: device time, counted from before the research code runs, and when a run is done.
 
-Time mode counts wall-clock seconds of optimizer steps after `warmup_steps`; tokens
-mode counts tokens from the first step (a deterministic run). Part of the fixed
-harness: the research surface cannot change how long a run trains.
+`budget.seconds` (mode=time) is seconds of the run's device slot, everything included from the moment
+the harness starts the clock (before the research code is imported: model construction, weight
+initialisation, warm-up steps and every optimizer step) to the end of training:
+- CPU (`CpuTime`): CPU seconds of the training process (all of its threads, user + sys, and any child
+  process it reaped), divided by the slot's thread count. The kernel keeps that count; a second thread,
+  work hidden in an uncounted step or a stalled step cannot escape it, and a neighbour on the cores
+  lengthens a run's wall time without changing what its training costs (with OpenMP threads that sleep
+  when idle: src/harness/threads.py).
+- CUDA / MPS (`EventTime`): elapsed time between device events on the training stream since the start.
+Tokens mode counts tokens (a deterministic run); its device time is still reported.
 
-Stalls: a counted step slower than `stall_factor` x the running median of the last
-`stall_window` normal steps is a stall (the macOS article saw 400-900 s steps among
-~1.3 s ones). The clock counts a stalled step as a median step, so the model still gets
-its full budget of productive training; the excess goes to `stalled_seconds`. A hard
-wall-clock ceiling (`deadline`) still ends a run that stalls forever.
+The loop stops before a step that would not fit: when the counted time plus the median step would pass
+the budget. A run never books a step at less than it cost. Outside the process the lab's runner counts
+the same CPU time from the kernel's accounting of the whole process tree (src/harness/launch.py) and
+compares it with the budget; the start of the clock is the `overnight-clock-start` line, printed before
+any research code runs.
+
+Stalls: a step slower in wall time than `stall_factor` x the running median is a stall, reported
+(`stalled_seconds`: its wall time beyond the median). On CPU a stall costs the budget nothing (a
+descheduled process uses no CPU); on a GPU a stalled device eats the budget, so a run whose stalls took
+more than `stall_max_share` of it is marked `stalled` (re-run). A hard wall ceiling (`deadline`: seconds
+x wall_factor + wall_grace since the clock started) ends a run the machine starves (status timeout;
+the lab re-runs it and, if it stays so, calls it disturbed).
 
 The learning-rate schedule follows the same progress: `lr_multiplier` (warm-up, then warmdown to
 optimizer.final_lr_frac) is computed here and handed to the research step (src/research/step.py).
 
-Usage: clock = BudgetClock(cfg.budget, tokens_per_step); clock.tick(dt); clock.done
-       lr_mult = lr_multiplier(clock.progress, cfg.optimizer)
+Usage: device = CpuTime(threads) | EventTime("cuda"); clock = BudgetClock(cfg.budget, tokens_per_step, device)
+       clock.tick(dt); clock.done; lr_mult = lr_multiplier(clock.progress, cfg.optimizer)
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import deque
-from typing import Callable, Iterator, Optional
+from time import perf_counter, process_time  # bound when the harness is imported, before any research code
+from typing import Callable, Iterator, Optional, Protocol
 
 from src.harness.config import BudgetConfig, OptimizerConfig
 
-MIN_HISTORY = 3  # normal counted steps needed before a step can be called a stall
+MIN_HISTORY = 3  # normal steps needed before a step can be called a stall
 STALL_ENV = "OVERNIGHT_INJECT_STALL"  # fault drill: "<step>:<seconds>[,...]" sleeps inside those optimizer steps
+START_LINE = "overnight-clock-start"  # what the harness prints when the clock starts (read by the lab's runner)
+
+
+class DeviceTime(Protocol):
+    kind: str  # cpu | cuda | mps | fake
+
+    def seconds(self) -> float:
+        """Device seconds since this clock was made."""
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process: all threads, user + sys, plus the children it reaped (the kernel's count)."""
+    t = os.times()
+    return process_time() + t.children_user + t.children_system
+
+
+class CpuTime:
+    """CPU seconds of the process since the start, divided by the slot's thread count."""
+    kind = "cpu"
+
+    def __init__(self, threads: int, read: Callable[[], float] = cpu_seconds):
+        if threads < 1:
+            raise ValueError(f"a CPU slot needs at least one thread, not {threads}")
+        self.threads, self._read = threads, read
+        self.start_cpu = read()
+
+    def seconds(self) -> float:
+        return (self._read() - self.start_cpu) / self.threads
+
+
+class EventTime:
+    """CUDA / MPS: elapsed device time between an event recorded at the start and one recorded now (synchronised)."""
+
+    def __init__(self, kind: str):
+        import torch
+
+        self.kind = kind
+        self._mod = torch.cuda if kind == "cuda" else torch.mps
+        self._start = self._mod.Event(enable_timing=True)
+        self._start.record()
+
+    def seconds(self) -> float:
+        end = self._mod.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return self._start.elapsed_time(end) / 1000.0
+
+
+class FakeTime:
+    """A device clock the tests drive (and the kind a GPU clock would have): `t` seconds since the start."""
+
+    def __init__(self, kind: str = "fake"):
+        self.kind, self.t = kind, 0.0
+
+    def seconds(self) -> float:
+        return self.t
+
+
+def device_time(device_type: str, threads: int) -> DeviceTime:
+    """The budget's clock for a device: CPU time per thread on CPU, device events on CUDA and MPS."""
+    return CpuTime(threads) if device_type == "cpu" else EventTime(device_type)
 
 
 class BudgetClock:
-    def __init__(self, cfg: BudgetConfig, tokens_per_step: int, now: Callable[[], float] = time.perf_counter):
+    def __init__(self, cfg: BudgetConfig, tokens_per_step: int, device: DeviceTime,
+                 now: Callable[[], float] = perf_counter):
         if cfg.mode not in ("time", "tokens"):
             raise ValueError(f"budget.mode={cfg.mode!r}; expected 'time' or 'tokens'")
         if (cfg.seconds if cfg.mode == "time" else cfg.tokens) <= 0:
@@ -38,40 +116,46 @@ class BudgetClock:
         if cfg.stall_factor <= 1 or cfg.stall_window < MIN_HISTORY:
             raise ValueError(f"budget.stall_factor={cfg.stall_factor} must be > 1 and budget.stall_window="
                              f"{cfg.stall_window} at least {MIN_HISTORY}")
-        self.cfg = cfg
-        self.tokens_per_step = tokens_per_step
+        self.cfg, self.tokens_per_step, self.device = cfg, tokens_per_step, device
         self.step = 0  # optimizer steps taken
-        self.tokens = 0  # tokens trained on, warm-up included
-        self.training_seconds = 0.0  # counted seconds (after warm-up; a stalled step counts as a median one)
-        self.step_times: list[float] = []  # measured seconds of every counted step, stalls included
-        self.stalled_steps: list[int] = []  # step numbers of the stalls
-        self.stalled_seconds = 0.0  # seconds of stalled steps beyond the running median
-        self._recent: deque[float] = deque(maxlen=cfg.stall_window)  # normal counted step times
+        self.tokens = 0  # tokens trained on
+        self.training_seconds = device.seconds()  # counted device seconds since the clock started (model build included)
+        self.step_times: list[float] = []  # device seconds of every step after the first warmup_steps (statistics)
+        self.stalled_steps: list[int] = []  # step numbers of the stalls (wall time)
+        self.stalled_seconds = 0.0  # wall seconds of stalled steps beyond the running median
+        self._recent: deque[float] = deque(maxlen=cfg.stall_window)  # wall times of normal steps
+        self._recent_device: deque[float] = deque(maxlen=cfg.stall_window)  # device times of the steps after warm-up
+        self._last_device = 0.0  # device seconds of the last step
         self._now = now
-        self._t0 = now()  # the wall clock starts with the clock (the first step)
-        self.wall_seconds = 0.0  # wall seconds from the start to the end of the last step, stalls included
-        self.deadline = cfg.max_wall_seconds  # hard ceiling on wall seconds since the first step
+        self._t0 = now()
+        self.wall_seconds = 0.0  # wall seconds from the clock's start to the end of the last step
+        self.deadline = cfg.max_wall_seconds  # hard ceiling on wall seconds since the clock started
         if self.deadline is None and cfg.mode == "time":
             self.deadline = cfg.seconds * cfg.wall_factor + cfg.wall_grace
 
     def tick(self, dt: float, tokens: Optional[int] = None) -> bool:
-        """Record one finished optimizer step that took `dt` seconds and trained on `tokens` (default: the
-        configured tokens per step); True if it was a stall."""
+        """Record one finished optimizer step that took `dt` wall seconds and trained on `tokens` (default: the
+        configured tokens per step); its device time is read from the device clock. True if it was a stall."""
         self.step += 1
         self.tokens += self.tokens_per_step if tokens is None else tokens
         self.wall_seconds = self._now() - self._t0
+        now = self.device.seconds()
+        self._last_device, self.training_seconds = now - self.training_seconds, now
         if self.step <= self.cfg.warmup_steps:
             return False
-        self.step_times.append(dt)
+        self.step_times.append(self._last_device)
+        self._recent_device.append(self._last_device)
         median = statistics.median(self._recent) if len(self._recent) >= MIN_HISTORY else None
         if median is not None and dt > self.cfg.stall_factor * median:
             self.stalled_steps.append(self.step)
             self.stalled_seconds += dt - median
-            self.training_seconds += median
             return True
         self._recent.append(dt)
-        self.training_seconds += dt
         return False
+
+    def next_step(self) -> float:
+        """Device seconds the next step is expected to take: the running median (the last step during warm-up)."""
+        return statistics.median(self._recent_device) if self._recent_device else self._last_device
 
     def elapsed(self) -> float:
         """Wall seconds since the clock started, now (the watchdog's view of a step that never ends)."""
@@ -87,7 +171,10 @@ class BudgetClock:
 
     @property
     def stalled(self) -> bool:
-        """Stalls ate more than `stall_max_share` of the budget: the run should be re-run."""
+        """On a GPU, stalls ate more than `stall_max_share` of the budget: the run should be re-run. (On CPU a stall
+        costs no budget: the process is not running.)"""
+        if self.device.kind == "cpu":
+            return False
         budget = self.cfg.seconds if self.cfg.mode == "time" else self.training_seconds
         return self.stalled_seconds > self.cfg.stall_max_share * budget
 
@@ -99,13 +186,26 @@ class BudgetClock:
         return min(self.training_seconds / self.cfg.seconds, 1.0)
 
     @property
+    def spent(self) -> bool:
+        """The budget is used up: the tokens are trained, or (time) the next step would not fit."""
+        if self.cfg.mode == "tokens":
+            return self.tokens >= self.cfg.tokens
+        return self.training_seconds + self.next_step() > self.cfg.seconds
+
+    @property
     def tokens_per_sec(self) -> float:
-        """Throughput over the counted (post-warm-up) steps."""
-        return len(self.step_times) * self.tokens_per_step / self.training_seconds if self.training_seconds else 0.0
+        """Throughput over the steps after warm-up, per device second."""
+        s = sum(self.step_times)
+        return len(self.step_times) * self.tokens_per_step / s if s > 0 else 0.0
+
+    @property
+    def wall_ratio(self) -> float:
+        """Wall seconds per counted device second (1 on an idle device; more when the machine is shared)."""
+        return self.wall_seconds / self.training_seconds if self.training_seconds > 0 else 0.0
 
     @property
     def done(self) -> bool:
-        return self.progress >= 1.0 or self.timed_out
+        return self.spent or self.timed_out
 
 
 def parse_stalls(spec: str) -> dict[int, float]:

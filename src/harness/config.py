@@ -138,14 +138,15 @@ class DataConfig:
 @dataclass
 class BudgetConfig:
     mode: str = "time"  # time | tokens
-    seconds: float = 120.0  # training seconds (mode=time); warm-up steps are not counted
+    seconds: float = 120.0  # device seconds (mode=time): CPU seconds / threads on CPU, device time on a GPU, everything
+                            # from before the model is built to the written checkpoint (src/harness/budget.py)
     tokens: int = 2_000_000  # training tokens (mode=tokens): a deterministic run
-    warmup_steps: int = 3  # first optimizer steps, not counted (allocator, compile)
+    warmup_steps: int = 3  # first optimizer steps left out of the step-time statistics (allocator, compile); counted in the budget
     max_nan_loss: float = 50.0  # a loss above this (or NaN/inf) fails the run fast
     stall_factor: float = 5.0  # a step slower than stall_factor x the running median step time is a stall
     stall_window: int = 50  # steps in the running median
-    stall_max_share: float = 0.25  # stalled seconds above this share of the budget mark the run `stalled`
-    wall_factor: float = 3.0  # hard ceiling (mode=time): training stops after seconds * wall_factor + wall_grace wall seconds
+    stall_max_share: float = 0.25  # GPU: stalled seconds above this share of the budget mark the run `stalled`
+    wall_factor: float = 3.0  # hard ceiling (mode=time): a run still training after seconds * wall_factor + wall_grace wall seconds stops (timeout: the machine starved it)
     wall_grace: float = 60.0  # ... and a step stuck that much past the ceiling ends the process (status timeout)
     max_wall_seconds: Optional[float] = None  # explicit ceiling for either mode; None = the formula above (time), none (tokens)
 

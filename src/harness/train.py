@@ -28,29 +28,43 @@ import threading
 import time
 from pathlib import Path
 from time import perf_counter  # bound before the research code is imported: it cannot slow our clock
+from types import SimpleNamespace
 
-import torch
+from src.harness import threads
+
+threads.apply()  # how OpenMP threads wait, before torch is imported (src/harness/threads.py)
+import torch  # noqa: E402
 
 # the harness first ...
-from src.harness.budget import STALL_ENV, BudgetClock, inject_stalls, lr_multiplier
+from src.harness.budget import START_LINE, STALL_ENV, BudgetClock, DeviceTime, device_time, inject_stalls, lr_multiplier
 from src.harness.config import TrainConfig
 from src.harness.data import load_prepared, train_batches
 from src.harness.device import Runtime, compile_model, process_age, resolve
+from src.harness.launch import FREEZE_ENV
 from src.harness.memory import Memory, cache_path, candidates, is_oom, oom_message
 from src.harness.model_facts import ModelFacts, model_facts
 from src.harness.paths import REPO
 from src.harness.provenance import provenance
+from src.harness.sandbox import install as install_sandbox
 from src.harness.score import CHECKPOINT, Scorer, apply_verdict, library_changes, library_snapshot, save_checkpoint
 from src.harness.status import CRASH, DRY_RUN, KILLED, NAN, OK, OOM, STALLED, TAMPERED, TIMEOUT
 from src.harness.sweep import job_run_name
 from src.harness.tracking import Tracker, TrackingError, flatten
 
-HARNESS_MODULES = ("time", "src.harness.budget", "src.harness.data", "src.harness.model_facts", __name__)
+HARNESS_MODULES = ("time", "os", "signal", "src.harness.budget", "src.harness.data", "src.harness.model_facts",
+                   "src.harness.launch", __name__)
 _HARNESS = library_snapshot(extra=HARNESS_MODULES)
-# ... then the research surface: all it is asked for is the research contract (src/research/__init__.py)
-from src.research.model import GPT, GPTConfig  # noqa: E402
-from src.research.optim import build_optimizer  # noqa: E402
-from src.research.step import train_step  # noqa: E402
+RESEARCH_DIR = REPO / "src" / "research"
+
+
+def research() -> SimpleNamespace:
+    """The research surface: all the harness asks of it is the research contract (src/research/__init__.py).
+    Imported only once the budget clock runs (TimedRun.start_clock): importing it runs research code."""
+    from src.research.model import GPT, GPTConfig
+    from src.research.optim import build_optimizer
+    from src.research.step import train_step
+
+    return SimpleNamespace(GPT=GPT, GPTConfig=GPTConfig, build_optimizer=build_optimizer, train_step=train_step)
 
 log = logging.getLogger("src.train")
 SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
@@ -123,7 +137,7 @@ def quantiles(xs: list[float]) -> dict:
 
 
 def train_loop(model, opt, batches, clock: BudgetClock, cfg: TrainConfig, rt: Runtime, accum: int, on_step=None,
-               memory: Memory | None = None):
+               memory: Memory | None = None, train_step=None):
     """Train until the budget clock says done, one `train_step` (src/research/step.py) at a time, each timed here.
 
     Raises RunFailed on NaN or exploding loss. The tokens of a step are those the recipe actually drew.
@@ -146,6 +160,7 @@ def train_loop(model, opt, batches, clock: BudgetClock, cfg: TrainConfig, rt: Ru
         return x, y
 
     guard = memory.guard if memory is not None else contextlib.nullcontext
+    train_step = train_step or research().train_step
     model.train()
     while not clock.done:
         drawn[0] = 0
@@ -168,10 +183,10 @@ def train_loop(model, opt, batches, clock: BudgetClock, cfg: TrainConfig, rt: Ru
         if on_step is not None:
             on_step(clock.step, dict(loss=loss_f, lr_mult=lr_mult, step_time=dt, tokens_per_sec=drawn[0] / dt))
     bar.close()
-    if clock.progress < 1.0:  # done without the budget spent: the wall-clock ceiling
+    if not clock.spent:  # done without the budget spent: the wall-clock ceiling
         raise RunFailed(TIMEOUT, f"hard wall-clock ceiling of {clock.deadline:.0f} s hit after "
-                                   f"{clock.training_seconds:.1f} counted training seconds and {clock.stalls} stalls "
-                                   f"({clock.stalled_seconds:.0f} s): the device is stalling; re-run the experiment")
+                                   f"{clock.training_seconds:.1f} counted device seconds and {clock.stalls} stalls "
+                                   f"({clock.stalled_seconds:.0f} s): the machine is starving the run; re-run it")
 
 
 @contextlib.contextmanager
@@ -234,7 +249,8 @@ def fill_summary(summary: dict, cfg: TrainConfig, rt: Runtime, clock: BudgetCloc
         depth=cfg.model.depth, tokens_per_sec=clock.tokens_per_sec if clock else 0.0,
         **quantiles(clock.step_times if clock else []),
         stalls=clock.stalls if clock else 0, stalled_seconds=clock.stalled_seconds if clock else 0.0,
-        train_wall_seconds=clock.wall_seconds if clock else 0.0, stalled_steps=clock.stalled_steps if clock else [])
+        train_wall_seconds=clock.wall_seconds if clock else 0.0, stalled_steps=clock.stalled_steps if clock else [],
+        wall_ratio=clock.wall_ratio if clock else 0.0)
 
 
 def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
@@ -248,8 +264,9 @@ def dry_run(cfg: TrainConfig) -> dict:
     """Build the model on the meta device (its own checks of the knobs) and print what it is: no data, no training."""
     rt = resolve(cfg.device)
     _, accum = derive_batch(cfg)
+    r = research()
     with torch.device("meta"):
-        GPT(GPTConfig.from_model_config(cfg.model, cfg.data.vocab_size))
+        r.GPT(r.GPTConfig.from_model_config(cfg.model, cfg.data.vocab_size))
     facts = model_facts(cfg.model, cfg.data.vocab_size)
     print(describe(facts, cfg, accum))
     print(runtime_line(rt))
@@ -285,6 +302,8 @@ class TimedRun:
                         "grad_accum_steps": self.accum, "device_batch_size": self.B,
                         **{k: v for k, v in self.prov.items() if k != "versions"}, "mlflow_run_id": None}
         self.model = self.clock = self.facts = None
+        self.device: DeviceTime | None = None  # the budget's clock, started before any research code runs
+        self.research: SimpleNamespace | None = None
         self.train_tokens = 0
         self.harness = _HARNESS  # the library snapshot the end of the run is checked against
         self._lock, self._result = threading.Lock(), {}
@@ -293,6 +312,8 @@ class TimedRun:
         try:
             with killed_by_signals():
                 self.tracker.start()  # checks the store now; imports mlflow and opens it in the background
+                if self.rt.device.type == "cpu":  # on CPU that import would be CPU time of the budget: before it
+                    self.tracker.wait_ready()
                 opt, fwd, batches = self.build()
                 self.train(fwd, opt, batches)
                 self.checkpoint_and_score()
@@ -323,18 +344,19 @@ class TimedRun:
         self.train_tokens = len(data.train)
         if cfg.budget.mode == "tokens":
             warn_epochs(cfg.budget.tokens, len(data.train))
+        r = self.start_clock()
         if cfg.batch.device_tokens == "auto":
             B = pick_micro_batch(cfg, rt, self.memory, vocab)
             torch.manual_seed(cfg.seed)  # the probe drew random numbers: the run starts as if it had not
             cfg.batch.device_tokens = B * cfg.model.sequence_len
             self.B, self.accum = derive_batch(cfg)
             self.summary.update(grad_accum_steps=self.accum, device_batch_size=self.B, device_tokens_auto=True)
-        model = self.model = GPT(GPTConfig.from_model_config(cfg.model, vocab)).to(rt.device)
+        model = self.model = r.GPT(r.GPTConfig.from_model_config(cfg.model, vocab)).to(rt.device)
         model.init_weights()
         self.facts = model_facts(cfg.model, vocab)
         log.info("%s", describe(self.facts, cfg, self.accum))
         log.info("%s", runtime_line(rt))
-        opt = build_optimizer(model, cfg.optimizer)
+        opt = r.build_optimizer(model, cfg.optimizer)
         if rt.compile:
             self.harness = prime_compiler(_HARNESS)
         fwd = compile_model(model, rt)
@@ -345,6 +367,20 @@ class TimedRun:
             batches = inject_stalls(batches, self.accum, os.environ[STALL_ENV])
         return opt, fwd, batches
 
+    def start_clock(self) -> SimpleNamespace:
+        """Start the budget's device clock, say so on stdout (the lab's runner counts from this line), close the
+        sandbox, and only then import the research surface: everything it does from here on is counted."""
+        n = torch.get_num_threads()
+        if hasattr(os, "sched_getaffinity"):
+            n = min(n, len(os.sched_getaffinity(0)))
+        self.device = device_time(self.rt.device.type, max(1, n))
+        start = getattr(self.device, "start_cpu", 0.0)
+        print(f"{START_LINE} cpu_seconds={start:.6f} threads={max(1, n)} device={self.device.kind}", flush=True)
+        self.summary.update(budget_clock=self.device.kind, budget_threads=max(1, n))
+        install_sandbox(RESEARCH_DIR)
+        self.research = research()
+        return self.research
+
     def train(self, fwd, opt, batches) -> None:
         """The budgeted loop, under the wall-clock watchdog; `stalled` when stalls ate too much of it."""
         cfg = self.cfg
@@ -352,21 +388,22 @@ class TimedRun:
             log.warning("the scorer process did not finish starting within 60 s; training starts anyway")
         self.rt.reset_peak_memory()
         self.summary["startup_seconds"] = process_age()  # process start to the first step: imports, data, model, probe
-        clock = self.clock = BudgetClock(cfg.budget, cfg.batch.total_tokens)
+        clock = self.clock = BudgetClock(cfg.budget, cfg.batch.total_tokens, self.device)
         watchdog = threading.Timer(clock.deadline + cfg.budget.wall_grace, self.on_stuck) if clock.deadline else None
         if watchdog:
             watchdog.daemon = True
             watchdog.start()
         try:
             train_loop(fwd, opt, batches, clock, cfg, self.rt, self.accum, self.on_step,
-                       self.memory if self.memory.simulated else None)
+                       self.memory if self.memory.simulated else None, self.research.train_step)
         finally:
             if watchdog:
                 watchdog.cancel()
         if clock.stalled:
             self.summary.update(status=STALLED, error=(
-                f"{clock.stalls} stalls took {clock.stalled_seconds:.1f} s, more than budget.stall_max_share="
-                f"{cfg.budget.stall_max_share} of the budget: the score is suspect; re-run the experiment"))
+                f"{clock.stalls} stalls took {clock.stalled_seconds:.1f} s of the device, more than "
+                f"budget.stall_max_share={cfg.budget.stall_max_share} of the budget: the score is suspect; re-run "
+                "the experiment"))
 
     def checkpoint_and_score(self) -> None:
         """Check that the harness was left alone, save the checkpoint, and (score=process) have it scored."""
@@ -377,7 +414,10 @@ class TimedRun:
         t0 = time.time()
         ckpt = save_checkpoint((self.out_dir or Path(tempfile.mkdtemp())) / CHECKPOINT, self.model,
                                config_dict(self.cfg), self.rt.device.type, self.rt.dtype_name)
-        self.summary.update(checkpoint=str(ckpt), checkpoint_seconds=time.time() - t0)
+        self.summary.update(checkpoint=str(ckpt), checkpoint_seconds=time.time() - t0,
+                            device_seconds=self.device.seconds())  # the clock stops with the checkpoint written
+        if os.environ.get(FREEZE_ENV) == "1":  # the launcher counts the process tree and copies the checkpoint
+            os.kill(os.getpid(), signal.SIGSTOP)
         if self.scorer is not None:
             score(self.scorer, ckpt, self.summary)
 
@@ -392,7 +432,7 @@ class TimedRun:
     def on_step(self, step: int, values: dict) -> None:
         clock, cfg = self.clock, self.cfg
         if step == cfg.budget.warmup_steps:
-            self.summary["warmup_seconds"] = clock.wall_seconds  # compilation and the first (uncounted) steps
+            self.summary["warmup_seconds"] = clock.wall_seconds  # compilation and the first steps (counted; not in the step statistics)
             if self.tracker.enabled:
                 self.tracking_ready()
         if len(clock.step_times) == 1 and cfg.budget.mode == "time":  # the first step after warm-up: a throughput
@@ -465,14 +505,15 @@ def warn_epochs(tokens: float, train_tokens: int) -> None:
 def pick_micro_batch(cfg: TrainConfig, rt: Runtime, memory: Memory, vocab: int) -> int:
     """batch.device_tokens=auto: the most sequences per micro-batch whose training step fits (src/harness/memory.py),
     probed on a throwaway model with the run's own model, optimizer and step recipe."""
-    T, gcfg = cfg.model.sequence_len, GPTConfig.from_model_config(cfg.model, vocab)
+    r = research()
+    T, gcfg = cfg.model.sequence_len, r.GPTConfig.from_model_config(cfg.model, vocab)
 
     def try_step(b: int) -> None:
-        model = GPT(gcfg).to(rt.device)
+        model = r.GPT(gcfg).to(rt.device)
         model.init_weights()
-        opt = build_optimizer(model, cfg.optimizer)
+        opt = r.build_optimizer(model, cfg.optimizer)
         x = torch.randint(0, vocab, (b, T), device=rt.device)
-        train_step(model, opt, lambda: (x, x), step=0, progress=0.0, lr_mult=lr_multiplier(0.0, cfg.optimizer),
+        r.train_step(model, opt, lambda: (x, x), step=0, progress=0.0, lr_mult=lr_multiplier(0.0, cfg.optimizer),
                    accum=1, optim_cfg=cfg.optimizer, autocast=rt.autocast)
 
     key = {"model": flatten(cfg.model), "vocab": vocab, "optimizer": flatten(cfg.optimizer),

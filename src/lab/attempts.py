@@ -1,9 +1,11 @@
 """Running one configuration until a run stands: the re-runs of `stalled` and of disturbed runs.
 
 A configuration is a commit run with (or without) the session's committed preset. Its run is
-re-run when train marks it `stalled` (search.stall_retries) and when its throughput shows that
-the machine was busy (src/lab/disturbance.py; search.disturbed_retries); when every attempt was
-disturbed the outcome's status becomes `disturbed` and nothing may be decided on it. Each
+re-run when train marks it `stalled` or it is starved past its wall ceiling (`timeout`; both
+search.stall_retries) and when its throughput shows that the machine was busy
+(src/lab/disturbance.py; search.disturbed_retries); when every attempt was stalled, starved or
+disturbed the outcome's status becomes `disturbed` and nothing may be decided on it: a slow
+machine is never the code's fault (never `crash`, never `tampered`). Each
 attempt has its own run directory and MLflow run (exp-004, exp-004-a2, ...); the ones that do
 not stand are tagged with why.
 
@@ -20,12 +22,11 @@ from typing import TYPE_CHECKING, Optional
 from src.lab import candidate
 from src.lab.context import Lab
 from src.lab.disturbance import Judgement, Throughput, judge
-from src.lab.integrity import clock_mismatch
 from src.lab.ledger import Experiment
 from src.lab.proposal import merge_overrides
 from src.lab.runner import Outcome, attempt_name
 from src.lab.session import InFlight
-from src.lab.decisions import BASELINE, DISTURBED, OK, STALLED, TAMPERED
+from src.lab.decisions import BASELINE, DISTURBED, OK, STALLED, TIMEOUT
 
 if TYPE_CHECKING:
     from src.lab.workers import Worker
@@ -104,17 +105,20 @@ class Attempts:
             attempt += 1
             run_name = attempt_name(name, attempt)
             out = self._launch(run_name, attempt, commit, args, flight)
-            why = clock_mismatch(out, rows, s) if out.status in (OK, STALLED) else ""
-            if why:  # the runner's own wall time cannot back the counted training time
-                out.status, out.note = TAMPERED, why
-                out.summary["error"] = why
-            if out.status == STALLED and len(stalled) < s.stall_retries:
-                stalled.append(f"{run_name} stalled: {out.error_line}")
-                log.warning("%s stalled (%s); re-running (%d of %d)", run_name, out.error_line, len(stalled),
+            if out.status in (STALLED, TIMEOUT):  # the machine's doing, never the code's: re-run, then undecided
+                what = "stalled" if out.status == STALLED else "starved past its wall ceiling"
+                stalled.append(f"{run_name} {what}: {out.error_line}")
+                if len(stalled) <= s.stall_retries:
+                    log.warning("%s %s (%s); re-running (%d of %d)", run_name, what, out.error_line, len(stalled),
+                                s.stall_retries)
+                    with lab.lock:
+                        lab.runs.mark_attempt(run_name, out, f"{what}, re-run")
+                    continue
+                log.warning("%s %s again (search.stall_retries=%d spent): nothing is decided on it", run_name, what,
                             s.stall_retries)
-                with lab.lock:
-                    lab.runs.mark_attempt(run_name, out, "stalled, re-run")
-                continue
+                notes.append(stalled.pop())
+                out.status, out.note = DISTURBED, notes[-1]
+                return Attempt(out, attempt, disturbed=notes, stalled=stalled)
             a = Attempt(out, attempt, disturbed=notes, stalled=stalled)
             if out.status != OK:
                 return a

@@ -126,7 +126,7 @@ class SearchConfig:
     confirm_min_dof: int = 10  # the noise estimate counts as weak below this many degrees of freedom
     confirm_pairs: int = 1  # back-to-back (best, candidate) re-runs per confirmation (2 while sigma has < 2 dof)
     confirm_alpha: float = 0.05  # the paired t-test's one-sided level: its false-keep rate under no real change
-    stall_retries: int = 1  # a run marked `stalled` is re-run this many times
+    stall_retries: int = 1  # a run marked `stalled`, or starved past its wall ceiling (timeout), is re-run this many times; then it is `disturbed`
     disturbed_factor: float = 2.0  # a run this many times slower than the session's fastest of its shape is disturbed
     disturbed_factor_new_shape: float = 3.0  # a shape not run yet: its MFU this many times below the session's best
     disturbed_retries: int = 2  # a disturbed run is re-run this many times before its experiment is left undecided
@@ -144,8 +144,10 @@ class SearchConfig:
     env_keep: List[str] = field(default_factory=list)  # exceptions to env_strip (e.g. MLFLOW_TRACKING_TOKEN)
     progress: bool = True  # progress bar over experiments
     contract: ContractConfig = field(default_factory=ContractConfig)  # what the editable files may do
-    clock_factor: float = 3.0  # a run's fixed cost (wall - counted seconds) may be this x the baseline's ...
-    clock_slack_s: float = 60.0  # ... or the baseline's + this many seconds; beyond both the run is `tampered`
+    # the device time of a run, counted from outside (src/harness/launch.py), may pass budget.seconds by this much
+    # (the last step's variance and the checkpoint write); beyond it the run is `tampered` (src/lab/integrity.py)
+    device_allowance_s: float = 0.25
+    device_allowance_share: float = 0.02
     plausible_gain: float = 0.5  # a gain over the best beyond this (bpb; 120-s CPU TPE gains were 0.16-0.24) ...
     plausible_factor: float = 5.0  # ... and beyond this x the largest kept gain is re-scored and re-run first
     keep_checkpoints: str = "best"  # checkpoints kept once an experiment is decided: all | best (kept + baselines) | none
@@ -169,8 +171,8 @@ KNOB_RANGES = {
     "disturbed_factor_new_shape": (lambda v, s: v > 1, "> 1"),
     "disturbed_retries": (lambda v, s: v >= 0, ">= 0"),
     "stall_retries": (lambda v, s: v >= 0, ">= 0"),
-    "clock_factor": (lambda v, s: v >= 1, ">= 1"),
-    "clock_slack_s": (lambda v, s: v >= 0, ">= 0"),
+    "device_allowance_s": (lambda v, s: v >= 0, ">= 0"),
+    "device_allowance_share": (lambda v, s: 0 <= v <= 1, "in [0, 1]"),
     "plausible_gain": (lambda v, s: v > 0, "> 0 (bpb)"),
     "plausible_factor": (lambda v, s: v >= 1, ">= 1"),
     "keep_checkpoints": (lambda v, s: v in ("all", "best", "none"), "all, best or none"),

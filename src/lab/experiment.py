@@ -36,7 +36,7 @@ from src.lab.decision import decide, weak
 from src.lab.integrity import implausible
 from src.lab.ledger import Experiment
 from src.lab.proposal import InvalidProposal, Proposal, merge_overrides
-from src.lab.runner import Outcome, RunInterrupted
+from src.lab.runner import FROZEN, Outcome, RunInterrupted
 from src.harness.score import CHECKPOINT
 from src.lab.session import InFlight
 from src.lab.standings import Standings
@@ -342,6 +342,7 @@ def prune_checkpoints(runs_dir: Path, exp: str, status: str, policy: str) -> Non
         return
     for run in [runs_dir / exp, *runs_dir.glob(f"{exp}-*")]:
         (run / CHECKPOINT).unlink(missing_ok=True)
+        (run / FROZEN).unlink(missing_ok=True)
 
 
 def log_row(e: Experiment) -> None:

@@ -1,10 +1,14 @@
-"""What the lab checks of a scored run beyond the scorer: the clock, seen from outside, and plausibility.
+"""What the lab checks of a scored run beyond the scorer: the budget, counted from outside, and plausibility.
 
-The clock: the runner measures how long the train process lived. A run's counted training
-seconds plus its fixed cost (start-up, warm-up, checkpoint) must fit in that; the fixed cost of
-a run may exceed the baseline's by `search.clock_factor` times or `search.clock_slack_s`
-seconds, whichever is more. A run whose counted time cannot be reconciled with what the runner
-saw trained longer than its budget: `tampered`.
+The budget: every run is launched by src/harness/launch.py, the subreaper of its whole process tree.
+When the training process has written its checkpoint it stops itself; with the tree stopped the
+launcher reads the tree's CPU seconds from the kernel and copies the checkpoint (what is scored, by
+its sha256). On CPU the run's device time is those CPU seconds, from the clock's start (the
+`overnight-clock-start` line the harness prints before any research code runs) to the freeze,
+divided by the slot's threads; it may exceed the session's budget by `search.device_allowance_s`
+plus `search.device_allowance_share` of it (the last step's variance and the checkpoint write),
+no more. Beyond that the run trained outside its budget: `tampered`, with the figures. A slow or
+shared machine only lengthens wall time, which is never held against a run.
 
 Plausibility: a val_bpb below the data set's floor (`data.bpb_floor`), or a gain over the best
 far beyond anything the session has kept (`search.plausible_gain` bpb, or
@@ -12,54 +16,87 @@ far beyond anything the session has kept (`search.plausible_gain` bpb, or
 scored again in a fresh scorer process (a different score is `tampered`) and the candidate is run
 again, paired with the best, before it can be kept.
 
-Usage: why = clock_mismatch(outcome, rows, cfg.search); why = implausible(val, best, rows, cfg.search, floor)
+Usage: why = device_overrun(outcome.launch, clock_start(run_log), budget, cores)
+       why = implausible(val, best, rows, cfg.search, floor)
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
+from src.harness.budget import START_LINE
 from src.lab.config import SearchConfig
 from src.lab.ledger import Experiment
-from src.lab.decisions import BASELINE, KEEP
+from src.lab.decisions import KEEP
 
-if TYPE_CHECKING:  # the runner imports overcounted() from here
-    from src.lab.runner import Outcome
-
-
-def fixed_costs(rows: list[Experiment]) -> list[float]:
-    """Wall seconds minus counted training seconds of every baseline run (the session's fixed cost per run)."""
-    return [e.wall_seconds - e.training_seconds for e in rows
-            if e.status == BASELINE and e.wall_seconds is not None and e.training_seconds is not None]
+START_RE = re.compile(rf"^{START_LINE} cpu_seconds=([0-9.]+) threads=(\d+) device=(\w+)\s*$", re.M)
 
 
-def overcounted(summary: dict, wall_seconds: float) -> str:
-    """'' unless the run counted more training seconds than its process lived (the runner's wall time)."""
-    counted = summary.get("training_seconds")
-    if isinstance(counted, (int, float)) and wall_seconds and counted > wall_seconds + 1.0:
-        return (f"the run counted {counted:.1f} s of training in a process that lived {wall_seconds:.1f} s "
-                "(measured by the runner)")
+@dataclass(frozen=True)
+class DeviceBudget:
+    """The session's time budget as the runner checks it."""
+    seconds: float
+    allowance_s: float = 0.25
+    allowance_share: float = 0.02
+
+    @property
+    def allowed(self) -> float:
+        return self.seconds * (1 + self.allowance_share) + self.allowance_s
+
+
+def clock_start(run_log: Path) -> Optional[dict]:
+    """The first clock-start line of a run's log (printed before any research code could print one), or None."""
+    try:
+        with open(run_log, "rb") as f:
+            head = f.read(4 << 20).decode(errors="replace")
+    except OSError:
+        return None
+    m = START_RE.search(head)
+    return {"cpu_seconds": float(m.group(1)), "threads": int(m.group(2)), "device": m.group(3)} if m else None
+
+
+def device_overrun(launch: dict, start: Optional[dict], budget: DeviceBudget, cores: int) -> str:
+    """'' when the run's device time, counted from outside, fits the budget; else why not (the run is tampered).
+    Only CPU runs are counted this way; on a GPU the in-process event clock is all there is."""
+    freeze = launch.get("freeze")
+    if not freeze:
+        return ("the training process ended without stopping at its checkpoint, so its compute could not be "
+                "counted (the harness always stops there): the research code kept the harness from finishing")
+    if start is None:
+        return "the run's log has no clock-start line (the harness prints it before any research code runs)"
+    if start["device"] != "cpu":
+        return ""
+    threads = max(1, min(start["threads"], cores))
+    used = (freeze["cpu"] - start["cpu_seconds"]) / threads
+    if used > budget.allowed:
+        extra = f", {freeze['processes'] - 1} other processes in the tree" if freeze.get("processes", 1) > 1 else ""
+        return (f"the run used {used:.2f} device seconds ({freeze['cpu'] - start['cpu_seconds']:.2f} CPU seconds of its "
+                f"process tree on {threads} threads, counted by the launcher from the clock's start to the checkpoint"
+                f"{extra}), more than the budget of {budget.seconds:g} s + the allowance ({budget.allowed:.2f} s: "
+                "search.device_allowance_s, search.device_allowance_share): it trained outside its budget")
     return ""
 
 
-def clock_mismatch(out: "Outcome", rows: list[Experiment], s: SearchConfig) -> str:
-    """'' when the run's counted time fits what the runner observed, else why it does not."""
-    counted = out.summary.get("training_seconds")
-    if not isinstance(counted, (int, float)) or not out.wall_seconds:
-        return ""
-    why = overcounted(out.summary, out.wall_seconds)
-    if why:
-        return why
-    costs = fixed_costs(rows)
-    if not costs:
-        return ""
-    base = max(costs)
-    allowed = max(base * s.clock_factor, base + s.clock_slack_s)
-    cost = out.wall_seconds - counted
-    if cost > allowed:
-        return (f"the run's process lived {out.wall_seconds:.1f} s for {counted:.1f} counted training seconds: "
-                f"{cost:.1f} s unaccounted for, more than the {allowed:.1f} s allowed (the baseline's fixed cost "
-                f"{base:.1f} s x search.clock_factor={s.clock_factor}, or + search.clock_slack_s="
-                f"{s.clock_slack_s}); the budget clock was slowed or the run trained outside it")
+def frozen_mismatch(launch: dict, frozen: Path) -> str:
+    """'' when the launcher's copy of the checkpoint is what it copied at the freeze; else why not."""
+    freeze = launch.get("freeze")
+    if not freeze:
+        return ""  # no freeze at all: device_overrun says why
+    if not freeze.get("sha256"):
+        return ("the training process stopped before its checkpoint was written (the harness stops only after "
+                "writing it): what it trained after that stop would not have been counted")
+    try:
+        h = hashlib.sha256()
+        with open(frozen, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError as e:
+        return f"the frozen checkpoint is gone ({e}): something of the run removed it after the freeze"
+    if h.hexdigest() != freeze["sha256"]:
+        return "the frozen checkpoint was changed after the freeze: something of the run wrote to it"
     return ""
 
 

@@ -29,6 +29,7 @@ from src.lab.baseline import run_baseline
 from src.lab.config import SearchAppConfig, check_search
 from src.lab.context import Lab
 from src.lab.experiment import new_row
+from src.lab.integrity import DeviceBudget
 from src.lab.ledger import Ledger
 from src.lab.preflight import code_at, preflight
 from src.lab.proposal import override_key
@@ -121,7 +122,16 @@ class Search:
             folder = launcher.folder or (str(self.session.dir / "submitit") if self.session is not None else None)
             return SubmititRunner(cwd, s.env_strip, s.env_keep, command=self.train_command, extra_env=env,
                                   launcher=launcher, folder=folder)
-        return Runner(cwd, s.env_strip, s.env_keep, command=self.train_command, extra_env=env, cpus=cpus)
+        return Runner(cwd, s.env_strip, s.env_keep, command=self.train_command, extra_env=env, cpus=cpus,
+                      budget=self.device_budget())
+
+    def device_budget(self) -> Optional[DeviceBudget]:
+        """The session's time budget as each run's device time is checked against it (tokens mode: not checked)."""
+        b = self.lab.base_config.budget if self.lab is not None else None
+        if b is None or b.mode != "time":
+            return None
+        s = self.cfg.search
+        return DeviceBudget(b.seconds, s.device_allowance_s, s.device_allowance_share)
 
     def _restore(self, st) -> None:
         """A resume keeps the session's train overrides, search knobs, agent and search space; what this command

@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from src.lab.config import ENV_STRIP
-from src.lab.integrity import overcounted
+from src.lab.integrity import DeviceBudget, clock_start, device_overrun, frozen_mismatch
 from src.lab.session import atomic_write
 from src.harness.pinning import pin
 from src.harness.score import CHECKPOINT, Scorer, apply_verdict
 from src.lab.decisions import CRASH, INTERRUPTED, OK, STALLED, TAMPERED, TIMEOUT
 
 ALWAYS_STRIP = ("MLFLOW_RUN_ID",)  # would attach the child to whatever run the parent has open
+FROZEN = "checkpoint.frozen.pt"  # the launcher's copy of the checkpoint at the freeze: what is scored
 
 
 @dataclass
@@ -42,6 +43,12 @@ class Outcome:
     wall_seconds: float = 0.0
     log_tail: str = ""  # last lines of the run's output, kept for crashes
     note: str = ""  # why the runner decided the status (timeout after N s, no summary.json, ...)
+    launch: Optional[dict] = None  # the launcher's report (src/harness/launch.py): the tree's CPU time, the freeze
+
+    @property
+    def checkpoint(self) -> Path:
+        """What is scored: the launcher's copy at the freeze when there is one, else the run's own checkpoint."""
+        return self.run_dir / (FROZEN if (self.launch or {}).get("freeze") else CHECKPOINT)
 
     @property
     def ok(self) -> bool:
@@ -170,9 +177,10 @@ class Runner:
 
     def __init__(self, cwd: Path, strip=ENV_STRIP, keep=(), command: Optional[list[str]] = None,
                  stop_grace_s: float = 15.0, score_checkpoints: Optional[bool] = None,
-                 extra_env: Optional[dict] = None, cpus: tuple = ()):
+                 extra_env: Optional[dict] = None, cpus: tuple = (), budget: Optional[DeviceBudget] = None):
         """extra_env: a worker's device slot (CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS), for its runs and scorers;
-        cpus: the cores they are pinned to (search.workers > 1 on CPU; Linux)."""
+        cpus: the cores they are pinned to (search.workers > 1 on CPU; Linux); budget: the session's time budget,
+        which every run's device time is checked against from outside (None: not checked)."""
         self.cwd = Path(cwd)
         self.env = clean_env(dict(os.environ), strip, keep)
         self.env["PYTHONUNBUFFERED"] = "1"
@@ -183,6 +191,9 @@ class Runner:
         self.score_checkpoints = command is None if score_checkpoints is None else score_checkpoints
         self.interrupted = threading.Event()  # set from another thread (search.workers > 1: Ctrl-C): stop the run
         self._pid: Optional[int] = None
+        self.budget = budget
+        self.cores = len(self.cpus) or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                        else os.cpu_count() or 1)
 
     def interrupt(self) -> None:
         """Stop the run in progress from another thread (its own thread records it as interrupted)."""
@@ -224,11 +235,18 @@ class Runner:
         cmd = [*self.command, *overrides, f"hydra.run.dir={run_dir}"]
         (run_dir / "command.txt").write_text(f"cd {shlex.quote(str(self.cwd))} && {shlex.join(cmd)}\n")
         log_path = run_dir / "run.log"
+        r, w = os.pipe()  # the launcher's report: the training process never holds this pipe
+        freeze = ["--freeze", str(run_dir / CHECKPOINT), str(run_dir / FROZEN)] if self.score_checkpoints else []
+        launch = [sys.executable, "-m", "src.harness.launch", "--report-fd", str(w), *freeze, "--"]
         t0 = time.monotonic()
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_child_setup(self.cpus))
+        try:
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen([*launch, *cmd], cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=_child_setup(self.cpus), pass_fds=(w,))
+        finally:
+            os.close(w)
+        reader = Report(r)
         note = ""
         self._pid = proc.pid
         try:
@@ -249,7 +267,12 @@ class Runner:
             out = self._outcome(run_dir, proc.returncode, t0, "interrupted by the user (Ctrl-C / SIGTERM)")
             out.status = INTERRUPTED
             raise RunInterrupted(out) from None
+        finally:
+            reader.close()
         out = self._outcome(run_dir, rc, t0, note)
+        out.launch = reader.result
+        if out.launch:
+            out.summary["launch"] = out.launch
         if note:
             out.status = TIMEOUT
         return out
@@ -261,7 +284,7 @@ class Runner:
             return
         why = self._tampering(out)
         verdict = {"status": TAMPERED, "val_bpb": float("nan"), "reason": why} if why else \
-            scorer.score(out.run_dir / CHECKPOINT)
+            scorer.score(out.checkpoint)
         atomic_write(out.run_dir / "score.json", json.dumps(verdict, indent=2))
         apply_verdict(out.summary, verdict)
         if verdict.get("status") != OK:
@@ -274,15 +297,20 @@ class Runner:
         Without checkpoints (the tests' stand-in train) the run's own figure is all there is."""
         if not self.score_checkpoints:
             return {"status": OK, "val_bpb": out.val_bpb}
-        return Scorer(self.cwd, out.run_dir / "rescore.log", self.env, self.cpus).start().score(out.run_dir / CHECKPOINT)
+        return Scorer(self.cwd, out.run_dir / "rescore.log", self.env, self.cpus).start().score(out.checkpoint)
 
     def _tampering(self, out: Outcome) -> str:
         """What the runner itself saw that the run's report cannot explain: '' when nothing."""
-        why = overcounted(out.summary, out.wall_seconds)
-        if why:
-            return f"{why}: the clock was tampered with"
         if not (out.run_dir / CHECKPOINT).is_file():
             return "the run finished without saving its checkpoint, so its score cannot be checked"
+        if out.launch is not None and self.score_checkpoints:
+            why = frozen_mismatch(out.launch, out.run_dir / FROZEN)
+            if why:
+                return why
+            if self.budget is not None:
+                why = device_overrun(out.launch, clock_start(out.run_dir / "run.log"), self.budget, self.cores)
+                if why:
+                    return why
         changed = worktree_changes(self.cwd)
         if changed:
             return f"the run changed files of the code it ran from ({changed}): the research code may not write files"
@@ -296,6 +324,31 @@ class Runner:
             note = note or (f"exit code {rc} without summary.json" if rc != 0 else "exited 0 but wrote no summary.json")
         return Outcome(status=status, run_dir=run_dir, summary=summary, returncode=rc,
                        wall_seconds=time.monotonic() - t0, log_tail=tail(run_dir / "run.log"), note=note)
+
+
+class Report:
+    """Reads the launcher's one JSON line from the read end of its pipe, in a thread (the pipe never fills)."""
+
+    def __init__(self, fd: int):
+        self.result: Optional[dict] = None
+        self._f = os.fdopen(fd, "rb")
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        try:
+            data = self._f.read()
+            lines = [ln for ln in data.decode(errors="replace").splitlines() if ln.strip()]
+            self.result = json.loads(lines[-1]) if lines else None
+        except (OSError, ValueError):
+            self.result = None
+
+    def close(self) -> None:
+        self._t.join(timeout=30)
+        try:
+            self._f.close()
+        except OSError:
+            pass
 
 
 def worktree_changes(cwd: Path) -> str:

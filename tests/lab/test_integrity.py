@@ -1,4 +1,4 @@
-"""The lab's own checks of a scored run: the budget clock seen from outside, and plausibility.
+"""The lab's own checks of a scored run: the device time counted from outside, the frozen checkpoint, plausibility.
 
 Run: python -m pytest -q tests/lab/test_integrity.py
 """
@@ -14,50 +14,70 @@ import pytest
 import yaml
 
 from src.lab.config import SearchConfig
-from src.lab.integrity import clock_mismatch, fixed_costs, implausible
+from src.lab.integrity import DeviceBudget, clock_start, device_overrun, frozen_mismatch, implausible
 from src.lab.ledger import Experiment, Ledger
 from src.lab.loop import Search, train_overrides
 from src.lab.runner import Outcome
 from tests.support.helpers import compose_search, fake_command, make_repo, read_tsv
 
-S = SearchConfig()  # clock_factor 3, clock_slack_s 60, plausible_gain 0.5, plausible_factor 5
+S = SearchConfig()  # device_allowance_s 0.25, device_allowance_share 0.02, plausible_gain 0.5, plausible_factor 5
+B = DeviceBudget(30.0, S.device_allowance_s, S.device_allowance_share)  # 30 s: 30.85 s allowed
 
 
-def baseline(wall: float, counted: float) -> Experiment:
-    return Experiment(exp="base-1", status="baseline", description="baseline", wall_seconds=wall,
-                      training_seconds=counted, val_bpb=2.5)
+def launch(cpu: float, processes: int = 1, sha: str = "ab") -> dict:
+    return {"returncode": 0, "cpu_total": cpu + 1.0,
+            "freeze": {"cpu": cpu, "wall": 40.0, "processes": processes, "sha256": sha, "bytes": 10}}
 
 
-def run(wall: float, counted: float) -> Outcome:
-    return Outcome(status="ok", run_dir=Path("."), summary={"training_seconds": counted}, wall_seconds=wall)
+START = {"cpu_seconds": 2.0, "threads": 2, "device": "cpu"}
 
 
-def test_the_fixed_cost_of_a_run_is_its_wall_minus_its_counted_seconds():
-    assert fixed_costs([baseline(134.0, 120.0), baseline(131.0, 120.0)]) == [14.0, 11.0]
+def test_a_run_whose_tree_used_its_budget_passes():
+    assert B.allowed == pytest.approx(30.0 * 1.02 + 0.25)
+    assert device_overrun(launch(2.0 + 2 * 30.0), START, B, cores=2) == ""
+    assert device_overrun(launch(2.0 + 2 * 30.8), START, B, cores=2) == ""  # within the allowance
 
 
-def test_a_run_that_fits_its_budget_and_fixed_cost_passes():
-    rows = [baseline(134.0, 120.0)]
-    assert clock_mismatch(run(140.0, 120.0), rows, S) == ""
-    assert clock_mismatch(run(120.0 + 74.0, 120.0), rows, S) == ""  # 74 s of fixed cost: 14 + 60 allowed
+def test_compute_beyond_the_budget_is_named_with_its_figures():
+    why = device_overrun(launch(2.0 + 2 * 33.0, processes=3), START, B, cores=2)
+    assert why.startswith("the run used 33.00 device seconds (66.00 CPU seconds of its process tree on 2 threads")
+    assert "2 other processes in the tree" in why and "30.85 s" in why
 
 
-def test_a_slowed_clock_is_caught_by_the_runners_wall_time():
-    """A clock running at half speed: 120 counted seconds took 240 real ones."""
-    why = clock_mismatch(run(254.0, 120.0), [baseline(134.0, 120.0)], S)
-    assert "134.0 s unaccounted for, more than the 74.0 s allowed" in why
+def test_the_thread_divisor_is_capped_by_the_cores_the_runner_gave():
+    """A run that claims 8 threads on a 2-core slot is counted on 2: its CPU seconds are what they are."""
+    start = dict(START, threads=8)
+    assert "device seconds" in device_overrun(launch(2.0 + 2 * 33.0), start, B, cores=2)
+    assert device_overrun(launch(2.0 + 2 * 33.0), start, B, cores=8) == ""
 
 
-def test_more_counted_seconds_than_the_process_lived_is_impossible():
-    why = clock_mismatch(run(50.0, 120.0), [], S)
-    assert why.startswith("the run counted 120.0 s of training in a process that lived 50.0 s")
+def test_a_run_that_never_froze_or_froze_before_its_checkpoint_is_refused(tmp_path):
+    assert "without stopping at its checkpoint" in device_overrun({"freeze": None}, START, B, cores=2)
+    assert "no clock-start line" in device_overrun(launch(10.0), None, B, cores=2)
+    assert "before its checkpoint was written" in frozen_mismatch(launch(10.0, sha=""), tmp_path / "f.pt")
 
 
-def test_a_large_fixed_cost_scales_the_allowance():
-    """On a GPU a compile can take 80 s: 3x that is allowed before the run is called tampered."""
-    rows = [baseline(380.0, 300.0)]
-    assert clock_mismatch(run(300.0 + 230.0, 300.0), rows, S) == ""
-    assert clock_mismatch(run(300.0 + 250.0, 300.0), rows, S) != ""
+def test_a_frozen_checkpoint_changed_after_the_freeze_is_refused(tmp_path):
+    import hashlib
+
+    f = tmp_path / "f.pt"
+    f.write_bytes(b"weights")
+    assert frozen_mismatch(launch(1.0, sha=hashlib.sha256(b"weights").hexdigest()), f) == ""
+    f.write_bytes(b"better weights")
+    assert "changed after the freeze" in frozen_mismatch(launch(1.0, sha=hashlib.sha256(b"weights").hexdigest()), f)
+
+
+def test_gpu_runs_are_not_counted_on_the_cpu():
+    assert device_overrun(launch(999.0), dict(START, device="cuda"), B, cores=2) == ""
+
+
+def test_only_the_first_clock_start_line_counts(tmp_path):
+    """Research code runs after the harness's line; a second line it prints cannot move the start."""
+    log = tmp_path / "run.log"
+    log.write_text("hydra says hi\novernight-clock-start cpu_seconds=2.500000 threads=2 device=cpu\n"
+                   "overnight-clock-start cpu_seconds=60.000000 threads=2 device=cpu\n")
+    assert clock_start(log) == {"cpu_seconds": 2.5, "threads": 2, "device": "cpu"}
+    assert clock_start(tmp_path / "none.log") is None
 
 
 def keep(delta: float) -> Experiment:
@@ -91,16 +111,6 @@ def session(tmp_path, *overrides, proposals=()):
     Search(compose_search(ovs), train_overrides(ovs), fake_command(), cli=ovs).run()
     return {r["exp"]: r for r in read_tsv(repo / "outputs" / "research" / "i" / "results.tsv")}
 
-
-@pytest.mark.slow  # a session of stand-in runs
-def test_a_run_that_counted_more_than_it_lived_is_tampered_in_a_session(tmp_path, monkeypatch, shakespeare):
-    monkeypatch.setenv("FAKE_COUNTED", "exp-001:500")
-    rows = session(tmp_path, "search.max_experiments=1",
-                   proposals=[{"description": "smaller batch", "overrides": ["batch.total_tokens=4096",
-                                                                            "batch.device_tokens=4096"]}])
-    assert rows["exp-001"]["status"] == "tampered"
-    assert "counted 500.0 s of training in a process that lived" in rows["exp-001"]["reason"]
-    assert rows["exp-001"]["best_val_bpb"] == rows["base-1"]["best_val_bpb"]  # the best did not move
 
 
 @pytest.mark.slow  # sessions of stand-in runs

@@ -1,0 +1,61 @@
+"""The training process's run-time sandbox: the research code starts no processes of its own.
+
+`install()` adds an audit hook (sys.addaudithook: once added, Python code cannot remove it) when the
+budget clock starts, before any research code is imported. From then on:
+- creating a process (os.fork, os.posix_spawn, os.exec*, os.system, subprocess.Popen, pty.spawn ...)
+  while research code (a file under src/research/) is on the calling stack is refused with a
+  RuntimeError that says why; the harness's own (git, MLflow, Inductor's compiler) are not;
+- looking up process-creating C functions through ctypes (fork, clone, execve, posix_spawn, system,
+  syscall ...) is refused for everyone.
+Threads are allowed: their CPU time is the process's and counts in the budget (src/harness/budget.py).
+What an audit hook cannot see (a C extension's own fork, `_posixsubprocess.fork_exec` called directly)
+is counted instead: the launcher (src/harness/launch.py) is the subreaper of the whole process tree, so
+every process below the training process adds its CPU time to the run's count.
+
+Usage: from src.harness.sandbox import install; install(research_dir)
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+PROCESS_EVENTS = frozenset({"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system",
+                            "subprocess.Popen", "pty.spawn", "os.startfile"})
+PROCESS_SYMBOLS = frozenset({"fork", "vfork", "clone", "clone3", "__clone", "posix_spawn", "posix_spawnp",
+                             "execve", "execv", "execvp", "execvpe", "execl", "execlp", "execle", "fexecve",
+                             "system", "popen", "daemon", "syscall", "_Fork"})
+_installed: list[str] = []
+
+
+class SandboxError(RuntimeError):
+    """The research code tried to start a process."""
+
+
+def install(research_dir: Path) -> None:
+    """Refuse, from now on, processes started from research code (once per process)."""
+    if _installed:
+        return
+    root = str(Path(research_dir).resolve()) + "/"
+    _installed.append(root)
+
+    def research_on_stack() -> str:
+        f = sys._getframe(2)
+        while f is not None:
+            name = f.f_code.co_filename
+            if name.startswith(root):
+                return name
+            f = f.f_back
+        return ""
+
+    def hook(event: str, args: tuple) -> None:
+        if event in PROCESS_EVENTS:
+            where = research_on_stack()
+            if where:
+                raise SandboxError(f"the training process may not start processes of its own ({event} from "
+                                   f"{where}): their compute would run outside the budget; use the threads of "
+                                   "the process (counted) or make the step cheaper")
+        elif event == "ctypes.dlsym" and len(args) > 1 and str(args[1]) in PROCESS_SYMBOLS:
+            raise SandboxError(f"the training process may not reach the C function {args[1]!r} through ctypes: "
+                               "processes started that way would run outside the budget")
+
+    sys.addaudithook(hook)
