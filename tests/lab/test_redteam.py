@@ -15,7 +15,8 @@ import pytest
 from src.lab.config import ContractConfig
 from src.lab.contract import ContractViolation, check_files, check_source
 from src.lab.runner import Runner
-from src.lab.fakes.redteam import ATTACKS, LEGIT, prepend
+from src.lab.fakes.redteam import ATTACKS, BUDGET_PATCHES, COUNTED, LEGIT, REFUSED, TAMPERED, prepend
+from src.lab.integrity import DeviceBudget, clock_start
 from tests.support.helpers import REPO, git, make_repo
 
 TINY_RUN = ["model.depth=2", "budget.mode=tokens", "budget.tokens=16384", "data.eval_tokens=8192", "device=cpu",
@@ -144,3 +145,56 @@ def test_the_scorer_says_when_it_is_ready_and_its_verdict_still_comes_through(tm
     finally:
         scorer.close()
     assert verdict["status"] == "crash" and "scoring failed" in verdict["reason"]
+
+
+# ---------------------------------------------------------------------------- the budget: compute the clock must count
+
+BUDGET_S = 4.0
+TIME_RUN = ["model.depth=2", f"budget.seconds={BUDGET_S}", "data.eval_tokens=8192", "device=cpu", "device.threads=1",
+            "tracking.enabled=false", "progress=false"]
+
+
+def run_budget_patch(repo, tmp_path, patch):
+    """The patch's changes committed, one time-budgeted run through the real runner with the session's budget check."""
+    originals = {}
+    for path, transform in patch.changes:
+        f = repo / path
+        originals[path] = originals.get(path, f.read_text())
+        f.write_text(transform(f.read_text()))
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", patch.name)
+    try:
+        return Runner(repo, budget=DeviceBudget(BUDGET_S)).run(TIME_RUN, tmp_path / "run", timeout_s=300)
+    finally:
+        git(repo, "reset", "-q", "--hard", "HEAD~1")
+        git(repo, "clean", "-qfd")
+
+
+def counted_outside(out) -> float:
+    start = clock_start(out.run_dir / "run.log")
+    return (out.launch["freeze"]["cpu"] - start["cpu_seconds"]) / start["threads"]
+
+
+@pytest.fixture(scope="module")
+def honest_steps(repo, tmp_path_factory):
+    """The untouched code's run at the same budget: how many steps the budget buys."""
+    out = Runner(repo, budget=DeviceBudget(BUDGET_S)).run(TIME_RUN, tmp_path_factory.mktemp("base") / "run", 300)
+    assert out.status == "ok", (out.error_line, out.log_tail[-2000:])
+    assert abs(counted_outside(out) - out.summary["device_seconds"]) < 0.1  # the two counts agree
+    return out.summary["num_steps"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("patch", BUDGET_PATCHES, ids=lambda p: p.name)
+def test_compute_outside_the_budget_is_counted_refused_or_tampered(repo, tmp_path, honest_steps, patch):
+    out = run_budget_patch(repo, tmp_path, patch)
+    if patch.expect == TAMPERED:
+        assert out.status == "tampered" and out.val_bpb is None, (out.status, out.error_line, out.log_tail[-2000:])
+        assert "device seconds" in out.error_line or "clock" in out.error_line, out.error_line
+    elif patch.expect == REFUSED:
+        assert out.status == "crash" and "may not start processes" in out.log_tail, out.log_tail[-2000:]
+    else:  # counted: the run is scored, and what it bought came out of its own budget
+        assert out.status == "ok", (out.status, out.error_line, out.log_tail[-2000:])
+        used = counted_outside(out)
+        assert used <= DeviceBudget(BUDGET_S).allowed and abs(used - out.summary["device_seconds"]) < 0.1
+        if not patch.honest or "refresh" in patch.name or "thread" in patch.name:  # extra work: fewer steps
+            assert out.summary["num_steps"] < 0.85 * honest_steps, (out.summary["num_steps"], honest_steps)
