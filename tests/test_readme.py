@@ -51,3 +51,15 @@ def test_every_repo_path_a_doc_names_exists():
     for doc in [README, REPO / "program.md", *sorted((REPO / "docs").glob("*.md"))]:
         for path in re.findall(r"\b((?:tests|src|bench)/[\w/]+\.py)\b", doc.read_text()):
             assert (REPO / path).exists(), f"{doc.name} names {path}, which does not exist"
+
+
+def test_readme_and_program_md_show_the_configured_contract():
+    """The editable files and the allowed imports are named once, in config, and rendered into both documents."""
+    from src.lab.config import SearchConfig
+    from src.lab.contract import BEGIN, END, contract_markdown
+
+    s = SearchConfig()
+    want = " ".join(contract_markdown(s.editable, s.contract).split())
+    for doc in (README, REPO / "program.md"):
+        block = doc.read_text().split(BEGIN, 1)[1].split(END, 1)[0]
+        assert " ".join(block.split()) == want, f"{doc.name} differs from the config: run python -m src.lab.contract"

@@ -120,7 +120,8 @@ class BudgetClock:
         self.step = 0  # optimizer steps taken
         self.tokens = 0  # tokens trained on
         self.training_seconds = device.seconds()  # counted device seconds since the clock started (model build included)
-        self.step_times: list[float] = []  # device seconds of every step after the first warmup_steps (statistics)
+        self.step_times: list[float] = []  # wall seconds of every step after the first warmup_steps (stalls show here)
+        self.device_step_times: list[float] = []  # device seconds of the same steps (throughput)
         self.stalled_steps: list[int] = []  # step numbers of the stalls (wall time)
         self.stalled_seconds = 0.0  # wall seconds of stalled steps beyond the running median
         self._recent: deque[float] = deque(maxlen=cfg.stall_window)  # wall times of normal steps
@@ -143,7 +144,8 @@ class BudgetClock:
         self._last_device, self.training_seconds = now - self.training_seconds, now
         if self.step <= self.cfg.warmup_steps:
             return False
-        self.step_times.append(self._last_device)
+        self.step_times.append(dt)
+        self.device_step_times.append(self._last_device)
         self._recent_device.append(self._last_device)
         median = statistics.median(self._recent) if len(self._recent) >= MIN_HISTORY else None
         if median is not None and dt > self.cfg.stall_factor * median:
@@ -195,8 +197,8 @@ class BudgetClock:
     @property
     def tokens_per_sec(self) -> float:
         """Throughput over the steps after warm-up, per device second."""
-        s = sum(self.step_times)
-        return len(self.step_times) * self.tokens_per_step / s if s > 0 else 0.0
+        s = sum(self.device_step_times)
+        return len(self.device_step_times) * self.tokens_per_step / s if s > 0 else 0.0
 
     @property
     def wall_ratio(self) -> float:

@@ -165,6 +165,19 @@ def prepare_command(cfg: "DataConfig") -> str:
     return "python prepare.py " + " ".join(args)
 
 
+HELD_OUT = ("val*", "test*")  # the token files only the scorer reads
+
+
+def held_out_files(cfg: "DataConfig") -> list[Path]:
+    """The validation and test token files of every data set prepared in the cache (the configured one and
+    $OVERNIGHT_CACHE's): what the training process hides from itself before research code runs."""
+    from src.harness.paths import cache_dir
+
+    roots = {Path(os.path.expanduser(cfg.cache_dir)), cache_dir()}
+    return sorted({f for root in roots if root.is_dir() for d in root.iterdir() if d.is_dir()
+                   for pattern in HELD_OUT for f in d.glob(pattern) if f.is_file()})
+
+
 def load_prepared(cfg: "DataConfig", splits: Tuple[str, ...] = ("train", "val")) -> PreparedData:
     """Memory-map the prepared data for `cfg`; raise DataNotPreparedError with the command to run.
 

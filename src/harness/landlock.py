@@ -24,6 +24,7 @@ import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 _SYSCALLS = {"x86_64": (444, 445, 446), "aarch64": (444, 445, 446), "riscv64": (444, 445, 446)}
 CREATE_RULESET_VERSION = 1 << 0
@@ -124,7 +125,7 @@ def system_read_paths(cuda: bool = False) -> list[str]:
 def _add_rule(ruleset: int, path: str, access: int) -> bool:
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except FileNotFoundError:
+    except OSError:  # gone, a dangling link, a loop: nothing to rule
         return False
     try:
         if not os.path.isdir(path):
@@ -137,12 +138,14 @@ def _add_rule(ruleset: int, path: str, access: int) -> bool:
 
 
 def restrict(read_paths, write_paths=(), *, system: bool = True, cuda: bool = False, exec_paths=(),
-             deny_tcp: bool = False, scope_signals: bool = False, strict: bool = False) -> Restriction:
+             deny_tcp: bool = False, scope_signals: bool = False, strict: bool = False,
+             handled: Optional[int] = None) -> Restriction:
     """Allow reads only beneath read_paths (+ system_read_paths() if system), writes beneath write_paths.
 
     exec_paths: where programs may be executed (none: no subprocess can exec anything). deny_tcp (ABI >= 4):
     no TCP bind or connect. scope_signals (ABI >= 6): no signal to a process outside this domain.
-    strict: LandlockError where Landlock is unavailable instead of a no-op.
+    strict: LandlockError where Landlock is unavailable instead of a no-op. handled: the rights ruled at all (default:
+    every right the kernel knows); a right not handled stays as it was everywhere (hide() leaves executing alone).
     """
     t0 = time.perf_counter()
     abi = abi_version()
@@ -150,7 +153,7 @@ def restrict(read_paths, write_paths=(), *, system: bool = True, cuda: bool = Fa
         if strict:
             raise LandlockError(unavailable_reason())
         return Restriction(False, 0, f"not restricted: {unavailable_reason()}")
-    fs = FS_BY_ABI.get(abi, (1 << 16) - 1)
+    fs = FS_BY_ABI.get(abi, (1 << 16) - 1) & (handled if handled is not None else -1)
     attr = _RulesetAttr(fs, (NET_BIND_TCP | NET_CONNECT_TCP) if deny_tcp and abi >= 4 else 0,
                         SCOPE_SIGNAL if scope_signals and abi >= 6 else 0)
     size = ctypes.sizeof(attr) if abi >= 6 else 16 if abi >= 4 else 8
@@ -168,6 +171,46 @@ def restrict(read_paths, write_paths=(), *, system: bool = True, cuda: bool = Fa
         _syscall(2, ctypes.c_int(ruleset), ctypes.c_uint32(0))
     finally:
         os.close(ruleset)
-    return Restriction(True, abi, f"Landlock ABI {abi}: reads beneath {len(reads) - len(skipped)} paths, writes "
-                                  f"beneath {len(writes)}, no exec" + (", no TCP" if deny_tcp and abi >= 4 else ""),
+    what = (f"reads beneath {len(reads) - len(skipped)} paths, writes beneath {len(writes)}"
+            + (", no exec" if fs & EXECUTE else "") + (", no TCP" if deny_tcp and abi >= 4 else ""))
+    return Restriction(True, abi, f"Landlock ABI {abi}: {what}",
                        tuple(reads), tuple(writes), tuple(skipped), time.perf_counter() - t0)
+
+
+def complement(hidden) -> tuple[list[str], list[str]]:
+    """Every path of the file system except `hidden` and their ancestors, as few rules as cover it: the entries of
+    each ancestor directory of a hidden path that neither are hidden nor lead to one (a symbolic link counts as what
+    it points to: a rule follows it, so one to an ancestor would open everything again). Returns (read-only, read and
+    write): the entries beside a hidden file (the data set's manifest, token byte lengths, train split) are read-only,
+    so nothing the scorer trusts can be rewritten; everything else keeps both."""
+    hidden = {Path(os.path.realpath(h)) for h in hidden}
+    ancestors = {a for h in hidden for a in h.parents}
+    beside = {h.parent for h in hidden}
+    read_only, read_write = [], []
+    for d in sorted(ancestors):
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            target = Path(os.path.realpath(e.path))
+            if target not in hidden and target not in ancestors:
+                (read_only if d in beside or target.parent in beside else read_write).append(e.path)
+    return sorted(read_only), sorted(read_write)
+
+
+def hide(hidden, strict: bool = False) -> Restriction:
+    """Make `hidden` unreadable and unwritable to this process and everything it starts (Landlock), and the files
+    beside them read-only; all else as it was (executing is not ruled). The directories on the way to a hidden
+    file can then be neither listed nor written: a process that writes temporary files should point TMPDIR
+    elsewhere first (src/harness/train.py does). The training process hides the held-out splits this way."""
+    hidden = [str(h) for h in hidden if os.path.exists(h)]
+    if not hidden:
+        return Restriction(False, abi_version(), "not restricted: nothing to hide")
+    read_only, read_write = complement(hidden)
+    r = restrict(read_only, read_write, system=False, handled=READ | WRITE, strict=strict)
+    if not r.applied:
+        return r
+    return Restriction(True, r.abi, f"Landlock ABI {r.abi}: {len(hidden)} files hidden, {len(read_only)} beside them "
+                                    f"read-only, all else as before ({len(read_write)} rules)", r.read, r.write,
+                       r.skipped, r.seconds)

@@ -93,6 +93,27 @@ def cpu_of(pid: int) -> float:
         return 0.0
 
 
+def waited(pids: list[int]) -> Optional[dict]:
+    """What the kernel says the threads of `pids` did with their time (Linux /proc/<pid>/task/*/schedstat):
+    {"cpu": seconds on a CPU, "waiting": seconds runnable but waiting for a CPU (the machine's doing)}.
+    None where the kernel does not say (no schedstat, macOS). A process that sleeps or waits on a lock is in
+    neither figure: a hang is told from a starved run by `waiting`."""
+    cpu = wait = 0.0
+    seen = False
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                run_ns, wait_ns = Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[:2]
+            except (OSError, ValueError):
+                continue
+            cpu, wait, seen = cpu + int(run_ns) / 1e9, wait + int(wait_ns) / 1e9, True
+    return {"cpu": round(cpu, 3), "waiting": round(wait, 3)} if seen else None
+
+
 def reaped_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime

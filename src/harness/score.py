@@ -1,25 +1,28 @@
-"""The scorer: val_bpb of a checkpoint, computed in its own process, after integrity checks.
+"""The scorer ("the judge"): val_bpb of a checkpoint, with its checks woven into the scoring pass itself.
 
-The training process never opens the validation split and never computes the score. It saves
-a checkpoint (weights + resolved config); this process loads the experiment's model code and
-the checkpoint, checks the model, and scores it with the harness (src/harness/evaluate.py). The result
-goes back on stdout as one line carrying a nonce that only the starter of this process knows
-(it arrives on stdin before any research code is imported), so nothing the research code
-prints can pass for it.
+The training process never opens the validation split and never computes the score. It saves a checkpoint
+(weights + resolved config); this process reads the validation split and never imports research code. Two
+model hosts (src/harness/host.py, child processes sandboxed before they import the experiment's code) turn
+input ids into logits; the loss arithmetic, the checks and the verdict stay here, where research code cannot
+reach them. The result goes back on stdout as one line carrying a nonce that only the starter of this
+process knows, so nothing a host prints can pass for it.
 
-Checks, before scoring (a failure is the status `tampered` with the reason):
-- library integrity: the functions of torch, torch.nn.functional, torch.Tensor, math, builtins
-  and the harness modules are the same objects after the research code is imported and run;
-- determinism: two forward passes on the same input agree;
-- batch independence: a sequence's logits do not depend on the other rows of the batch;
-- causality: logits at a position do not change when any later token changes (every position;
-  random tokens in fp32, real validation text at the scoring dtype);
-- no state across calls: the first scoring batch, re-scored at the end, gives the same nats.
+The checks run on the scored batches, at the scoring shape and dtype, chosen with the OS's randomness when
+the pass starts (a failure is the status `tampered` with the reason):
+- causality and batch independence: a share of the scored batches (Audit.twin_share, at least two) gets a
+  twin, run by the other host just before or after it: the rows permuted and each row's tokens after its
+  own random position replaced by real validation text already scored. Every row of the twin must give
+  bitwise the logits of its scored row up to its cut (a causal model on a fixed shape and dtype does: shown
+  on CPU in fp32 and bf16 by tests/harness/test_score.py). The twin is real text of the same shape, on a
+  host picked at random: a model cannot tell it from a scored batch. A model that looks ahead at a share q of
+  positions escapes one twin row with probability 1 - q, all of them with (1 - q) ** twin_rows (in the verdict);
+- no state across calls: scored batches are sent again later in the pass (the last at its end) to the other
+  host, and must give bitwise the same logits (a host remembers only what it was shown; the other never saw it);
+- the floor: a val_bpb below the data set's floor (data.bpb_floor) is refused, never scored as a result.
 
 Protocol: stdin line 1 = nonce (sent at start-up, so torch imports while training runs);
-stdout `OVERNIGHT-SCORER-READY` once the imports are done (a standalone run waits for it before its
-clock starts, so the scorer's start-up never competes with counted training); stdin line 2 =
-checkpoint path (or EOF to quit). Stdout: `OVERNIGHT-SCORE <json>`.
+stdout `OVERNIGHT-SCORER-READY` once the imports are done; stdin line 2 = checkpoint path (or EOF to quit).
+Stdout: `OVERNIGHT-SCORE <json>`.
 Usage: scorer = Scorer(cwd, log_path).start(); ...train...; result = scorer.score(ckpt, timeout_s=600)
        python -m src.harness.score < (echo NONCE; echo run_dir/checkpoint.pt)
 """
@@ -29,16 +32,17 @@ import builtins
 import json
 import math
 import os
+import random
 import secrets
 import select
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from subprocess import PIPE, Popen, TimeoutExpired  # bound now: research code imported later cannot swap them
-from typing import Optional
+from subprocess import DEVNULL, PIPE, Popen, TimeoutExpired
+from typing import NamedTuple, Optional
 
 import torch
+from tqdm import tqdm
 import torch._dynamo  # noqa: F401  (importing it rebinds torch.manual_seed: import it before any snapshot)
 import torch.nn.functional as F
 
@@ -46,8 +50,9 @@ import src.harness.data
 import src.harness.evaluate
 from src.harness.config import TrainConfig, to_object
 from src.harness.data import load_prepared, val_tokens
-from src.harness.device import DTYPES, Runtime
-from src.harness.evaluate import evaluate_bpb, token_nats, windows
+from src.harness.device import Runtime
+from src.harness.evaluate import bpb_from_sums, token_nats, windows
+from src.harness.host import BROKEN, HEADER, STATUS, read_exact
 from src.harness.pinning import pin
 from src.harness.status import CRASH, NAN, OK, TAMPERED, TIMEOUT
 
@@ -105,179 +110,241 @@ def library_changes(before: dict) -> list[str]:
     return sorted(changed)
 
 
-class Checker:
-    """The integrity checks, in one numeric mode (the scoring autocast, or plain fp32)."""
+# ---------------------------------------------------------------------------- checks on the scored batches
 
-    def __init__(self, model, vocab: int, seq_len: int, device, autocast, dtype, seed: int = 1234):
-        self.model, self.vocab, self.T, self.device, self.autocast = model, vocab, seq_len, device, autocast
-        self.cap = CAP.get(dtype, 0.15)
-        self.atol = self.cap
-        self.gen = torch.Generator().manual_seed(seed)
+class Twin(NamedTuple):
+    """A twin of a scored batch: its rows permuted (`perm`: twin row i is scored row perm[i]), and each row's tokens
+    after a random position `cuts[i]` replaced by real validation text from elsewhere. A causal model that scores
+    each row on its own earlier tokens gives the twin's row i exactly the scored row's logits up to cuts[i]."""
+    ids: torch.Tensor
+    perm: torch.Tensor
+    cuts: torch.Tensor
 
-    def calibrate(self, rows: int) -> float:
-        """Set the tolerance from the noise between batch layouts of the same sequence (an honest model's only)."""
-        x = self.random_ids(1)
-        alone, copies = self.logits(x)[0], self.logits(x.repeat(max(2, rows), 1))
-        noise = max(self._same(alone, copies[0]), self._same(alone, copies[-1]))
-        self.atol = min(self.cap, max(FLOOR, NOISE_FACTOR * noise))
-        return self.atol
 
-    @torch.no_grad()
+def make_twin(x: torch.Tensor, source: torch.Tensor, rng: random.Random) -> Twin:
+    """x (B, T): a scored batch; source (1-D): real text to take the new futures from (already scored text, so
+    that nothing the model has not been shown yet is shown early)."""
+    B, T = x.shape
+    perm = torch.tensor(rng.sample(range(B), B), dtype=torch.long)
+    cuts = torch.tensor([rng.randrange(0, T - 1) for _ in range(B)], dtype=torch.long)
+    ids = x[perm].clone()
+    for i in range(B):
+        c = int(cuts[i])
+        s = rng.randrange(0, max(1, source.numel() - T))
+        ids[i, c + 1:] = source[s + c + 1: s + T]
+        if ids[i, c + 1] == x[perm[i], c + 1]:  # the future must change right after the cut
+            ids[i, c + 1] = (ids[i, c + 1] + 1 + rng.randrange(0, 255)) % max(2, int(source.max()) + 1)
+    return Twin(ids, perm, cuts)
+
+
+def twin_mismatch(logits: torch.Tensor, twin_logits: torch.Tensor, twin: Twin) -> Optional[tuple[int, int, float]]:
+    """(scored row, cut, max |difference|) of the first row whose logits up to its cut differ bitwise; None if none."""
+    for i in range(len(twin.perm)):
+        r, c = int(twin.perm[i]), int(twin.cuts[i])
+        a, b = logits[r, : c + 1], twin_logits[i, : c + 1]
+        if not torch.equal(a, b):
+            return r, c, float((a - b).abs().max()) if a.numel() else float("inf")
+    return None
+
+
+class Audit:
+    """Which scored batches get a twin and which are sent again later, chosen with the OS's randomness (secrets)
+    when the pass starts, so no model can predict them; twins and repeats go to the other host.
+
+    twin_share: the share of the batches of full-length rows that get a twin (at least min_twins); every row of a
+    twin is checked at its own random position. repeats: batches scored again later in the pass (the last one at
+    the end), by both hosts: the one that scored it (its state has moved on since) and the other (never shown it)."""
+
+    def __init__(self, plan: list, seq_len: int, rng: random.Random, twin_share: float = 0.125, min_twins: int = 2,
+                 repeats: int = 2):
+        full = [i for i, (_, _, length) in enumerate(plan) if length == seq_len]
+        k = min(len(full), max(min_twins, math.ceil(twin_share * len(full))))
+        self.twins = set(rng.sample(full, k))
+        n = len(plan)
+        self.repeat_of: dict[int, list[int]] = {}  # batch index -> earlier batches to send again after it
+        for j in rng.sample(range(n), min(repeats, n)):
+            at = n - 1 if not self.repeat_of else rng.randrange(j, n)
+            self.repeat_of.setdefault(at, []).append(j)
+        self.kept = {j for js in self.repeat_of.values() for j in js}
+        self.twin_rows = 0
+
+
+class Host:
+    """One model host process (src/harness/host.py) and its two pipes: ids go in, logits come out."""
+
+    def __init__(self, name: str, cwd: Optional[Path] = None, env: Optional[dict] = None):
+        self.name = name
+        r1, w1 = os.pipe()  # judge -> host
+        r2, w2 = os.pipe()  # host -> judge
+        try:
+            self.proc = Popen([sys.executable, "-m", "src.harness.host", "--req-fd", str(r1), "--rep-fd", str(w2)],
+                              cwd=cwd, env=env, pass_fds=(r1, w2), stdin=DEVNULL, stdout=sys.stderr.fileno(),
+                              stderr=sys.stderr.fileno())
+        finally:
+            os.close(r1)
+            os.close(w2)
+        self.req, self.rep = os.fdopen(w1, "wb"), os.fdopen(r2, "rb", buffering=0)
+        self.vocab = 0
+
+    def open(self, checkpoint: Path, threads: Optional[int]) -> str:
+        """Have the host load the checkpoint, close its sandbox and build the model; its sandbox's description."""
+        self.req.write((json.dumps({"checkpoint": str(checkpoint), "threads": threads}) + "\n").encode())
+        self.req.flush()
+        reply = self._line()
+        if reply.get("refused"):
+            raise Tampered(f"the sandbox refused the model while it was built: {reply.get('error')}")
+        if not reply.get("ok"):
+            raise ModelFailed(f"the model did not load: {reply.get('error', 'the model host died')}")
+        self.vocab = int(reply["vocab"])
+        return str(reply.get("sandbox", ""))
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            out = self.model(x.to(self.device))
-        if not isinstance(out, torch.Tensor) or out.shape != (*x.shape, self.vocab):
-            raise Tampered(f"the model returned {type(out).__name__} {tuple(getattr(out, 'shape', ()))} for input "
-                           f"ids {tuple(x.shape)}; the contract is logits (B, T, vocab={self.vocab})")
-        return out.float().cpu()
+        rows, length = x.shape
+        self.req.write(HEADER.pack(rows, length) + x.to(torch.int64).contiguous().numpy().tobytes())
+        self.req.flush()
+        status = STATUS.unpack(self._exact(STATUS.size))[0]
+        if status == BROKEN:
+            raise Tampered(self._line().get("error", "the model broke the logits contract"))
+        if status != 0:
+            raise ModelFailed(self._line().get("error", "the model failed"))
+        buf = self._exact(rows * length * self.vocab * 4)
+        return torch.frombuffer(buf, dtype=torch.float32).view(rows, length, self.vocab)
 
-    def random_ids(self, rows: int) -> torch.Tensor:
-        return torch.randint(0, self.vocab, (rows, self.T), generator=self.gen)
+    def _exact(self, n: int) -> bytearray:
+        try:
+            return read_exact(self.rep, n)
+        except EOFError:
+            raise ModelFailed(f"the model host {self.name} died (exit code {self.proc.poll()})") from None
 
-    def _same(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a - b).abs().max()) if a.numel() else 0.0
+    def _line(self) -> dict:
+        line = b""
+        while not line.endswith(b"\n"):
+            c = self.rep.read(1)
+            if not c:
+                break
+            line += c
+        try:
+            return json.loads(line) if line.strip() else {}
+        except ValueError:
+            return {"error": f"the model host {self.name} wrote {line[:200]!r} instead of its reply"}
 
-    def determinism(self) -> None:
-        x = self.random_ids(2)
-        d = self._same(self.logits(x), self.logits(x))
-        if not d <= self.atol:
-            raise Tampered(f"determinism: two forward passes on the same input differ by {d:.3g} (tolerance "
-                           f"{self.atol}); the model must not keep state between calls or depend on randomness in eval")
-
-    def batch_independence(self, x: torch.Tensor) -> None:
-        """Row 0 alone, in the batch `x`, and in `x` with its other rows replaced, gives the same logits."""
-        full = self.logits(x)
-        alone = self.logits(x[:1])
-        other = x.clone()
-        other[1:] = self.random_ids(len(x) - 1) if len(x) > 1 else other[1:]
-        mixed = self.logits(other)
-        d = max(self._same(full[0], alone[0]), self._same(full[0], mixed[0]))
-        if not d <= self.atol:
-            raise Tampered(f"batch independence: a sequence's logits change by {d:.3g} with the other rows of the "
-                           f"batch (tolerance {self.atol}); each sequence must be scored on its own tokens only")
-
-    def causality(self, x: torch.Tensor, future: torch.Tensor, rows_per_pass: int) -> None:
-        """For every position t: replace the tokens after t (with `future`'s) and compare logits up to t."""
-        x, future = x.reshape(1, -1)[:, : self.T], future.reshape(1, -1)[:, : self.T]
-        T = x.size(1)
-        base = self.logits(x)[0]
-        for c0 in range(0, T - 1, rows_per_pass):
-            cuts = list(range(c0, min(T - 1, c0 + rows_per_pass)))
-            batch = x.repeat(len(cuts), 1)
-            for i, c in enumerate(cuts):
-                batch[i, c + 1:] = future[0, c + 1:]
-            out = self.logits(batch)
-            for i, c in enumerate(cuts):
-                d = self._same(out[i, : c + 1], base[: c + 1])
-                if not d <= self.atol:
-                    raise Tampered(f"causality: the logits at positions <= {c} change by {d:.3g} when the tokens after "
-                                   f"position {c} change (tolerance {self.atol}); attention may only look back")
+    def close(self) -> None:
+        for f in (self.req, self.rep):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=5)
+        except TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
-# ---------------------------------------------------------------------------- scoring
-
-@contextmanager
-def strict_fp32():
-    """No TF32 (a research file may switch it on): fp32 checks then see fp32 noise only."""
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+class ModelFailed(RuntimeError):
+    """The research code failed on a batch (or its host died): a crash of the run, not a verdict on the checks."""
 
 
-def build_model(ckpt: dict):
-    """The experiment's model from its own code (imported here, after the snapshot) and the checkpoint."""
+def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optional[random.Random] = None) -> dict:
+    """Load the validation data, have the hosts build the model, score every window with the checks woven in;
+    returns the result (status ok | tampered | nan). Raises Tampered, or ModelFailed when the model crashed."""
     from omegaconf import OmegaConf
 
-    cfg = to_object(OmegaConf.create(ckpt["config"]), TrainConfig)
-    from src.research.model import GPT, GPTConfig  # the research code: imported only now
-
-    model = GPT(GPTConfig.from_model_config(cfg.model, cfg.data.vocab_size))
-    model.load_state_dict(ckpt["model"], strict=True)
-    return cfg, model
-
-
-def score_checkpoint(path: Path, snapshot: dict, log=sys.stderr) -> dict:
-    """Load, check and score one checkpoint; returns the result (status ok | tampered | crash)."""
     t0 = _now()
+    rng = rng or random.SystemRandom()
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    cfg, model = build_model(ckpt)
+    cfg = to_object(OmegaConf.create(ckpt["config"]), TrainConfig)
     if cfg.device.threads:  # the run's share of the machine (on a busy CPU, more threads than cores is far slower)
         torch.set_num_threads(cfg.device.threads)
-    device, dtype = torch.device(ckpt["device"]), DTYPES[ckpt["dtype"]]
-    rt = Runtime(device=device, dtype=dtype, compile=False, peak_flops=0.0, name=ckpt["device"])
-    model.to(device).eval()
-    changed = library_changes(snapshot)
-    if changed:
-        raise Tampered(f"library integrity: the research code rebinds {', '.join(changed[:5])}"
-                       f"{' ...' if len(changed) > 5 else ''}; it may not change the harness or the libraries")
-    data = load_prepared(cfg.data, splits=("val",))
-    val = val_tokens(data, cfg.data.eval_tokens)
+    data = load_prepared(cfg.data, splits=("val",))  # the judge alone reads it; the hosts cannot
+    val, token_bytes = val_tokens(data, cfg.data.eval_tokens), torch.from_numpy(data.token_bytes)
+    sandbox = [h.open(path, cfg.device.threads) for h in hosts]
+    if any(h.vocab != cfg.data.vocab_size for h in hosts):
+        raise Tampered(f"the model's vocabulary is not the data's ({cfg.data.vocab_size})")
     T = cfg.model.sequence_len
-    eval_bs = max(1, (cfg.eval_batch_tokens or rt.eval_batch_tokens) // T)
+    eval_bs = max(1, (cfg.eval_batch_tokens or Runtime(device=torch.device(ckpt["device"]), dtype=torch.float32,
+                                                         compile=False, peak_flops=0.0, name="").eval_batch_tokens) // T)
     t_load = _now()
-    rows = max(2, min(64, eval_bs))
-    fp32 = Checker(model, cfg.data.vocab_size, T, device, nullcontext, torch.float32)
-    chk = Checker(model, cfg.data.vocab_size, T, device, rt.autocast, dtype)
-    with strict_fp32():
-        fp32.calibrate(rows)
-        fp32.causality(fp32.random_ids(1), fp32.random_ids(1), rows)
-    tolerances = {"fp32": fp32.atol, ckpt["dtype"]: chk.calibrate(rows)}
-    chk.determinism()
-    first = val[: min(eval_bs, max(1, (len(val) - 1) // T)) * T].view(-1, T) if len(val) > T else val[:T].view(1, -1)
-    chk.batch_independence(first if len(first) > 1 else chk.random_ids(2))
-    if len(val) >= 2 * T:  # real text at the scoring dtype (random tokens were checked in fp32 above)
-        chk.causality(val[:T], val[T: 2 * T], rows)
-    else:
-        chk.causality(chk.random_ids(1), chk.random_ids(1), rows)
-    t_checks = _now()
-    first_nats = _first_batch_nats(chk, val, T, eval_bs)
-    bpb = evaluate_bpb(model, val, torch.from_numpy(data.token_bytes), T, eval_bs, device, rt.autocast,
-                       progress=log.isatty() if hasattr(log, "isatty") else False)
-    again = _first_batch_nats(chk, val, T, eval_bs)
-    if not abs(again - first_nats) <= 1e-6 * max(1.0, abs(first_nats)) + chk.atol:
-        raise Tampered(f"state across calls: the first scoring batch gave {first_nats:.6f} nats before scoring and "
-                       f"{again:.6f} after; the model must not remember earlier inputs")
-    changed = library_changes(snapshot)
-    if changed:
-        raise Tampered(f"library integrity: the research code rebinds {', '.join(changed[:5])} while scoring")
+    plan = windows(val.numel(), T, eval_bs)
+    audit = Audit(plan, T, rng)
+    total_nats, total_bytes, kept = 0.0, 0, {}
+    bar = tqdm(total=len(plan), desc="score", unit="batch", disable=not (hasattr(log, "isatty") and log.isatty()),
+               leave=False)
+    for i, (start, rows, length) in enumerate(plan):
+        chunk = val[start: start + rows * length + 1]
+        x, y = chunk[:-1].view(rows, length), chunk[1:].view(rows, length)
+        host = rng.choice(hosts)
+        other = hosts[1 - hosts.index(host)] if len(hosts) > 1 else host
+        twin = make_twin(x, val[: start + rows * length], rng) if i in audit.twins else None
+        first = twin is not None and rng.random() < 0.5  # the twin before or after its batch, at random
+        twin_logits = other.logits(twin.ids).clone() if first else None
+        logits = host.logits(x)
+        if twin is not None:
+            twin_logits = twin_logits if first else other.logits(twin.ids)
+            bad = twin_mismatch(logits, twin_logits, twin)
+            if bad:
+                r, c, d = bad
+                raise Tampered(f"causality and batch independence, checked on scored batch {i + 1} of {len(plan)}: "
+                               f"row {r}'s logits at positions <= {c} changed by {d:.3g} when the tokens after "
+                               f"position {c} and the other rows of the batch changed (a twin of the batch, run by "
+                               "the other model process); a causal model scores each row from its own earlier "
+                               "tokens only, and the same input gives the same logits bitwise")
+            audit.twin_rows += rows
+        nb = token_bytes[y]
+        total_nats += float((token_nats(logits, y) * (nb > 0)).sum())
+        total_bytes += int(nb.sum())
+        if i in audit.kept:
+            kept[i] = (host, logits.clone())
+        for j in audit.repeat_of.get(i, []):
+            s0, r0, l0 = plan[j]
+            _, before = kept.pop(j)
+            for again in rng.sample(hosts, len(hosts)):
+                now = again.logits(val[s0: s0 + r0 * l0].view(r0, l0))
+                if not torch.equal(now, before):
+                    raise Tampered(f"no state across calls: scored batch {j + 1}, sent again after batch {i + 1}, gave "
+                                   f"logits that differ by {float((now - before).abs().max()):.3g}; the model must not "
+                                   "remember or adapt to earlier inputs")
+        bar.update(1)
+    bar.close()
+    bpb = bpb_from_sums(total_nats, total_bytes)
     if not math.isfinite(bpb):
         return {"status": NAN, "val_bpb": float("nan"), "reason": "val_bpb is not finite"}
+    floor = cfg.data.bpb_floor
+    if floor is not None and bpb < floor:
+        raise Tampered(f"val_bpb {bpb:.4f} is below the floor {floor} of this data set (data.bpb_floor): no model "
+                       "of this size can reach it honestly, so the score is refused")
     t_end = _now()
-    return {"status": OK, "val_bpb": bpb, "reason": "", "device": str(device), "dtype": ckpt["dtype"],
-            "threads": torch.get_num_threads() if device.type == "cpu" else None,
-            "tolerances": tolerances,
-            "seconds": {"load": t_load - t0, "checks": t_checks - t_load, "score": t_end - t_checks}}
-
-
-def _first_batch_nats(chk: Checker, val: torch.Tensor, T: int, eval_bs: int) -> float:
-    start, rows, length = windows(val.numel(), T, eval_bs)[0]
-    chunk = val[start: start + rows * length + 1]
-    x, y = chunk[:-1].view(rows, length), chunk[1:].view(rows, length)
-    return float(token_nats(chk.logits(x), y).sum())
+    return {"status": OK, "val_bpb": bpb, "reason": "", "device": ckpt["device"], "dtype": ckpt["dtype"],
+            "threads": torch.get_num_threads() if ckpt["device"] == "cpu" else None,
+            "checks": {"batches": len(plan), "twins": len(audit.twins), "twin_rows": audit.twin_rows,
+                       "repeats": sum(map(len, audit.repeat_of.values())) * len(hosts), "sandbox": sandbox[0]},
+            "seconds": {"load": t_load - t0, "score": t_end - t_load}}
 
 
 def main() -> int:
     nonce = sys.stdin.readline().strip()
-    snapshot = library_snapshot()  # before any research code is imported
+    hosts = [Host("A"), Host("B")]  # they import torch now, while the run trains
     out = sys.stdout
     out.write(f"{READY}\n")
     out.flush()
     path = sys.stdin.readline().strip()
     if not path:
+        for h in hosts:
+            h.close()
         return 0
     t0 = _now()
     try:
-        result = score_checkpoint(Path(path), snapshot)
+        result = score_checkpoint(Path(path), hosts)
     except Tampered as e:
         result = {"status": TAMPERED, "val_bpb": float("nan"), "reason": str(e)}
-    except Exception as e:  # the research code crashed while being loaded, checked or scored
+    except Exception as e:  # the research code crashed while being loaded or run, or a host died
         import traceback
 
         traceback.print_exc(file=sys.stderr)
         result = {"status": CRASH, "val_bpb": float("nan"), "reason": f"scoring failed: {type(e).__name__}: {e}"}
+    finally:
+        for h in hosts:
+            h.close()
     result.update(nonce=nonce, total_seconds=_now() - t0)
     out.write(f"\n{MARKER} {json.dumps(result)}\n")
     out.flush()
@@ -290,8 +357,10 @@ def apply_verdict(summary: dict, verdict: dict) -> None:
     summary["val_bpb"] = verdict.get("val_bpb", float("nan"))
     summary["score_seconds"] = verdict.get("total_seconds", 0.0)
     summary["score_threads"] = verdict.get("threads")  # the scorer keeps to the run's device.threads
-    for k, v in (verdict.get("seconds") or {}).items():  # load, checks, score
+    for k, v in (verdict.get("seconds") or {}).items():  # load, score
         summary[f"score_{k}_seconds"] = v
+    if verdict.get("checks"):  # what was checked on the scored batches, and the hosts' sandbox
+        summary["score_checks"] = verdict["checks"]
     if verdict.get("status") != OK:
         summary.update(status=TAMPERED if verdict.get("status") == TAMPERED else CRASH,
                        error=f"scorer: {verdict.get('reason', '')}")

@@ -38,14 +38,15 @@ import torch  # noqa: E402
 # the harness first ...
 from src.harness.budget import START_LINE, STALL_ENV, BudgetClock, DeviceTime, device_time, inject_stalls, lr_multiplier
 from src.harness.config import TrainConfig
-from src.harness.data import load_prepared, train_batches
+from src.harness.data import held_out_files, load_prepared, train_batches
 from src.harness.device import Runtime, compile_model, process_age, resolve
+from src.harness.landlock import hide
 from src.harness.launch import FREEZE_ENV
 from src.harness.memory import Memory, cache_path, candidates, is_oom, oom_message
 from src.harness.model_facts import ModelFacts, model_facts
 from src.harness.paths import REPO
 from src.harness.provenance import provenance
-from src.harness.sandbox import install as install_sandbox
+from src.harness.sandbox import SandboxError, install as install_sandbox
 from src.harness.score import CHECKPOINT, Scorer, apply_verdict, library_changes, library_snapshot, save_checkpoint
 from src.harness.status import CRASH, DRY_RUN, KILLED, NAN, OK, OOM, STALLED, TAMPERED, TIMEOUT
 from src.harness.sweep import job_run_name
@@ -320,6 +321,10 @@ class TimedRun:
         except RunFailed as e:
             log.error("run failed (%s): %s", e.status, e)
             return self.finish(e.status, str(e))
+        except (SandboxError, PermissionError) as e:  # research code reached for what the sandbox keeps from it
+            message = f"the sandbox refused the research code: {type(e).__name__}: {e}"
+            log.error("run failed (%s): %s", TAMPERED, message)
+            return self.finish(TAMPERED, message)
         except BaseException as e:  # out of memory: the status oom with the fix; anything else: a crash, propagated
             if not is_oom(e):
                 self.finish(CRASH, f"{type(e).__name__}: {e}")
@@ -377,6 +382,9 @@ class TimedRun:
         start = getattr(self.device, "start_cpu", 0.0)
         print(f"{START_LINE} cpu_seconds={start:.6f} threads={max(1, n)} device={self.device.kind}", flush=True)
         self.summary.update(budget_clock=self.device.kind, budget_threads=max(1, n))
+        private_tmp()  # temporary files go where the sandbox leaves writing alone
+        hidden = hide(held_out_files(self.cfg.data))  # the held-out splits: unreadable from here on (Landlock)
+        self.summary["sandbox"] = hidden.reason
         install_sandbox(RESEARCH_DIR)
         self.research = research()
         return self.research
@@ -479,6 +487,14 @@ class TimedRun:
                 path.write_text(json.dumps(s, indent=2, default=str))
             self._result.update(s)
             return s
+
+
+def private_tmp() -> None:
+    """A temporary directory of this run's own (made now, before the sandbox: its directory may be one the sandbox
+    freezes, as /tmp is when the data cache lies below it), for Python's tempfile users (MLflow's artifact uploads)."""
+    d = tempfile.mkdtemp(prefix="overnight-run-")
+    os.environ["TMPDIR"] = d
+    tempfile.tempdir = None  # gettempdir() reads $TMPDIR again
 
 
 def prime_compiler(snapshot: dict) -> dict:

@@ -105,7 +105,7 @@ class Attempts:
             attempt += 1
             run_name = attempt_name(name, attempt)
             out = self._launch(run_name, attempt, commit, args, flight)
-            if out.status in (STALLED, TIMEOUT):  # the machine's doing, never the code's: re-run, then undecided
+            if out.status in (STALLED, TIMEOUT) and not out.hung:  # the machine's doing: re-run, then undecided
                 what = "stalled" if out.status == STALLED else "starved past its wall ceiling"
                 stalled.append(f"{run_name} {what}: {out.error_line}")
                 if len(stalled) <= s.stall_retries:

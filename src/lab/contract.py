@@ -425,3 +425,38 @@ def check_files(root: Path, paths: list[str], cfg: ContractConfig) -> None:
     if problems:
         raise ContractViolation("the patched files break the research-code contract (search.contract):\n  "
                                 + "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
+
+
+BEGIN, END = "<!-- contract:begin -->", "<!-- contract:end -->"
+
+
+def contract_markdown(editable: list[str], cfg: ContractConfig) -> str:
+    """What the README and program.md say an agent may change and import, rendered from the config (the one source).
+    Submodules are listed under their top-level module; tests/test_readme.py fails when a document differs."""
+    tops: dict[str, list[str]] = {}
+    for mod in cfg.allowed_imports:
+        top, _, rest = mod.partition(".")
+        tops.setdefault(top, [])
+        if rest:
+            tops[top].append(rest)
+    mods = [f"`{top}`" + (f" ({', '.join(subs)})" if subs else "") for top, subs in tops.items() if top != "__future__"]
+    return (f"A code patch may touch only {', '.join(f'`{g}`' for g in editable)} (`search.editable`). Those files "
+            f"may import only: {', '.join(mods)} (`search.contract.allowed_imports`; the members each may name, "
+            "and the rules: `src/lab/contract.py`).")
+
+
+def render_into(text: str, block: str) -> str:
+    """`text` with what stands between the contract markers replaced by `block`."""
+    head, rest = text.split(BEGIN, 1)
+    return f"{head}{BEGIN}\n{block}\n{END}{rest.split(END, 1)[1]}"
+
+
+if __name__ == "__main__":  # python -m src.lab.contract: render the contract into README.md and program.md
+    from src.lab.config import SearchConfig
+    import textwrap
+
+    s = SearchConfig()
+    block = "\n".join(textwrap.wrap(contract_markdown(s.editable, s.contract), 110, break_on_hyphens=False))
+    for doc in (REPO / "README.md", REPO / "program.md"):
+        doc.write_text(render_into(doc.read_text(), block))
+        print(f"rendered the contract into {doc}")

@@ -80,6 +80,19 @@ def device_overrun(launch: dict, start: Optional[dict], budget: DeviceBudget, co
     return ""
 
 
+def counted_in_process(launch: dict, start: Optional[dict], summary: dict, cores: int, budget: DeviceBudget) -> bool:
+    """Was an overrun compute the training loop could not stop (a model build, or one step longer than what was
+    left), rather than compute hidden from the clock, a clock edited, or work after the loop? True when the
+    harness's own clock at the checkpoint (device_seconds) agrees with the launcher's count from outside, and the
+    checkpoint took no more than the allowance after the last step (training_seconds)."""
+    freeze = (launch or {}).get("freeze")
+    at_ckpt, at_loop_end = summary.get("device_seconds"), summary.get("training_seconds")
+    if not freeze or start is None or not all(isinstance(v, (int, float)) for v in (at_ckpt, at_loop_end)):
+        return False
+    used = (freeze["cpu"] - start["cpu_seconds"]) / max(1, min(start["threads"], cores))
+    return abs(used - at_ckpt) <= 0.1 + 0.02 * used and at_ckpt - at_loop_end <= budget.allowed - budget.seconds
+
+
 def frozen_mismatch(launch: dict, frozen: Path) -> str:
     """'' when the launcher's copy of the checkpoint is what it copied at the freeze; else why not."""
     freeze = launch.get("freeze")

@@ -24,13 +24,16 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from src.lab.config import ENV_STRIP
-from src.lab.integrity import DeviceBudget, clock_start, device_overrun, frozen_mismatch
+from src.lab.integrity import DeviceBudget, clock_start, counted_in_process, device_overrun, frozen_mismatch
 from src.lab.session import atomic_write
+from src.harness.launch import tree, waited
 from src.harness.pinning import pin
 from src.harness.score import CHECKPOINT, Scorer, apply_verdict
 from src.lab.decisions import CRASH, INTERRUPTED, OK, STALLED, TAMPERED, TIMEOUT
 
 ALWAYS_STRIP = ("MLFLOW_RUN_ID",)  # would attach the child to whatever run the parent has open
+OVERRUN = "over budget: "  # _tampering's prefix for a run whose device time passed the budget
+STARVED_SHARE = 0.1  # a timed-out run that waited for a CPU this share of its wall time was starved (the machine's)
 FROZEN = "checkpoint.frozen.pt"  # the launcher's copy of the checkpoint at the freeze: what is scored
 
 
@@ -44,6 +47,7 @@ class Outcome:
     log_tail: str = ""  # last lines of the run's output, kept for crashes
     note: str = ""  # why the runner decided the status (timeout after N s, no summary.json, ...)
     launch: Optional[dict] = None  # the launcher's report (src/harness/launch.py): the tree's CPU time, the freeze
+    hung: bool = False  # timed out while neither starved of a CPU nor stalled: the code's doing, not the machine's
 
     @property
     def checkpoint(self) -> Path:
@@ -247,7 +251,7 @@ class Runner:
         finally:
             os.close(w)
         reader = Report(r)
-        note = ""
+        note, hung = "", False
         self._pid = proc.pid
         try:
             if self.interrupted.is_set():  # interrupt() came before the pid was known
@@ -257,9 +261,15 @@ class Runner:
             try:
                 rc = proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
+                sched = waited([proc.pid, *tree(proc.pid)])  # before the kill: how the tree spent its wall time
                 stop_group(proc.pid, self.stop_grace_s, proc)
                 rc = proc.returncode
                 note = f"timeout: killed after {timeout_s:.0f} s (search.timeout_factor/timeout_grace_s/timeout_s)"
+                hung = hung_not_starved(sched, timeout_s)
+                if sched is not None:
+                    note += (f"; {sched['cpu']:.1f} CPU s, {sched['waiting']:.1f} s waiting for a CPU: "
+                             + ("it hung or ran on by itself, not starved by the machine" if hung else
+                                "starved by the machine"))
             if self.interrupted.is_set():  # stopped from another thread
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -270,6 +280,7 @@ class Runner:
         finally:
             reader.close()
         out = self._outcome(run_dir, rc, t0, note)
+        out.hung = hung
         out.launch = reader.result
         if out.launch:
             out.summary["launch"] = out.launch
@@ -283,8 +294,14 @@ class Runner:
         if out.status not in (OK, STALLED):
             return
         why = self._tampering(out)
-        verdict = {"status": TAMPERED, "val_bpb": float("nan"), "reason": why} if why else \
-            scorer.score(out.checkpoint)
+        if why.startswith(OVERRUN) and counted_in_process(out.launch, clock_start(out.run_dir / "run.log"),
+                                                           out.summary, self.cores, self.budget):
+            verdict = {"status": CRASH, "val_bpb": float("nan"), "reason": (
+                f"over its budget, as the harness's own clock counted too: {why[len(OVERRUN):]}; the loop stops "
+                "between steps, so the model's construction and each step must fit in what is left: make them cheaper")}
+        else:
+            verdict = {"status": TAMPERED, "val_bpb": float("nan"), "reason": why} if why else \
+                scorer.score(out.checkpoint)
         atomic_write(out.run_dir / "score.json", json.dumps(verdict, indent=2))
         apply_verdict(out.summary, verdict)
         if verdict.get("status") != OK:
@@ -310,7 +327,7 @@ class Runner:
             if self.budget is not None:
                 why = device_overrun(out.launch, clock_start(out.run_dir / "run.log"), self.budget, self.cores)
                 if why:
-                    return why
+                    return OVERRUN + why
         changed = worktree_changes(self.cwd)
         if changed:
             return f"the run changed files of the code it ran from ({changed}): the research code may not write files"
@@ -349,6 +366,13 @@ class Report:
             self._f.close()
         except OSError:
             pass
+
+
+def hung_not_starved(sched: Optional[dict], wall: float) -> bool:
+    """A run at its timeout that spent under STARVED_SHARE of the wall time waiting for a CPU was not starved by the
+    machine: it hung (asleep, deadlocked) or ran on by itself. False where the kernel does not say (then the
+    machine gets the benefit of the doubt: the run is re-run, then undecided)."""
+    return sched is not None and wall > 0 and sched["waiting"] < STARVED_SHARE * wall
 
 
 def worktree_changes(cwd: Path) -> str:

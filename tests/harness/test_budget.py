@@ -49,7 +49,7 @@ def test_every_step_counts_warm_up_and_model_construction_included():
     clock = clock_for([9.0, 9.0, 1.0, 1.0], build=3.0)
     assert clock.step == 4 and clock.tokens == 4000
     assert clock.training_seconds == 23.0  # 3 s building the model + all four steps
-    assert clock.step_times == [1.0, 1.0]  # the statistics leave the warm-up steps out
+    assert clock.step_times == clock.device_step_times == [1.0, 1.0]  # the statistics leave the warm-up steps out
     assert clock.wall_seconds == 20.0
 
 

@@ -22,14 +22,15 @@ def test_short_run_prints_a_finite_val_bpb_and_honours_the_budget(tmp_path):
     for key in ("val_bpb:", "training_seconds:", "total_seconds:", "peak_vram_mb:", "mfu_percent:",
                 "total_tokens_M:", "num_steps:", "num_params_M:", "depth:", "tokens_per_sec:", "step_time_p50:"):
         assert key in proc.stdout, key
-    # the budget is honoured within one step: it stops at the first step that crosses 4 s
-    assert 4.0 <= s["training_seconds"] <= 4.0 + s["step_time_max"]
+    # the budget is honoured within one step: it stops before the step that would not fit in 4 device seconds
+    assert 4.0 - s["step_time_max"] <= s["training_seconds"] <= 4.0 + s["step_time_max"]
     # the steps: the uncounted warm-up, then at least one counted step; each of batch.total_tokens
     assert s["depth"] == 2 and s["grad_accum_steps"] == cfg.batch.total_tokens // cfg.batch.device_tokens
     counted = s["num_steps"] - cfg.budget.warmup_steps
     assert counted >= 1
     assert s["total_tokens_M"] == pytest.approx(s["num_steps"] * cfg.batch.total_tokens / 1e6)
-    assert s["tokens_per_sec"] == pytest.approx(counted * cfg.batch.total_tokens / s["training_seconds"])
+    # throughput per device second of the counted steps; training_seconds also holds the model's build and warm-up
+    assert s["tokens_per_sec"] >= counted * cfg.batch.total_tokens / s["training_seconds"]
     assert s["peak_vram_mb"] > 0 and s["mfu_percent"] > 0
     assert s["device"] == "cpu" and s["dtype"] in ("fp32", "bf16")
     assert s["score_threads"] == 1  # the scorer process keeps to the run's share of the machine

@@ -69,7 +69,7 @@ def test_rebinding_interpreter_state_and_reseeding_are_refused(code, rule):
 
 def test_checking_the_research_room_takes_well_under_a_second_once_torch_is_imported():
     check_source("import torch\n", P, CFG)  # the first import of torch is the process's, not the check's
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds of this process: a busy neighbour lengthens wall time, not this
     for name in ("model.py", "optim.py", "step.py"):
         check_source((REPO / "src" / "research" / name).read_text(), f"src/research/{name}", CFG)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 1.0

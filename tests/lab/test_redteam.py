@@ -15,7 +15,7 @@ import pytest
 from src.lab.config import ContractConfig
 from src.lab.contract import ContractViolation, check_files, check_source
 from src.lab.runner import Runner
-from src.lab.fakes.redteam import ATTACKS, BUDGET_PATCHES, COUNTED, LEGIT, REFUSED, TAMPERED, prepend
+from src.lab.fakes.redteam import ATTACKS, BUDGET_PATCHES, COUNTED, LEGIT, OVERRUN, REFUSED, TAMPERED, prepend
 from src.lab.integrity import DeviceBudget, clock_start
 from tests.support.helpers import REPO, git, make_repo
 
@@ -78,7 +78,7 @@ def test_a_patch_that_does_not_parse_is_refused_with_its_line():
 # ---------------------------------------------------------------------------- run time: the real runner + scorer
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
+def repo(tmp_path_factory, shakespeare):
     return make_repo(tmp_path_factory.mktemp("redteam"))
 
 
@@ -190,8 +190,10 @@ def test_compute_outside_the_budget_is_counted_refused_or_tampered(repo, tmp_pat
     if patch.expect == TAMPERED:
         assert out.status == "tampered" and out.val_bpb is None, (out.status, out.error_line, out.log_tail[-2000:])
         assert "device seconds" in out.error_line or "clock" in out.error_line, out.error_line
+    elif patch.expect == OVERRUN:
+        assert out.status == "crash" and "over its budget" in out.error_line, (out.status, out.error_line)
     elif patch.expect == REFUSED:
-        assert out.status == "crash" and "may not start processes" in out.log_tail, out.log_tail[-2000:]
+        assert out.status == "tampered" and "may not start processes" in out.error_line, out.log_tail[-2000:]
     else:  # counted: the run is scored, and what it bought came out of its own budget
         assert out.status == "ok", (out.status, out.error_line, out.log_tail[-2000:])
         used = counted_outside(out)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -66,6 +67,23 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
     assert time.monotonic() - t0 < 30
     gpid = int((tmp_path / "run" / "grandchild.pid").read_text())
     wait_for(lambda: not alive(gpid), 10, "the grandchild to be killed with its group")
+    assert out.hung and "not starved by the machine" in out.note  # it slept: the code's doing, not the machine's
+
+
+@pytest.mark.skipif(not Path("/proc/self/schedstat").exists(), reason="the kernel's schedstat (Linux)")
+def test_a_run_starved_of_its_core_at_its_timeout_is_the_machines_not_a_hang(tmp_path):
+    """The kernel counts the time a runnable process waited for a CPU: a run that shares its one core with a busy
+    neighbour (pinned to the same core) times out `starved`, and the lab re-runs it instead of calling it a crash."""
+    core = sorted(os.sched_getaffinity(0))[0]
+    burner = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"])
+    try:
+        cmd = script(tmp_path, "while True: pass\n")
+        out = Runner(tmp_path, command=cmd, stop_grace_s=1.0, cpus=(core,)).run([], tmp_path / "run", timeout_s=3)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert out.status == "timeout" and not out.hung, out.note
+    assert "starved by the machine" in out.note
 
 
 def test_ctrl_c_stops_the_run_and_reports_it_interrupted(tmp_path):

@@ -1,0 +1,171 @@
+"""The scorer (src/harness/score.py, the judge) and its model hosts (src/harness/host.py).
+
+The exactness its checks rest on, measured on the real model: a causal model's logits at the positions before a
+change are bitwise equal at a fixed shape and dtype, whatever the other rows and the future hold (CPU, fp32 and
+bf16, the default and a windowed model); models that look ahead or depend on the batch are told apart. Then the
+real judge with two real hosts on checkpoints of patched code: an honest model scored, with its checks counted;
+a model that looks ahead, keeps state, reads the data or rebinds the loss arithmetic never gets a fake score.
+
+Run: python -m pytest -q tests/harness/test_score.py
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from src.harness.config import TrainConfig
+from src.harness.score import Audit, Scorer, make_twin, save_checkpoint, twin_mismatch
+from src.harness.train import config_dict
+from src.lab.fakes.redteam import replace
+from src.research.model import GPT, GPTConfig
+from tests.support.helpers import git, make_repo
+
+V = 257
+
+
+def trained_like(mc) -> GPT:
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.from_model_config(mc, V))
+    m.init_weights()
+    with torch.no_grad():  # away from the initialisation, as a trained model is
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m.eval()
+
+
+def twin_diff(forward, mc, dtype: str, rows: int = 16) -> float | None:
+    """Max |difference| of the twin's logits up to each row's cut against the scored batch's (0.0: bitwise)."""
+    rng = random.Random(1)
+    x = torch.randint(0, V, (rows, mc.sequence_len), generator=torch.Generator().manual_seed(2))
+    source = torch.randint(0, V, (4 * rows * mc.sequence_len,), generator=torch.Generator().manual_seed(3))
+    twin = make_twin(x, source, rng)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+    with torch.no_grad(), ctx():
+        a, b = forward(x).float(), forward(twin.ids).float()
+    bad = twin_mismatch(a, b, twin)
+    return None if bad is None else bad[2]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("pattern", ["SSSL", "L"])
+def test_a_causal_models_logits_before_a_change_are_bitwise_equal(dtype, pattern):
+    mc = dataclasses.replace(TrainConfig().model, window_pattern=pattern)
+    assert twin_diff(trained_like(mc), mc, dtype) is None
+
+
+def test_a_model_that_looks_one_token_ahead_or_at_the_other_rows_is_told_apart():
+    mc = TrainConfig().model
+    m = trained_like(mc)
+
+    def ahead(x):
+        return m(x) + 30.0 * F.one_hot(torch.roll(x, -1, 1), V).float()
+
+    def batch(x):
+        return m(x) + m(x).mean(dim=0, keepdim=True)
+
+    assert twin_diff(ahead, mc, "fp32") > 1.0
+    assert twin_diff(batch, mc, "fp32") > 0.0
+
+
+def test_the_audit_twins_a_share_of_the_full_batches_and_repeats_at_the_end():
+    plan = [(i * 64, 8, 8) for i in range(40)] + [(40 * 64, 1, 5)]
+    a = Audit(plan, 8, random.Random(0))
+    assert len(a.twins) == 5 and all(plan[i][2] == 8 for i in a.twins)  # 1/8 of 40 full batches; never the short one
+    assert Audit([(0, 63, 8), (504, 1, 7)], 8, random.Random(0)).twins == {0}  # a short pass: every batch it can
+    assert len(a.kept) == 2 and len(plan) - 1 in a.repeat_of  # two repeats, one after the last batch
+    assert all(j <= i for i, js in a.repeat_of.items() for j in js)  # a batch is sent again only after it was scored
+    b = Audit(plan, 8, random.Random(1))
+    assert a.twins != b.twins  # a new draw every pass
+
+
+# ---------------------------------------------------------------------------- the judge and its hosts, for real
+
+TINY = {"depth": 2, "sequence_len": 128}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, shakespeare):
+    """A throwaway project and the checkpoint of an untrained tiny model in it (what a run would leave)."""
+    repo = make_repo(tmp_path_factory.mktemp("score"))
+    cfg = TrainConfig()
+    cfg.model = dataclasses.replace(cfg.model, **TINY)
+    cfg.data.eval_tokens = 65536
+    cfg.device.threads = 1
+    model = trained_like(cfg.model)
+    ckpt = save_checkpoint(repo.parent / "checkpoint.pt", model, config_dict(cfg), "cpu", "fp32")
+    return repo, ckpt
+
+
+def score_with(project, transform=None, path: str = "src/research/model.py") -> dict:
+    repo, ckpt = project
+    f = repo / path
+    original = f.read_text()
+    if transform is not None:
+        f.write_text(transform(original))
+    try:
+        return Scorer(repo).start().score(ckpt, timeout_s=600)
+    finally:
+        f.write_text(original)
+        git(repo, "checkout", "-q", "--", ".")
+
+
+LOGITS = "        return logits\n"
+IMPORTS = "import torch.nn.functional as F\n"
+
+
+def after_imports(code: str):
+    return replace(IMPORTS, IMPORTS + code)
+
+
+@pytest.mark.slow
+def test_an_honest_model_is_scored_with_its_checks_counted_and_its_hosts_sandboxed(project):
+    v = score_with(project)
+    assert v["status"] == "ok" and 7.0 < v["val_bpb"] < 9.0, v
+    c = v["checks"]
+    assert c["twins"] >= 2 and c["twin_rows"] >= 2 * 4 and c["repeats"] == 2 * 2  # each repeat by both hosts
+    assert c["sandbox"].startswith("Landlock ABI") or c["sandbox"].startswith("not restricted")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, transform, why", [
+    ("looks ahead only when not training", replace(LOGITS, (
+        "        if not self.training:\n"
+        "            logits = logits + 30.0 * F.one_hot(torch.roll(idx, -1, 1), logits.size(-1)).float()\n" + LOGITS)),
+     "causality"),
+    ("adapts to what it has been shown (state across calls)", replace(LOGITS, (
+        "        if not self.training:\n"
+        "            seen = getattr(self, '_seen', None)\n"
+        "            self._seen = logits.detach().mean() if seen is None else 0.5 * seen + 0.5 * logits.detach().mean()\n"
+        "            logits = logits + self._seen\n" + LOGITS)),
+     ""),
+    ("looks ahead at the last positions of a row only", replace(LOGITS, (
+        "        if not self.training:\n"
+        "            nxt = F.one_hot(torch.roll(idx, -1, 1), logits.size(-1)).float()\n"
+        "            logits[:, -40:-1] = logits[:, -40:-1] + 30.0 * nxt[:, -40:-1]\n" + LOGITS)),
+     "causality"),
+])
+def test_a_model_that_behaves_differently_when_scored_is_tampered(project, name, transform, why):
+    v = score_with(project, transform)
+    assert v["status"] == "tampered" and why in v["reason"], (name, v)
+
+
+@pytest.mark.slow
+def test_the_host_cannot_read_the_validation_split(project, shakespeare):
+    """A model that opens val.bin at import (the contract off: plain Python) is refused by the OS, and tampered."""
+    val = next(shakespeare.glob("val*"))
+    v = score_with(project, after_imports(f"_VAL = open({str(val)!r}, 'rb').read()\n"))
+    assert v["status"] == "tampered" and "PermissionError" in v["reason"], v
+
+
+@pytest.mark.slow
+def test_rebinding_the_loss_in_a_host_cannot_change_the_score(project):
+    """The host's libraries are its own: halving torch's cross-entropy there leaves the judge's arithmetic alone."""
+    honest = score_with(project)
+    rebound = score_with(project, after_imports("F.cross_entropy = lambda *a, **k: 0.0\n"
+                                                "torch.Tensor.double = lambda self: self.float()\n"))
+    assert rebound["status"] == "ok" and rebound["val_bpb"] == pytest.approx(honest["val_bpb"], abs=0), rebound
