@@ -173,9 +173,14 @@ def held_out_files(cfg: "DataConfig") -> list[Path]:
     $OVERNIGHT_CACHE's): what the training process hides from itself before research code runs."""
     from src.harness.paths import cache_dir
 
-    roots = {Path(os.path.expanduser(cfg.cache_dir)), cache_dir()}
-    return sorted({f for root in roots if root.is_dir() for d in root.iterdir() if d.is_dir()
-                   for pattern in HELD_OUT for f in d.glob(pattern) if f.is_file()})
+    found = set()
+    for root in {Path(os.path.expanduser(cfg.cache_dir)), cache_dir()}:
+        try:
+            dirs = [d for d in root.iterdir() if d.is_dir()]
+        except OSError:  # not there, or already hidden (a later job of a sweep in one process)
+            continue
+        found |= {f for d in dirs for pattern in HELD_OUT for f in d.glob(pattern) if f.is_file()}
+    return sorted(found)
 
 
 def load_prepared(cfg: "DataConfig", splits: Tuple[str, ...] = ("train", "val")) -> PreparedData:

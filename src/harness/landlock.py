@@ -177,6 +177,9 @@ def restrict(read_paths, write_paths=(), *, system: bool = True, cuda: bool = Fa
                        tuple(reads), tuple(writes), tuple(skipped), time.perf_counter() - t0)
 
 
+_HIDDEN: list[Restriction] = []  # what hide() did in this process
+
+
 def complement(hidden) -> tuple[list[str], list[str]]:
     """Every path of the file system except `hidden` and their ancestors, as few rules as cover it: the entries of
     each ancestor directory of a hidden path that neither are hidden nor lead to one (a symbolic link counts as what
@@ -204,6 +207,8 @@ def hide(hidden, strict: bool = False) -> Restriction:
     beside them read-only; all else as it was (executing is not ruled). The directories on the way to a hidden
     file can then be neither listed nor written: a process that writes temporary files should point TMPDIR
     elsewhere first (src/harness/train.py does). The training process hides the held-out splits this way."""
+    if _HIDDEN:  # a second job of a sweep in the same process: the first one's ruleset holds (it cannot be lifted)
+        return _HIDDEN[0]
     hidden = [str(h) for h in hidden if os.path.exists(h)]
     if not hidden:
         return Restriction(False, abi_version(), "not restricted: nothing to hide")
@@ -211,6 +216,7 @@ def hide(hidden, strict: bool = False) -> Restriction:
     r = restrict(read_only, read_write, system=False, handled=READ | WRITE, strict=strict)
     if not r.applied:
         return r
-    return Restriction(True, r.abi, f"Landlock ABI {r.abi}: {len(hidden)} files hidden, {len(read_only)} beside them "
-                                    f"read-only, all else as before ({len(read_write)} rules)", r.read, r.write,
-                       r.skipped, r.seconds)
+    _HIDDEN.append(Restriction(True, r.abi, f"Landlock ABI {r.abi}: {len(hidden)} files hidden, {len(read_only)} "
+                                            f"beside them read-only, all else as before ({len(read_write)} rules)",
+                               r.read, r.write, r.skipped, r.seconds))
+    return _HIDDEN[0]

@@ -185,4 +185,6 @@ def _device_bytes(device: torch.device) -> Optional[int]:
 
 
 def cache_path() -> Path:
-    return cache_dir() / CACHE_FILE
+    """In a folder of its own: the training process's sandbox freezes the cache's top folder (src/harness/landlock.py
+    hide()), not what lies in the folders beside the data sets. train.py makes the folder before the sandbox closes."""
+    return cache_dir() / "runtime" / CACHE_FILE

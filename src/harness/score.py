@@ -169,22 +169,91 @@ class Audit:
         self.twin_rows = 0
 
 
+class Forked:
+    """A forked child, with the three calls of Popen that Host uses."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = _now() + timeout
+        while self.poll() is None:
+            if _now() > deadline:
+                raise TimeoutExpired("model host", timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
 class Host:
-    """One model host process (src/harness/host.py) and its two pipes: ids go in, logits come out."""
+    """One model host process (src/harness/host.py) and its two pipes: ids go in, logits come out.
+
+    Forked from the judge when it can be (Linux, one thread, before the judge has read its nonce or any data: the
+    child holds the judge's imports and nothing else), which spares each host its own import of torch;
+    otherwise started as `python -m src.harness.host`."""
 
     def __init__(self, name: str, cwd: Optional[Path] = None, env: Optional[dict] = None):
         self.name = name
         r1, w1 = os.pipe()  # judge -> host
         r2, w2 = os.pipe()  # host -> judge
         try:
-            self.proc = Popen([sys.executable, "-m", "src.harness.host", "--req-fd", str(r1), "--rep-fd", str(w2)],
-                              cwd=cwd, env=env, pass_fds=(r1, w2), stdin=DEVNULL, stdout=sys.stderr.fileno(),
-                              stderr=sys.stderr.fileno())
+            if hasattr(os, "fork") and _single_threaded() and cwd is None and env is None:
+                self.proc = self._fork(r1, w1, r2, w2)
+            else:
+                self.proc = Popen([sys.executable, "-m", "src.harness.host", "--req-fd", str(r1), "--rep-fd",
+                                   str(w2)], cwd=cwd, env=env, pass_fds=(r1, w2), stdin=DEVNULL,
+                                  stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno())
         finally:
             os.close(r1)
             os.close(w2)
         self.req, self.rep = os.fdopen(w1, "wb"), os.fdopen(r2, "rb", buffering=0)
         self.vocab = 0
+
+    @staticmethod
+    def _fork(r1: int, w1: int, r2: int, w2: int) -> Forked:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            return Forked(pid)
+        code = 1
+        try:  # the host: stdin from /dev/null, stdout to the log, no descriptor of the judge's but its two pipes
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.dup2(2, 1)
+            keep = sorted((r1, w2))
+            os.closerange(3, keep[0])
+            os.closerange(keep[0] + 1, keep[1])
+            os.closerange(keep[1] + 1, 4096)
+            from src.harness.host import main as host_main
+
+            code = host_main(["--req-fd", str(r1), "--rep-fd", str(w2)])
+        except BaseException:  # noqa: BLE001  (the child must never return into the judge's code)
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
     def open(self, checkpoint: Path, threads: Optional[int]) -> str:
         """Have the host load the checkpoint, close its sandbox and build the model; its sandbox's description."""
@@ -322,8 +391,8 @@ def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optiona
 
 
 def main() -> int:
+    hosts = [Host("A"), Host("B")]  # before the nonce is read: a forked host holds nothing of the judge's
     nonce = sys.stdin.readline().strip()
-    hosts = [Host("A"), Host("B")]  # they import torch now, while the run trains
     out = sys.stdout
     out.write(f"{READY}\n")
     out.flush()
@@ -383,7 +452,9 @@ class Scorer:
     def start(self) -> "Scorer":
         log = open(self.log_path, "ab") if self.log_path else None
         try:
-            self.proc = Popen([sys.executable, "-m", "src.harness.score"], cwd=self.cwd, env=self.env, stdin=PIPE,
+            # numpy's BLAS would start a thread pool at import: one thread keeps the judge fit to fork its hosts
+            env = {**(self.env if self.env is not None else os.environ), "OPENBLAS_NUM_THREADS": "1"}
+            self.proc = Popen([sys.executable, "-m", "src.harness.score"], cwd=self.cwd, env=env, stdin=PIPE,
                               stdout=PIPE, stderr=log if log else None, start_new_session=True,
                               preexec_fn=(lambda: pin(self.cpus)) if self.cpus else None)
         finally:

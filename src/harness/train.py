@@ -254,11 +254,13 @@ def fill_summary(summary: dict, cfg: TrainConfig, rt: Runtime, clock: BudgetCloc
         wall_ratio=clock.wall_ratio if clock else 0.0)
 
 
-def run(cfg: TrainConfig, out_dir: Path | None = None) -> dict:
-    """Run one timed training run; returns the summary dict (also written to out_dir/summary.json)."""
+def run(cfg: TrainConfig, out_dir: Path | None = None, hide_held_out: bool = True) -> dict:
+    """Run one timed training run; returns the summary dict (also written to out_dir/summary.json).
+    hide_held_out=False: leave the held-out splits readable (a sweep's jobs share processes, and a later job's
+    scorer, started by this process, must read them)."""
     if cfg.dry_run:
         return dry_run(cfg)
-    return TimedRun(cfg, out_dir).run()
+    return TimedRun(cfg, out_dir, hide_held_out).run()
 
 
 def dry_run(cfg: TrainConfig) -> dict:
@@ -283,8 +285,9 @@ class TimedRun:
     summary.json and an ended MLflow run with its status.
     """
 
-    def __init__(self, cfg: TrainConfig, out_dir: Path | None):
+    def __init__(self, cfg: TrainConfig, out_dir: Path | None, hide_held_out: bool = True):
         self.t_start = time.time()
+        self.hide_held_out = hide_held_out
         self.cfg, self.out_dir = cfg, out_dir
         if cfg.score not in ("process", "caller"):
             raise ValueError(f"score={cfg.score!r}; expected process (this run starts the scorer) or caller")
@@ -383,8 +386,12 @@ class TimedRun:
         print(f"{START_LINE} cpu_seconds={start:.6f} threads={max(1, n)} device={self.device.kind}", flush=True)
         self.summary.update(budget_clock=self.device.kind, budget_threads=max(1, n))
         private_tmp()  # temporary files go where the sandbox leaves writing alone
-        hidden = hide(held_out_files(self.cfg.data))  # the held-out splits: unreadable from here on (Landlock)
-        self.summary["sandbox"] = hidden.reason
+        with contextlib.suppress(OSError):
+            cache_path().parent.mkdir(parents=True, exist_ok=True)  # the micro-batch cache's folder, likewise
+        if self.hide_held_out:  # the held-out splits: unreadable from here on (Landlock)
+            self.summary["sandbox"] = hide(held_out_files(self.cfg.data)).reason
+        else:
+            self.summary["sandbox"] = "held-out splits not hidden: a sweep's jobs share processes (a session never does)"
         install_sandbox(RESEARCH_DIR)
         self.research = research()
         return self.research
@@ -574,7 +581,7 @@ def main():
         if hc.mode == RunMode.MULTIRUN:  # name each job of a sweep by what it changes
             cfg.tracking.run_name = cfg.tracking.run_name or job_run_name(list(hc.overrides.task))
         try:
-            summary = run(cfg, Path(hc.runtime.output_dir))
+            summary = run(cfg, Path(hc.runtime.output_dir), hide_held_out=hc.mode == RunMode.RUN)
         except TrackingError as e:
             sys.exit(f"error: {e}")
         except PrepareError as e:  # e.g. data not prepared: the message names the prepare.py command

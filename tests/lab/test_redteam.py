@@ -198,5 +198,7 @@ def test_compute_outside_the_budget_is_counted_refused_or_tampered(repo, tmp_pat
         assert out.status == "ok", (out.status, out.error_line, out.log_tail[-2000:])
         used = counted_outside(out)
         assert used <= DeviceBudget(BUDGET_S).allowed and abs(used - out.summary["device_seconds"]) < 0.1
-        if not patch.honest or "refresh" in patch.name or "thread" in patch.name:  # extra work: fewer steps
+        # extra work in the training thread: fewer steps. (A helper thread's work is counted, as `used` shows, but
+        # how much of it runs before the budget ends depends on the machine's load: no step count is promised.)
+        if not patch.honest or "refresh" in patch.name:
             assert out.summary["num_steps"] < 0.85 * honest_steps, (out.summary["num_steps"], honest_steps)
