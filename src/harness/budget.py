@@ -11,8 +11,8 @@ initialisation, warm-up steps and every optimizer step) to the end of training:
 - CUDA / MPS (`EventTime`): elapsed time between device events on the training stream since the start.
 Tokens mode counts tokens (a deterministic run); its device time is still reported.
 
-The loop stops before a step that would not fit: when the counted time plus the median step would pass
-the budget. A run never books a step at less than it cost. Outside the process the lab's runner counts
+The loop stops before a step that might not fit: when the counted time plus the slowest of the recent steps
+would pass the budget. A run never books a step at less than it cost. Outside the process the lab's runner counts
 the same CPU time from the kernel's accounting of the whole process tree (src/harness/launch.py) and
 compares it with the budget; the start of the clock is the `overnight-clock-start` line, printed before
 any research code runs.
@@ -156,8 +156,9 @@ class BudgetClock:
         return False
 
     def next_step(self) -> float:
-        """Device seconds the next step is expected to take: the running median (the last step during warm-up)."""
-        return statistics.median(self._recent_device) if self._recent_device else self._last_device
+        """Device seconds the next step may take: the slowest of the recent steps (the last step during warm-up), so
+        that a periodic expensive step (a refresh every N steps) is not started where it would not fit."""
+        return max(self._recent_device) if self._recent_device else self._last_device
 
     def elapsed(self) -> float:
         """Wall seconds since the clock started, now (the watchdog's view of a step that never ends)."""

@@ -9,7 +9,7 @@ process knows, so nothing a host prints can pass for it.
 
 The checks run on the scored batches, at the scoring shape and dtype, chosen with the OS's randomness when
 the pass starts (a failure is the status `tampered` with the reason):
-- causality and batch independence: a share of the scored batches (Audit.twin_share, at least two) gets a
+- causality and batch independence: a share of the scored batches (Audit.twin_share, at least four) gets a
   twin, run by the other host just before or after it: the rows permuted and each row's tokens after its
   own random position replaced by real validation text already scored. Every row of the twin must give
   bitwise the logits of its scored row up to its cut (a causal model on a fixed shape and dtype does: shown
@@ -28,7 +28,6 @@ Usage: scorer = Scorer(cwd, log_path).start(); ...train...; result = scorer.scor
 """
 from __future__ import annotations
 
-import builtins
 import json
 import math
 import os
@@ -43,11 +42,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from tqdm import tqdm
-import torch._dynamo  # noqa: F401  (importing it rebinds torch.manual_seed: import it before any snapshot)
-import torch.nn.functional as F
 
-import src.harness.data
-import src.harness.evaluate
 from src.harness.config import TrainConfig, to_object
 from src.harness.data import load_prepared, val_tokens
 from src.harness.device import Runtime
@@ -79,35 +74,6 @@ def save_checkpoint(path: Path, model, cfg_dict: dict, device: str, dtype: str) 
     torch.save({"model": state, "config": cfg_dict, "device": device, "dtype": dtype}, tmp)
     os.replace(tmp, path)
     return Path(path)
-
-
-# ---------------------------------------------------------------------------- integrity
-
-CLASSES = ("torch.Tensor", "torch._C.TensorBase", "torch.nn.Module")  # a new attribute here shadows a method
-
-
-def _watched(extra: tuple = ()) -> dict:
-    return {**{name: sys.modules[name] for name in extra if name in sys.modules},
-            "torch": torch, "torch.nn.functional": F, "torch.Tensor": torch.Tensor,
-            "torch._C.TensorBase": torch._C.TensorBase, "torch.nn.Module": torch.nn.Module, "torch.nn": torch.nn,
-            "math": math, "builtins": builtins, "src.harness.evaluate": src.harness.evaluate, "src.harness.data": src.harness.data,
-            "src.harness.score": sys.modules[__name__]}
-
-
-def library_snapshot(extra: tuple = ()) -> dict:
-    """Identity of every function and class of the watched modules and classes (plus the modules in `extra`).
-    Plain data (time.tzname, ...) is left out: libraries update it as they run."""
-    return {(name, attr): id(value) for name, mod in _watched(extra).items() for attr, value in list(vars(mod).items())
-            if callable(value) or isinstance(value, (staticmethod, classmethod, property))}
-
-
-def library_changes(before: dict) -> list[str]:
-    """What was rebound or removed since `before` was taken, and what was added to a watched class.
-    (Attributes added to modules are not compared: torch adds submodules as they are imported.)"""
-    now = library_snapshot(tuple({name for name, _ in before}))
-    changed = {f"{name}.{attr}" for (name, attr), ident in before.items() if now.get((name, attr)) != ident}
-    changed |= {f"{name}.{attr}" for (name, attr) in now if name in CLASSES and (name, attr) not in before}
-    return sorted(changed)
 
 
 # ---------------------------------------------------------------------------- checks on the scored batches
@@ -155,7 +121,7 @@ class Audit:
     twin is checked at its own random position. repeats: batches scored again later in the pass (the last one at
     the end), by both hosts: the one that scored it (its state has moved on since) and the other (never shown it)."""
 
-    def __init__(self, plan: list, seq_len: int, rng: random.Random, twin_share: float = 0.125, min_twins: int = 2,
+    def __init__(self, plan: list, seq_len: int, rng: random.Random, twin_share: float = 0.125, min_twins: int = 4,
                  repeats: int = 2):
         full = [i for i, (_, _, length) in enumerate(plan) if length == seq_len]
         k = min(len(full), max(min_twins, math.ceil(twin_share * len(full))))

@@ -47,13 +47,14 @@ from src.harness.model_facts import ModelFacts, model_facts
 from src.harness.paths import REPO
 from src.harness.provenance import provenance
 from src.harness.sandbox import SandboxError, install as install_sandbox
-from src.harness.score import CHECKPOINT, Scorer, apply_verdict, library_changes, library_snapshot, save_checkpoint
+from src.harness.score import CHECKPOINT, Scorer, apply_verdict, save_checkpoint
+from src.harness.snapshot import library_changes, library_snapshot
 from src.harness.status import CRASH, DRY_RUN, KILLED, NAN, OK, OOM, STALLED, TAMPERED, TIMEOUT
 from src.harness.sweep import job_run_name
 from src.harness.tracking import Tracker, TrackingError, flatten
 
 HARNESS_MODULES = ("time", "os", "signal", "src.harness.budget", "src.harness.data", "src.harness.model_facts",
-                   "src.harness.launch", __name__)
+                   "src.harness.launch", "src.harness.score", __name__)
 _HARNESS = library_snapshot(extra=HARNESS_MODULES)
 RESEARCH_DIR = REPO / "src" / "research"
 

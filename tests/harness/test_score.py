@@ -77,6 +77,7 @@ def test_the_audit_twins_a_share_of_the_full_batches_and_repeats_at_the_end():
     a = Audit(plan, 8, random.Random(0))
     assert len(a.twins) == 5 and all(plan[i][2] == 8 for i in a.twins)  # 1/8 of 40 full batches; never the short one
     assert Audit([(0, 63, 8), (504, 1, 7)], 8, random.Random(0)).twins == {0}  # a short pass: every batch it can
+    assert len(Audit([(i * 64, 8, 8) for i in range(6)], 8, random.Random(0)).twins) == 4  # at least four
     assert len(a.kept) == 2 and len(plan) - 1 in a.repeat_of  # two repeats, one after the last batch
     assert all(j <= i for i, js in a.repeat_of.items() for j in js)  # a batch is sent again only after it was scored
     b = Audit(plan, 8, random.Random(1))
@@ -127,7 +128,7 @@ def test_an_honest_model_is_scored_with_its_checks_counted_and_its_hosts_sandbox
     v = score_with(project)
     assert v["status"] == "ok" and 7.0 < v["val_bpb"] < 9.0, v
     c = v["checks"]
-    assert c["twins"] >= 2 and c["twin_rows"] >= 2 * 4 and c["repeats"] == 2 * 2  # each repeat by both hosts
+    assert c["twins"] >= 4 and c["twin_rows"] >= 4 * 4 and c["repeats"] == 2 * 2  # each repeat by both hosts
     assert c["sandbox"].startswith("Landlock ABI") or c["sandbox"].startswith("not restricted")
 
 

@@ -19,7 +19,8 @@ from src.lab.fakes.redteam import ATTACKS, BUDGET_PATCHES, COUNTED, LEGIT, OVERR
 from src.lab.integrity import DeviceBudget, clock_start
 from tests.support.helpers import REPO, git, make_repo
 
-TINY_RUN = ["model.depth=2", "budget.mode=tokens", "budget.tokens=16384", "data.eval_tokens=8192", "device=cpu",
+# eval 16,385 tokens: four full scoring batches of 32 rows on CPU, so that a model that keeps state uses it
+TINY_RUN = ["model.depth=2", "budget.mode=tokens", "budget.tokens=16384", "data.eval_tokens=16385", "device=cpu",
             "tracking.enabled=false", "progress=false"]
 CONTRACT = ContractConfig()
 

@@ -314,7 +314,7 @@ BUDGET_PATCHES = [
     BudgetPatch("a large-batch start: 8x the work in the first 3 steps", COUNTED, extra_work("step < 3", 8)),
     BudgetPatch("a preconditioner refresh: 6x the work every 5th step", COUNTED, extra_work("step % 5 == 4", 6),
                 honest=True),
-    BudgetPatch("a warm start: 8 training steps on random tokens in init_weights", COUNTED, warm_start(8, 32)),
+    BudgetPatch("a warm start: 16 training steps on random tokens in init_weights", COUNTED, warm_start(16, 32)),
     BudgetPatch("a warm start longer than the whole budget (60 steps in init_weights)", OVERRUN, warm_start(60, 64)),
     BudgetPatch("a helper thread doing extra forward/backward beside the step", COUNTED, ((STEP, both(
         replace("import torch\n", "import threading\n\nimport torch\n"),
