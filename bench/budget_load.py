@@ -17,7 +17,6 @@ Usage: python bench/budget_load.py runs [--repeats 4] [--seconds 30]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -25,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from sessions import REPO, clone, outcome, run_search, table
+from sessions import REPO, clone, outcome, run_search, table, timed_train
 
 
 class Busy:
@@ -42,18 +41,9 @@ class Busy:
 
 
 def one_run(repo: Path, out: Path, seconds: float) -> dict:
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "src.train", "+experiment=cpu30", f"budget.seconds={seconds}",
-                           "progress=false", "tracking.enabled=false", f"hydra.run.dir={out}"], cwd=repo,
-                          capture_output=True, text=True)
-    wall = time.monotonic() - t0
-    try:
-        s = json.loads((out / "summary.json").read_text())
-    except (OSError, ValueError):
-        s = {"status": f"no summary (exit {proc.returncode})", "val_bpb": float("nan")}
-    s["whole_wall"] = wall
-    if proc.returncode != 0:
-        (out / "stderr.txt").write_text(proc.stdout[-4000:] + proc.stderr[-4000:])
+    s = timed_train(repo, ["+experiment=cpu30", f"budget.seconds={seconds}", "progress=false", "tracking.enabled=false"],
+                    out)
+    s["whole_wall"] = s["wall"]
     return s
 
 

@@ -11,36 +11,13 @@ Usage: python bench/paired_runs.py --arm wallclock=4459143 --arm now=. [--rounds
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from sessions import REPO, table
-
-
-def checkout(commit: str, where: Path) -> Path:
-    if commit == ".":
-        return REPO
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(where), commit], check=True,
-                   capture_output=True)
-    return where
-
-
-def one_run(cwd: Path, seconds: float, extra: list[str], out: Path) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "src.train", f"budget.seconds={seconds}", "progress=false",
-                           f"hydra.run.dir={out}", *extra], cwd=cwd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    try:
-        s = json.loads((out / "summary.json").read_text())
-    except (OSError, ValueError):
-        s = {"status": f"exit {proc.returncode}", "val_bpb": float("nan")}
-    s["wall"] = wall
-    return s
+from sessions import REPO, table, timed_train, worktree
 
 
 def main() -> int:
@@ -52,14 +29,15 @@ def main() -> int:
     args = ap.parse_args()
     arms = [a.split("=", 1) for a in args.arm]
     tmp = Path(tempfile.mkdtemp(prefix="paired-runs-"))
-    dirs = {name: checkout(commit, tmp / name) for name, commit in arms}
+    dirs = {name: worktree(commit, tmp / name) for name, commit in arms}
     runs: dict[str, list[dict]] = {name: [] for name, _ in arms}
     rows = []
     try:
         for r in range(args.rounds):
             order = arms[r % len(arms):] + arms[: r % len(arms)]
             for name, _ in order:
-                s = one_run(dirs[name], args.seconds, args.overrides, tmp / "runs" / f"{name}-{r + 1}")
+                s = timed_train(dirs[name], [f"budget.seconds={args.seconds}", "progress=false", *args.overrides],
+                                tmp / "runs" / f"{name}-{r + 1}")
                 runs[name].append(s)
                 row = [name, r + 1, s.get("status"), f"{s.get('val_bpb', float('nan')):.4f}",
                        f"{s.get('total_tokens_M', 0):.3f}", f"{s.get('training_seconds', 0):.1f}",

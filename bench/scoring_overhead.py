@@ -11,32 +11,19 @@ Usage: python bench/scoring_overhead.py [--before b043477] [--pairs 3] [--second
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def checkout(commit: str, where: Path) -> Path:
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(where), commit], check=True,
-                   capture_output=True)
-    return where
+from sessions import REPO, timed_train, worktree
 
 
 def one_run(cwd: Path, seconds: float, extra: list[str], out: Path) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "src.train", f"budget.seconds={seconds}", "progress=false",
-                           f"hydra.run.dir={out}", *extra], cwd=cwd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"run in {cwd} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    s = json.loads((out / "summary.json").read_text())
-    s["wall"] = wall
+    s = timed_train(cwd, [f"budget.seconds={seconds}", "progress=false", *extra], out)
+    if s["returncode"] != 0:
+        sys.exit(f"run in {cwd} failed ({s['returncode']}):\n{s['output_tail']}")
     return s
 
 
@@ -73,7 +60,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        before = checkout(args.before, Path(tmp) / "before")
+        before = worktree(args.before, Path(tmp) / "before")
         try:
             rows = []
             print(f"{'pair':>4} {'side':>6} {'val_bpb':>9} {'wall s':>8} {'train s':>8} {'tok/s':>8} "

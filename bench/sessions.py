@@ -88,3 +88,26 @@ RULE_KNOBS = ("baseline_repeats", "baseline_max_repeats", "baseline_spread", "no
 
 def rule(knobs: dict) -> str:
     return " ".join(f"{k}={knobs.get(k)}" for k in RULE_KNOBS)
+
+
+def worktree(commit: str, where: Path) -> Path:
+    """`commit` checked out (detached) as a git worktree at `where`; `.` is this checkout as it stands."""
+    if commit == ".":
+        return REPO
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(where), commit], check=True,
+                   capture_output=True)
+    return where
+
+
+def timed_train(cwd: Path, args: list[str], out: Path) -> dict:
+    """`python -m src.train <args> hydra.run.dir=<out>` in `cwd`: its summary, plus the whole process's wall seconds
+    (`wall`), exit code and output tail (no summary: the status says so)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "src.train", *args, f"hydra.run.dir={out}"], cwd=cwd,
+                          capture_output=True, text=True)
+    try:
+        s = json.loads((Path(out) / "summary.json").read_text())
+    except (OSError, ValueError):
+        s = {"status": f"no summary (exit {proc.returncode})", "val_bpb": float("nan")}
+    s.update(wall=time.perf_counter() - t0, returncode=proc.returncode, output_tail=(proc.stdout + proc.stderr)[-3000:])
+    return s

@@ -264,16 +264,21 @@ class Host:
             return {"error": f"the model host {self.name} wrote {line[:200]!r} instead of its reply"}
 
     def close(self) -> None:
-        for f in (self.req, self.rep):
-            try:
-                f.close()
-            except OSError:
-                pass
+        stop(self.proc, self.req, self.rep)
+
+
+def stop(proc, *pipes) -> None:
+    """Close our ends of a child's pipes (its cue to exit), give it 5 s, then kill it."""
+    for f in pipes:
         try:
-            self.proc.wait(timeout=5)
-        except TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            f.close()
+        except OSError:
+            pass
+    try:
+        proc.wait(timeout=5)
+    except TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 class ModelFailed(RuntimeError):
@@ -474,15 +479,7 @@ class Scorer:
     def close(self) -> None:
         """Stop a scorer that is still waiting or running (a failed run is never scored)."""
         if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                self.proc.wait(timeout=5)
-            except TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop(self.proc, self.proc.stdin)
 
 
 if __name__ == "__main__":
