@@ -39,6 +39,7 @@ PARENT_ENV = "OVERNIGHT_PARENT_RUN_ID"  # set by src.harness.sweep.SweepCallback
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 MAX_TAG_LEN = 5000  # ... and the length we keep of a tag value
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every sqlite database file
+BUSY_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # waits before retrying a call that found the sqlite store locked
 
 
 class TrackingError(RuntimeError):
@@ -94,6 +95,11 @@ def ensure_experiment(client, name: str, uri: str):
             pass
         exp = client.get_experiment_by_name(name)
     return exp
+
+
+def is_busy(error: BaseException) -> bool:
+    """Whether a failed store call met another writer's lock (sqlite's "database is locked")."""
+    return "database is locked" in str(error) or "database is busy" in str(error)
 
 
 def _head(path: Path, n: int = 16) -> bytes:
@@ -295,15 +301,21 @@ class Tracker:
             del self._pending[:1000]
 
     def _call(self, name: str, *args, **kwargs) -> bool:
-        """One client call; a failure is remembered, never raised into training."""
-        try:
-            with self._io:
-                getattr(self._client, name)(*args, **kwargs)
-            return True
-        except Exception as e:
-            self._last_error = f"{type(e).__name__}: {str(e)[:300]}"
-            log.warning("MLflow: %s failed: %s", name, self._last_error)
-            return False
+        """One client call; a failure is remembered, never raised into training. A local store busy
+        with another writer (a sweep's parallel jobs, the lab beside a run) is retried with back-off."""
+        for wait in (*BUSY_RETRY_S, None):
+            try:
+                with self._io:
+                    getattr(self._client, name)(*args, **kwargs)
+                return True
+            except Exception as e:
+                self._last_error = f"{type(e).__name__}: {str(e)[:300]}"
+                if wait is None or not is_busy(e):
+                    break
+                log.info("MLflow: %s: the store is busy, retrying in %.1f s", name, wait)
+                time.sleep(wait)
+        log.warning("MLflow: %s failed: %s", name, self._last_error)
+        return False
 
     def _unlogged(self, what: str) -> None:
         self.not_logged.append(what)

@@ -294,3 +294,37 @@ def test_statuses_map_to_finished_or_failed_with_the_reason_as_a_tag(tmp_path):
     assert ended == {"ok": ("FINISHED", "ok", None), "stalled": ("FINISHED", "stalled", "why stalled"),
                      "nan": ("FAILED", "nan", "why nan"), "crash": ("FAILED", "crash", "why crash"),
                      "timeout": ("FAILED", "timeout", "why timeout")}
+
+
+
+def test_a_call_that_meets_another_writers_lock_is_retried_not_dropped(tmp_path, monkeypatch):
+    """A sweep's parallel jobs share one sqlite file, and sqlite answers "database is locked" at once,
+    without its busy wait, when two writers could deadlock (a joblib sweep once lost a child's params).
+    The call is retried with back-off; any other error is reported after one try."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    import src.harness.tracking as tracking
+
+    monkeypatch.setattr(tracking, "BUSY_RETRY_S", (0.01, 0.01, 0.01))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    t = Tracker(TrackingConfig(uri=uri, run_name="locked")).start()
+    t.wait_ready()
+    real, calls = t._client.log_batch, []
+
+    def flaky(*args, **kwargs):
+        calls.append(kwargs)
+        if len(calls) <= 2:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        if "tags" in kwargs:
+            raise MlflowException("something else")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(t._client, "log_batch", flaky)
+    t.log_params({"seed": 7})
+    assert len(calls) == 3 and not t.not_logged
+    t.set_tags({"x": 1})
+    assert len(calls) == 4 and "something else" in t.not_logged[0]  # not retried
+    monkeypatch.setattr(t._client, "log_batch", real)
+    t.finish("ok", {"val_bpb": 2.0, "num_steps": 1})
+    assert MlflowClient(uri).get_run(t.run_id).data.params["seed"] == "7"
