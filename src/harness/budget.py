@@ -3,18 +3,21 @@
 `budget.seconds` (mode=time) is seconds of the run's device slot, everything included from the moment
 the harness starts the clock (before the research code is imported: model construction, weight
 initialisation, warm-up steps and every optimizer step) to the end of training:
-- CPU (`CpuTime`): CPU seconds of the training process (all of its threads, user + sys, and any child
-  process it reaped), divided by the slot's thread count. The kernel keeps that count; a second thread,
-  work hidden in an uncounted step or a stalled step cannot escape it, and a neighbour on the cores
-  lengthens a run's wall time without changing what its training costs (with OpenMP threads that sleep
-  when idle: src/harness/threads.py).
+- CPU (`CpuTime`): the larger of two counts the kernel keeps, from the clock's start: the CPU seconds of the
+  whole process (all of its threads, user + sys, and any child process it reaped) divided by the slot's
+  thread count, and the CPU seconds of the training loop's own thread. The first bounds compute: a second
+  thread, work hidden in an uncounted step or a stalled step cannot escape it. The second is the time
+  the slot was held: on a quiet machine it is close to wall time (the loop's thread is busy whenever the
+  run makes progress), so a run trains about what a wall-clock budget gave. A neighbour on the cores
+  lengthens wall time without changing either count (with OpenMP threads that sleep when idle:
+  src/harness/threads.py).
 - CUDA / MPS (`EventTime`): elapsed time between device events on the training stream since the start.
 Tokens mode counts tokens (a deterministic run); its device time is still reported.
 
 The loop stops before a step that might not fit: when the counted time plus the slowest of the recent steps
 would pass the budget. A run never books a step at less than it cost. Outside the process the lab's runner counts
-the same CPU time from the kernel's accounting of the whole process tree (src/harness/launch.py) and
-compares it with the budget; the start of the clock is the `overnight-clock-start` line, printed before
+the same two figures from the kernel's accounting of the whole process tree and of the training process's main
+thread (src/harness/launch.py) and compares the larger with the budget; the start of the clock is the `overnight-clock-start` line, printed before
 any research code runs.
 
 Stalls: a step slower in wall time than `stall_factor` x the running median is a stall, reported
@@ -34,9 +37,10 @@ from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
 from collections import deque
-from time import perf_counter, process_time  # bound when the harness is imported, before any research code
+from time import clock_gettime, perf_counter, process_time, pthread_getcpuclockid  # bound when the harness is imported, before any research code
 from typing import Callable, Iterator, Optional, Protocol
 
 from src.harness.config import BudgetConfig, OptimizerConfig
@@ -59,18 +63,38 @@ def cpu_seconds() -> float:
     return process_time() + t.children_user + t.children_system
 
 
+def thread_clock(ident: Optional[int] = None) -> Callable[[], float]:
+    """A reader of the CPU seconds of one thread (default: the calling one), readable from any thread; the same
+    count as that thread's /proc/<pid>/task/<tid>/schedstat."""
+    clk = pthread_getcpuclockid(ident if ident is not None else threading.get_ident())
+    return lambda: clock_gettime(clk)
+
+
 class CpuTime:
-    """CPU seconds of the process since the start, divided by the slot's thread count."""
+    """The CPU slot's time since the start: the larger of (a) the CPU seconds of the whole process divided by the
+    slot's thread count and (b) the CPU seconds of the thread that made the clock (the training loop's).
+
+    (a) is the ceiling on compute: no thread, helper or hidden step trains more than the slot's cores could
+    in the counted time. (b) is the slot held: the training loop's thread runs whenever the run makes
+    progress (its Python, its share of every parallel op), sleeps only while it waits for a worker or the
+    disk, and gets no CPU while a neighbour holds its core. On a quiet machine (b) is close to wall time,
+    so a run trains about what a wall-clock budget gave; beside a busy process neither figure grows."""
     kind = "cpu"
 
-    def __init__(self, threads: int, read: Callable[[], float] = cpu_seconds):
+    def __init__(self, threads: int, read: Callable[[], float] = cpu_seconds,
+                 read_main: Optional[Callable[[], float]] = None):
         if threads < 1:
             raise ValueError(f"a CPU slot needs at least one thread, not {threads}")
         self.threads, self._read = threads, read
-        self.start_cpu = read()
+        self._read_main = read_main if read_main is not None else thread_clock()
+        self.start_cpu, self.start_main = read(), self._read_main()
+
+    def parts(self) -> tuple[float, float]:
+        """(process CPU seconds per thread, loop thread CPU seconds) since the start."""
+        return (self._read() - self.start_cpu) / self.threads, self._read_main() - self.start_main
 
     def seconds(self) -> float:
-        return (self._read() - self.start_cpu) / self.threads
+        return max(self.parts())
 
 
 class EventTime:

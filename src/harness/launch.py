@@ -7,13 +7,15 @@ orphaned or not, ends up reaped here or is still visible here, so its CPU time i
 
 --freeze: the training process stops itself (SIGSTOP, with $OVERNIGHT_FREEZE=1) once its checkpoint is
 written. Then, with the whole tree stopped, the launcher reads the tree's CPU seconds from the kernel
-(/proc/<pid>/stat: utime + stime + cutime + cstime of every process, plus what this process reaped),
+(/proc/<pid>/stat: utime + stime + cutime + cstime of every process, plus what this process reaped,
+and the training process's main thread's own CPU seconds),
 copies the checkpoint to FROZEN with its sha256, and lets the tree go on. What the training process
 does after that (logging, summary) cannot change what is scored, nor the count at the freeze.
 
 At the end the launcher kills what is left of the tree, reaps it, writes one JSON line on fd N (which
 the training process never holds) and exits with the training process's exit code:
-    {"returncode", "cpu_total", "freeze": {"cpu", "wall", "processes", "sha256", "bytes"} | null}
+    {"returncode", "cpu_total", "freeze": {"cpu", "main_cpu", "wall", "processes", "sha256", "bytes"} | null}
+("main_cpu": CPU seconds of the training process's main thread, which runs the training loop; null off Linux.)
 
 Usage: python -m src.harness.launch --report-fd 5 --freeze run/checkpoint.pt run/checkpoint.frozen.pt -- python -m src.train ...
 """
@@ -114,6 +116,14 @@ def waited(pids: list[int]) -> Optional[dict]:
     return {"cpu": round(cpu, 3), "waiting": round(wait, 3)} if seen else None
 
 
+def thread_cpu(pid: int, tid: int) -> Optional[float]:
+    """CPU seconds of one thread (the kernel's sum_exec_runtime, /proc/<pid>/task/<tid>/schedstat), or None."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def reaped_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
@@ -161,7 +171,9 @@ class Launch:
         cpu = reaped_cpu() + sum(cpu_of(p) for p in procs)
         ckpt, frozen = self.freeze_paths
         sha, size = (copy_hashed(ckpt, frozen) if ckpt.is_file() else ("", 0))
-        self.freeze = {"cpu": round(cpu, 3), "wall": round(time.monotonic() - self.t0, 3),
+        main = thread_cpu(train, train)  # the training loop's thread (the process's main thread)
+        self.freeze = {"cpu": round(cpu, 3), "main_cpu": None if main is None else round(main, 6),
+                       "wall": round(time.monotonic() - self.t0, 3),
                        "processes": len(procs), "sha256": sha, "bytes": size}
         signal_all(procs, signal.SIGCONT)
 

@@ -36,7 +36,7 @@ threads.apply()  # how OpenMP threads wait, before torch is imported (src/harnes
 import torch  # noqa: E402
 
 # the harness first ...
-from src.harness.budget import START_LINE, STALL_ENV, BudgetClock, DeviceTime, device_time, inject_stalls, lr_multiplier
+from src.harness.budget import START_LINE, STALL_ENV, BudgetClock, CpuTime, DeviceTime, device_time, inject_stalls, lr_multiplier
 from src.harness.config import TrainConfig
 from src.harness.data import held_out_files, load_prepared, train_batches
 from src.harness.device import Runtime, compile_model, process_age, resolve
@@ -383,8 +383,9 @@ class TimedRun:
         if hasattr(os, "sched_getaffinity"):
             n = min(n, len(os.sched_getaffinity(0)))
         self.device = device_time(self.rt.device.type, max(1, n))
-        start = getattr(self.device, "start_cpu", 0.0)
-        print(f"{START_LINE} cpu_seconds={start:.6f} threads={max(1, n)} device={self.device.kind}", flush=True)
+        start, main = getattr(self.device, "start_cpu", 0.0), getattr(self.device, "start_main", 0.0)
+        print(f"{START_LINE} cpu_seconds={start:.6f} main_cpu_seconds={main:.6f} threads={max(1, n)} "
+              f"device={self.device.kind}", flush=True)
         self.summary.update(budget_clock=self.device.kind, budget_threads=max(1, n))
         private_tmp()  # temporary files go where the sandbox leaves writing alone
         with contextlib.suppress(OSError):
@@ -432,6 +433,9 @@ class TimedRun:
                                config_dict(self.cfg), self.rt.device.type, self.rt.dtype_name)
         self.summary.update(checkpoint=str(ckpt), checkpoint_seconds=time.time() - t0,
                             device_seconds=self.device.seconds())  # the clock stops with the checkpoint written
+        if isinstance(self.device, CpuTime):  # what the CPU clock's two figures were at the checkpoint
+            per_thread, loop = self.device.parts()
+            self.summary.update(device_cpu_per_thread=per_thread, device_loop_thread=loop)
         if os.environ.get(FREEZE_ENV) == "1":  # the launcher counts the process tree and copies the checkpoint
             os.kill(os.getpid(), signal.SIGSTOP)
         if self.scorer is not None:

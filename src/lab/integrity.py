@@ -3,9 +3,10 @@
 The budget: every run is launched by src/harness/launch.py, the subreaper of its whole process tree.
 When the training process has written its checkpoint it stops itself; with the tree stopped the
 launcher reads the tree's CPU seconds from the kernel and copies the checkpoint (what is scored, by
-its sha256). On CPU the run's device time is those CPU seconds, from the clock's start (the
-`overnight-clock-start` line the harness prints before any research code runs) to the freeze,
-divided by the slot's threads; it may exceed the session's budget by `search.device_allowance_s`
+its sha256). On CPU the run's device time is counted as the harness's clock counts it, from the clock's
+start (the `overnight-clock-start` line the harness prints before any research code runs) to the
+freeze: the larger of the tree's CPU seconds divided by the slot's threads and the CPU seconds of
+the training loop's thread; it may exceed the session's budget by `search.device_allowance_s`
 plus `search.device_allowance_share` of it (the last step's variance and the checkpoint write),
 no more. Beyond that the run trained outside its budget: `tampered`, with the figures. A slow or
 shared machine only lengthens wall time, which is never held against a run.
@@ -32,7 +33,8 @@ from src.lab.config import SearchConfig
 from src.lab.ledger import Experiment
 from src.lab.decisions import KEEP
 
-START_RE = re.compile(rf"^{START_LINE} cpu_seconds=([0-9.]+) threads=(\d+) device=(\w+)\s*$", re.M)
+START_RE = re.compile(rf"^{START_LINE} cpu_seconds=([0-9.]+)(?: main_cpu_seconds=([0-9.]+))? threads=(\d+) "
+                      r"device=(\w+)\s*$", re.M)
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,26 @@ def clock_start(run_log: Path) -> Optional[dict]:
     except OSError:
         return None
     m = START_RE.search(head)
-    return {"cpu_seconds": float(m.group(1)), "threads": int(m.group(2)), "device": m.group(3)} if m else None
+    if not m:
+        return None
+    return {"cpu_seconds": float(m.group(1)), "main_cpu_seconds": float(m.group(2)) if m.group(2) else None,
+            "threads": int(m.group(3)), "device": m.group(4)}
+
+
+def outside_seconds(freeze: dict, start: dict, cores: int) -> tuple[float, str]:
+    """The run's device seconds as the launcher counted them, from the clock's start to the freeze, and how: the
+    larger of the process tree's CPU seconds per thread and the training loop thread's CPU seconds (the same
+    rule as the harness's CpuTime, read here from the kernel's accounting)."""
+    threads = max(1, min(start["threads"], cores))
+    cpu = freeze["cpu"] - start["cpu_seconds"]
+    per_thread = cpu / threads
+    main = None
+    if freeze.get("main_cpu") is not None and start.get("main_cpu_seconds") is not None:
+        main = freeze["main_cpu"] - start["main_cpu_seconds"]
+    how = f"{cpu:.2f} CPU seconds of its process tree on {threads} threads"
+    if main is not None:
+        how += f", {main:.2f} CPU seconds of its training loop's thread"
+    return max(per_thread, main if main is not None else 0.0), how
 
 
 def device_overrun(launch: dict, start: Optional[dict], budget: DeviceBudget, cores: int) -> str:
@@ -69,14 +90,13 @@ def device_overrun(launch: dict, start: Optional[dict], budget: DeviceBudget, co
         return "the run's log has no clock-start line (the harness prints it before any research code runs)"
     if start["device"] != "cpu":
         return ""
-    threads = max(1, min(start["threads"], cores))
-    used = (freeze["cpu"] - start["cpu_seconds"]) / threads
+    used, how = outside_seconds(freeze, start, cores)
     if used > budget.allowed:
         extra = f", {freeze['processes'] - 1} other processes in the tree" if freeze.get("processes", 1) > 1 else ""
-        return (f"the run used {used:.2f} device seconds ({freeze['cpu'] - start['cpu_seconds']:.2f} CPU seconds of its "
-                f"process tree on {threads} threads, counted by the launcher from the clock's start to the checkpoint"
-                f"{extra}), more than the budget of {budget.seconds:g} s + the allowance ({budget.allowed:.2f} s: "
-                "search.device_allowance_s, search.device_allowance_share): it trained outside its budget")
+        return (f"the run used {used:.2f} device seconds ({how}, counted by the launcher from the clock's start to "
+                f"the checkpoint{extra}), more than the budget of {budget.seconds:g} s + the allowance "
+                f"({budget.allowed:.2f} s: search.device_allowance_s, search.device_allowance_share): it trained "
+                "outside its budget")
     return ""
 
 
@@ -89,7 +109,7 @@ def counted_in_process(launch: dict, start: Optional[dict], summary: dict, cores
     at_ckpt, at_loop_end = summary.get("device_seconds"), summary.get("training_seconds")
     if not freeze or start is None or not all(isinstance(v, (int, float)) for v in (at_ckpt, at_loop_end)):
         return False
-    used = (freeze["cpu"] - start["cpu_seconds"]) / max(1, min(start["threads"], cores))
+    used, _ = outside_seconds(freeze, start, cores)
     return abs(used - at_ckpt) <= 0.1 + 0.02 * used and at_ckpt - at_loop_end <= budget.allowed - budget.seconds
 
 

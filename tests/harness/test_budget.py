@@ -7,6 +7,8 @@ Run: python -m pytest -q tests/harness/test_budget.py   (without the CLI runs: -
 """
 import math
 
+import time
+
 import pytest
 
 from src.harness.budget import BudgetClock, CpuTime, FakeTime, inject_stalls, lr_multiplier, parse_stalls
@@ -53,13 +55,32 @@ def test_every_step_counts_warm_up_and_model_construction_included():
     assert clock.wall_seconds == 20.0
 
 
-def test_the_cpu_clock_counts_the_process_cpu_seconds_per_thread():
-    cpu = [10.0]
-    dev = CpuTime(threads=2, read=lambda: cpu[0])
-    cpu[0] = 16.0  # two threads busy for 3 s: 6 CPU seconds
-    assert dev.seconds() == 3.0 and dev.start_cpu == 10.0
+def test_the_cpu_clock_counts_the_larger_of_cpu_per_thread_and_the_loop_threads_cpu():
+    cpu, main = [10.0], [4.0]
+    dev = CpuTime(threads=2, read=lambda: cpu[0], read_main=lambda: main[0])
+    cpu[0], main[0] = 16.0, 7.0  # two threads busy for 3 s: 6 CPU seconds, 3 of them the loop's
+    assert dev.seconds() == 3.0 and dev.start_cpu == 10.0 and dev.start_main == 4.0
+    cpu[0], main[0] = 20.0, 11.0  # the loop's thread ran 4 s more while the other slept: the slot was held
+    assert dev.parts() == (5.0, 7.0) and dev.seconds() == 7.0
+    cpu[0] = 40.0  # a helper thread burnt 20 CPU seconds more: more than the slot's cores give in 7 s
+    assert dev.seconds() == 15.0
     with pytest.raises(ValueError, match="at least one thread"):
         CpuTime(threads=0)
+
+
+def test_the_loop_threads_clock_is_that_thread_read_from_any_thread():
+    """The main thread's count does not grow while it sleeps, and reading it from a helper gives the same."""
+    import threading
+
+    dev = CpuTime(threads=2)
+    time.sleep(0.3)
+    _, loop = dev.parts()
+    assert loop < 0.1
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(dev.parts()[1]))
+    t.start()
+    t.join()
+    assert abs(seen[0] - loop) < 0.05
 
 
 def test_a_real_cpu_clock_sees_a_second_thread_working():

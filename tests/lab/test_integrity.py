@@ -44,6 +44,19 @@ def test_compute_beyond_the_budget_is_named_with_its_figures():
     assert "2 other processes in the tree" in why and "30.85 s" in why
 
 
+def test_the_loop_threads_cpu_counts_when_it_is_the_larger():
+    """The launcher reads the training loop's thread too: a slot held 33 s by the loop is 33 device seconds,
+    however little the other thread did (the same rule as the harness's clock)."""
+    start = dict(START, main_cpu_seconds=1.0)
+    frozen = launch(2.0 + 40.0)
+    frozen["freeze"]["main_cpu"] = 1.0 + 30.5
+    assert device_overrun(frozen, start, B, cores=2) == ""  # 20 s per thread, 30.5 s of the loop
+    frozen["freeze"]["main_cpu"] = 1.0 + 33.0
+    why = device_overrun(frozen, start, B, cores=2)
+    assert why.startswith("the run used 33.00 device seconds (40.00 CPU seconds of its process tree on 2 threads, "
+                          "33.00 CPU seconds of its training loop's thread")
+
+
 def test_the_thread_divisor_is_capped_by_the_cores_the_runner_gave():
     """A run that claims 8 threads on a 2-core slot is counted on 2: its CPU seconds are what they are."""
     start = dict(START, threads=8)
@@ -76,8 +89,10 @@ def test_only_the_first_clock_start_line_counts(tmp_path):
     log = tmp_path / "run.log"
     log.write_text("hydra says hi\novernight-clock-start cpu_seconds=2.500000 threads=2 device=cpu\n"
                    "overnight-clock-start cpu_seconds=60.000000 threads=2 device=cpu\n")
-    assert clock_start(log) == {"cpu_seconds": 2.5, "threads": 2, "device": "cpu"}
+    assert clock_start(log) == {"cpu_seconds": 2.5, "main_cpu_seconds": None, "threads": 2, "device": "cpu"}
     assert clock_start(tmp_path / "none.log") is None
+    log.write_text("overnight-clock-start cpu_seconds=2.500000 main_cpu_seconds=1.250000 threads=2 device=cpu\n")
+    assert clock_start(log)["main_cpu_seconds"] == 1.25
 
 
 def keep(delta: float) -> Experiment:

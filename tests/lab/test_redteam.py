@@ -10,13 +10,15 @@ Run: python -m pytest -q tests/lab/test_redteam.py          (the run-time layer 
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from src.lab.config import ContractConfig
 from src.lab.contract import ContractViolation, check_files, check_source
 from src.lab.runner import Runner
 from src.lab.fakes.redteam import ATTACKS, BUDGET_PATCHES, COUNTED, LEGIT, OVERRUN, REFUSED, TAMPERED, prepend
-from src.lab.integrity import DeviceBudget, clock_start
+from src.lab.integrity import DeviceBudget, clock_start, outside_seconds
 from tests.support.helpers import REPO, git, make_repo
 
 # eval 16,385 tokens: four full scoring batches of 32 rows on CPU, so that a model that keeps state uses it
@@ -171,8 +173,7 @@ def run_budget_patch(repo, tmp_path, patch):
 
 
 def counted_outside(out) -> float:
-    start = clock_start(out.run_dir / "run.log")
-    return (out.launch["freeze"]["cpu"] - start["cpu_seconds"]) / start["threads"]
+    return outside_seconds(out.launch["freeze"], clock_start(out.run_dir / "run.log"), os.cpu_count() or 1)[0]
 
 
 @pytest.fixture(scope="module")
