@@ -3,13 +3,14 @@
 `budget.seconds` (mode=time) is seconds of the run's device slot, everything included from the moment
 the harness starts the clock (before the research code is imported: model construction, weight
 initialisation, warm-up steps and every optimizer step) to the end of training:
-- CPU (`CpuTime`): the larger of two counts the kernel keeps, from the clock's start: the CPU seconds of the
-  whole process (all of its threads, user + sys, and any child process it reaped) divided by the slot's
-  thread count, and the CPU seconds of the training loop's own thread. The first bounds compute: a second
-  thread, work hidden in an uncounted step or a stalled step cannot escape it. The second is the time
-  the slot was held: on a quiet machine it is close to wall time (the loop's thread is busy whenever the
-  run makes progress), so a run trains about what a wall-clock budget gave. A neighbour on the cores
-  lengthens wall time without changing either count (with OpenMP threads that sleep when idle:
+- CPU (`CpuTime`, `slot_seconds`): from two counts the kernel keeps since the clock's start, the CPU seconds
+  of the whole process (all of its threads, user + sys, and any child process it reaped) and those of the
+  training loop's own thread: the loop's time, or the other threads' time divided by the slot's other
+  threads, whichever is longer (so never less than the process's CPU seconds per thread). The loop's
+  thread is busy whenever the run makes progress, so on a quiet machine its time is close to wall time
+  and a run trains about what a wall-clock budget gave; work in another thread (OpenMP's, or one the
+  research code starts), in an uncounted step or in a stall cannot escape the count. A neighbour on the
+  cores lengthens wall time without changing either count (with OpenMP threads that sleep when idle:
   src/harness/threads.py).
 - CUDA / MPS (`EventTime`): elapsed time between device events on the training stream since the start.
 Tokens mode counts tokens (a deterministic run); its device time is still reported.
@@ -17,7 +18,7 @@ Tokens mode counts tokens (a deterministic run); its device time is still report
 The loop stops before a step that might not fit: when the counted time plus the slowest of the recent steps
 would pass the budget. A run never books a step at less than it cost. Outside the process the lab's runner counts
 the same two figures from the kernel's accounting of the whole process tree and of the training process's main
-thread (src/harness/launch.py) and compares the larger with the budget; the start of the clock is the `overnight-clock-start` line, printed before
+thread (src/harness/launch.py) and compares `slot_seconds` of them with the budget; the start of the clock is the `overnight-clock-start` line, printed before
 any research code runs.
 
 Stalls: a step slower in wall time than `stall_factor` x the running median is a stall, reported
@@ -70,15 +71,25 @@ def thread_clock(ident: Optional[int] = None) -> Callable[[], float]:
     return lambda: clock_gettime(clk)
 
 
-class CpuTime:
-    """The CPU slot's time since the start: the larger of (a) the CPU seconds of the whole process divided by the
-    slot's thread count and (b) the CPU seconds of the thread that made the clock (the training loop's).
+def slot_seconds(cpu: float, loop: float, threads: int) -> float:
+    """Device seconds of a CPU slot of `threads` threads whose process used `cpu` CPU seconds, `loop` of them on
+    the training loop's thread: the loop's own time, or the other threads' time spread over the slot's other
+    threads, whichever is longer (never less than cpu / threads; all of it on one thread)."""
+    if threads <= 1:
+        return cpu
+    return max(loop, (cpu - loop) / (threads - 1))
 
-    (a) is the ceiling on compute: no thread, helper or hidden step trains more than the slot's cores could
-    in the counted time. (b) is the slot held: the training loop's thread runs whenever the run makes
-    progress (its Python, its share of every parallel op), sleeps only while it waits for a worker or the
-    disk, and gets no CPU while a neighbour holds its core. On a quiet machine (b) is close to wall time,
-    so a run trains about what a wall-clock budget gave; beside a busy process neither figure grows."""
+
+class CpuTime:
+    """The CPU slot's time since the start, from two counts the kernel keeps: the CPU seconds of the whole process
+    and those of the thread that made the clock (the training loop's). See `slot_seconds`.
+
+    The loop's thread runs whenever the run makes progress (its Python, its share of every parallel op),
+    sleeps only while it waits for the other threads or the disk, and gets no CPU while a neighbour holds
+    its core: on a quiet machine its time is close to wall time, so a run trains about what a wall-clock
+    budget gave, and beside a busy process it does not grow. The other threads (OpenMP's workers, and any
+    thread the research code starts) are counted as `threads - 1` of them could run: work handed to a
+    helper while the loop's thread sleeps, or run beside it, comes out of the budget."""
     kind = "cpu"
 
     def __init__(self, threads: int, read: Callable[[], float] = cpu_seconds,
@@ -90,11 +101,11 @@ class CpuTime:
         self.start_cpu, self.start_main = read(), self._read_main()
 
     def parts(self) -> tuple[float, float]:
-        """(process CPU seconds per thread, loop thread CPU seconds) since the start."""
-        return (self._read() - self.start_cpu) / self.threads, self._read_main() - self.start_main
+        """(process CPU seconds, loop thread CPU seconds) since the start."""
+        return self._read() - self.start_cpu, self._read_main() - self.start_main
 
     def seconds(self) -> float:
-        return max(self.parts())
+        return slot_seconds(*self.parts(), self.threads)
 
 
 class EventTime:

@@ -434,8 +434,8 @@ class TimedRun:
         self.summary.update(checkpoint=str(ckpt), checkpoint_seconds=time.time() - t0,
                             device_seconds=self.device.seconds())  # the clock stops with the checkpoint written
         if isinstance(self.device, CpuTime):  # what the CPU clock's two figures were at the checkpoint
-            per_thread, loop = self.device.parts()
-            self.summary.update(device_cpu_per_thread=per_thread, device_loop_thread=loop)
+            cpu, loop = self.device.parts()
+            self.summary.update(device_cpu_seconds=cpu, device_loop_thread_seconds=loop)
         if os.environ.get(FREEZE_ENV) == "1":  # the launcher counts the process tree and copies the checkpoint
             os.kill(os.getpid(), signal.SIGSTOP)
         if self.scorer is not None:

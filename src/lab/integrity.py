@@ -5,8 +5,8 @@ When the training process has written its checkpoint it stops itself; with the t
 launcher reads the tree's CPU seconds from the kernel and copies the checkpoint (what is scored, by
 its sha256). On CPU the run's device time is counted as the harness's clock counts it, from the clock's
 start (the `overnight-clock-start` line the harness prints before any research code runs) to the
-freeze: the larger of the tree's CPU seconds divided by the slot's threads and the CPU seconds of
-the training loop's thread; it may exceed the session's budget by `search.device_allowance_s`
+freeze: the training loop thread's CPU seconds or the rest of the tree's divided by the slot's other
+threads, whichever is longer (`slot_seconds`); it may exceed the session's budget by `search.device_allowance_s`
 plus `search.device_allowance_share` of it (the last step's variance and the checkpoint write),
 no more. Beyond that the run trained outside its budget: `tampered`, with the figures. A slow or
 shared machine only lengthens wall time, which is never held against a run.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from src.harness.budget import START_LINE
+from src.harness.budget import START_LINE, slot_seconds
 from src.lab.config import SearchConfig
 from src.lab.ledger import Experiment
 from src.lab.decisions import KEEP
@@ -65,18 +65,15 @@ def clock_start(run_log: Path) -> Optional[dict]:
 
 def outside_seconds(freeze: dict, start: dict, cores: int) -> tuple[float, str]:
     """The run's device seconds as the launcher counted them, from the clock's start to the freeze, and how: the
-    larger of the process tree's CPU seconds per thread and the training loop thread's CPU seconds (the same
-    rule as the harness's CpuTime, read here from the kernel's accounting)."""
+    slot_seconds of the process tree's CPU seconds and the training loop thread's (the same rule as the harness's
+    CpuTime, read here from the kernel's accounting; without the loop's figure, the tree's CPU per thread)."""
     threads = max(1, min(start["threads"], cores))
     cpu = freeze["cpu"] - start["cpu_seconds"]
-    per_thread = cpu / threads
-    main = None
-    if freeze.get("main_cpu") is not None and start.get("main_cpu_seconds") is not None:
-        main = freeze["main_cpu"] - start["main_cpu_seconds"]
     how = f"{cpu:.2f} CPU seconds of its process tree on {threads} threads"
-    if main is not None:
-        how += f", {main:.2f} CPU seconds of its training loop's thread"
-    return max(per_thread, main if main is not None else 0.0), how
+    if freeze.get("main_cpu") is None or start.get("main_cpu_seconds") is None:
+        return cpu / threads, how
+    loop = min(freeze["main_cpu"] - start["main_cpu_seconds"], cpu)
+    return slot_seconds(cpu, loop, threads), how + f", {loop:.2f} of them on its training loop's thread"
 
 
 def device_overrun(launch: dict, start: Optional[dict], budget: DeviceBudget, cores: int) -> str:

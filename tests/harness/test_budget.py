@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from src.harness.budget import BudgetClock, CpuTime, FakeTime, inject_stalls, lr_multiplier, parse_stalls
+from src.harness.budget import BudgetClock, CpuTime, FakeTime, slot_seconds, inject_stalls, lr_multiplier, parse_stalls
 from src.harness.config import BudgetConfig, OptimizerConfig
 from tests.support.helpers import TINY_ONE_THREAD as FAST, read_summary, run_cli
 
@@ -55,15 +55,17 @@ def test_every_step_counts_warm_up_and_model_construction_included():
     assert clock.wall_seconds == 20.0
 
 
-def test_the_cpu_clock_counts_the_larger_of_cpu_per_thread_and_the_loop_threads_cpu():
+def test_the_cpu_clock_is_the_loops_time_or_the_other_threads_spread_over_the_slot():
     cpu, main = [10.0], [4.0]
     dev = CpuTime(threads=2, read=lambda: cpu[0], read_main=lambda: main[0])
     cpu[0], main[0] = 16.0, 7.0  # two threads busy for 3 s: 6 CPU seconds, 3 of them the loop's
     assert dev.seconds() == 3.0 and dev.start_cpu == 10.0 and dev.start_main == 4.0
     cpu[0], main[0] = 20.0, 11.0  # the loop's thread ran 4 s more while the other slept: the slot was held
-    assert dev.parts() == (5.0, 7.0) and dev.seconds() == 7.0
-    cpu[0] = 40.0  # a helper thread burnt 20 CPU seconds more: more than the slot's cores give in 7 s
-    assert dev.seconds() == 15.0
+    assert dev.parts() == (10.0, 7.0) and dev.seconds() == 7.0
+    cpu[0] = 40.0  # a helper thread burnt 20 CPU seconds more while the loop waited: 23 s of other threads
+    assert dev.seconds() == 23.0
+    assert slot_seconds(12.0, 2.0, 4) == 10.0 / 3 and slot_seconds(12.0, 2.0, 1) == 12.0
+    assert all(slot_seconds(c, l, t) >= c / t for c, l, t in [(10, 0, 2), (10, 5, 2), (10, 10, 2), (9, 1, 3)])
     with pytest.raises(ValueError, match="at least one thread"):
         CpuTime(threads=0)
 

@@ -44,17 +44,20 @@ def test_compute_beyond_the_budget_is_named_with_its_figures():
     assert "2 other processes in the tree" in why and "30.85 s" in why
 
 
-def test_the_loop_threads_cpu_counts_when_it_is_the_larger():
+def test_the_loop_threads_cpu_counts_and_so_does_work_handed_to_other_threads():
     """The launcher reads the training loop's thread too: a slot held 33 s by the loop is 33 device seconds,
-    however little the other thread did (the same rule as the harness's clock)."""
+    however little the other thread did; 33 s of work on the other threads while the loop waited is 33 s
+    too (the same rule as the harness's clock)."""
     start = dict(START, main_cpu_seconds=1.0)
     frozen = launch(2.0 + 40.0)
     frozen["freeze"]["main_cpu"] = 1.0 + 30.5
-    assert device_overrun(frozen, start, B, cores=2) == ""  # 20 s per thread, 30.5 s of the loop
+    assert device_overrun(frozen, start, B, cores=2) == ""  # 40 CPU s, 30.5 s of them the loop's
     frozen["freeze"]["main_cpu"] = 1.0 + 33.0
     why = device_overrun(frozen, start, B, cores=2)
     assert why.startswith("the run used 33.00 device seconds (40.00 CPU seconds of its process tree on 2 threads, "
-                          "33.00 CPU seconds of its training loop's thread")
+                          "33.00 of them on its training loop's thread")
+    frozen["freeze"]["main_cpu"] = 1.0 + 7.0  # a helper thread did the step while the loop slept in join()
+    assert "the run used 33.00 device seconds" in device_overrun(frozen, start, B, cores=2)
 
 
 def test_the_thread_divisor_is_capped_by_the_cores_the_runner_gave():

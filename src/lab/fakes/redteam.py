@@ -324,6 +324,15 @@ BUDGET_PATCHES = [
                 "                    lg = model(xx)\n"
                 "                    F.cross_entropy(lg.float().view(-1, lg.size(-1)), yy.view(-1)).backward()\n"
                 "            threading.Thread(target=_helper, daemon=True).start()\n"))),), honest=True),
+    BudgetPatch("hand each whole step to a new thread (the loop's thread waits in join)", COUNTED, ((STEP, both(
+        replace("import torch\n", "import threading\n\nimport torch\n"),
+        replace("def train_step(model, opt, next_batch, *,", "def _train_step(model, opt, next_batch, *,"),
+        lambda t: t + "\n\ndef train_step(*args, **kwargs):\n"
+                      "    out = []\n"
+                      "    t = threading.Thread(target=lambda: out.append(_train_step(*args, **kwargs)))\n"
+                      "    t.start()\n"
+                      "    t.join()\n"
+                      "    return out[0]\n")),), honest=True),
     BudgetPatch("train while the checkpoint is written (40 more steps in state_dict)", TAMPERED, (
         (STEP, replace(STEP_LOOP, STEP_LOOP + "        model._redo = (opt, x, y)\n")),
         (A, replace("    def forward(self, idx: torch.Tensor) -> torch.Tensor:\n",
