@@ -177,6 +177,7 @@ def test_an_unknown_data_set_and_bad_hub_settings_are_refused(tmp_path):
 # ---------------------------------------------------------------------------- the CLI
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_clean_message(tmp_path):
     r = run_prepare("data=text", f"data.cache_dir={tmp_path}/c", f"data.paths=[{tmp_path}/missing]", cwd=tmp_path)
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -17,6 +17,7 @@ from tests.support.helpers import TINY, git, make_repo, read_summary, run_cli
 needs_landlock = pytest.mark.skipif(not available(), reason="the kernel has no Landlock")
 
 
+@pytest.mark.slow
 @needs_landlock
 def test_hide_makes_only_the_hidden_files_unreadable(tmp_path):
     data = tmp_path / "cache" / "shakespeare-byte"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from src.lab.attempts import Attempts
 from src.lab.ledger import Experiment
 from src.lab.session import InFlight
@@ -30,6 +32,7 @@ def test_stalls_beyond_the_retries_leave_the_run_disturbed_never_crashed(make_la
     assert "exp-001-a2 stalled" in a.out.note
 
 
+@pytest.mark.slow
 def test_a_run_starved_past_its_wall_ceiling_is_rerun_then_disturbed(make_lab):
     """A busy machine that keeps a run from finishing (timeout) is the machine's doing: never crash, never tampered."""
     lab, w, runner = make_lab("search.stall_retries=1", outcomes=[(TIMEOUT, None), (OK, 3.0)])

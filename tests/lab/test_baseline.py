@@ -21,6 +21,7 @@ def test_repeats_that_agree_settle_the_baseline(make_lab):
     assert settled(lab, rows) and lab.standings(rows).noise.dof == 1
 
 
+@pytest.mark.slow
 def test_repeats_that_disagree_bring_one_more_to_show_the_outlier(make_lab):
     lab, w, _ = make_lab("search.baseline_repeats=2", "search.baseline_max_repeats=4", "search.baseline_spread=0.01",
                          outcomes=[(OK, 3.0), (OK, 3.5), (OK, 3.01)])

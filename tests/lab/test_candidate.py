@@ -17,6 +17,7 @@ def proposal(*overrides: str, patch=None) -> Proposal:
     return Proposal("try it", "it helps", list(overrides), patch, {})
 
 
+@pytest.mark.slow
 def test_an_override_proposal_is_committed_with_the_kept_overrides_as_a_preset(make_lab):
     lab, w, _ = make_lab()
     best = lab.standings().best
@@ -29,6 +30,7 @@ def test_an_override_proposal_is_committed_with_the_kept_overrides_as_a_preset(m
     assert git(lab.session.worktree, "log", "-1", "--format=%B").startswith("exp-001: try it")
 
 
+@pytest.mark.slow
 def test_a_proposal_that_restates_the_best_is_invalid_before_anything_is_committed(make_lab):
     lab, w, _ = make_lab()
     best = lab.standings().best

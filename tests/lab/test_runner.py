@@ -70,6 +70,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
     assert out.hung and "not starved by the machine" in out.note  # it slept: the code's doing, not the machine's
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/schedstat").exists(), reason="the kernel's schedstat (Linux)")
 def test_a_run_starved_of_its_core_at_its_timeout_is_the_machines_not_a_hang(tmp_path):
     """The kernel counts the time a runnable process waited for a CPU: a run that shares its one core with a busy

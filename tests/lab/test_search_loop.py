@@ -223,6 +223,7 @@ def test_bad_sessions_are_refused_before_anything_runs(lab, tmp_path):
     assert not sdir(lab, "u").exists() and "research/u" not in git(lab["repo"], "branch", "--list")
 
 
+@pytest.mark.slow
 def test_a_streak_of_invalid_proposals_stops_the_session(lab):
     proposals = [{"description": f"seed {i}", "overrides": [f"seed={i}"]} for i in range(5)]
     s, out = start(lab, "search.baseline_repeats=1", "search.max_invalid_in_row=2", proposals=proposals)

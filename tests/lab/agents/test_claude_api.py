@@ -46,6 +46,7 @@ def test_the_model_thinks_before_it_proposes_where_it_can_with_the_tool_choice_t
     assert all(r["status"] == 200 for r in server.requests)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("caps,cfg,expect", [
     ({"thinking": ["enabled", "disabled"], "effort": [], "structured_outputs": False}, {},
      {"thinking": {"type": "enabled", "budget_tokens": 3000}, "choice": "auto", "analysis": False, "strict": False}),
@@ -131,6 +132,7 @@ def test_prices_match_models_and_their_dated_snapshots_and_1h_writes_cost_twice_
     assert w.cost_usd == pytest.approx(6.0) and w.cache_creation_1h_input_tokens == 1_000_000
 
 
+@pytest.mark.slow
 def test_conf_agent_claude_composes_with_a_price_for_its_model():
     import yaml
 
