@@ -176,6 +176,7 @@ def test_two_token_budget_runs_of_one_config_give_identical_val_bpb(tmp_path):
         run_cli("src.train", *args, f"hydra.run.dir={tmp_path / name}")
         runs.append(read_summary(tmp_path / name))
     assert runs[0]["num_steps"] == runs[1]["num_steps"] == 5  # ceil(40000 / 8192)
+    assert runs[0]["total_tokens_M"] == pytest.approx(5 * 8192 / 1e6, abs=1e-9)  # whole steps: 40,960 tokens
     for k in ("dtype", "grad_accum_steps", "device_batch_size"):  # what decides the arithmetic, then the result
         assert runs[0][k] == runs[1][k], k
     assert math.isfinite(runs[0]["val_bpb"]) and runs[0]["val_bpb"] == runs[1]["val_bpb"]

@@ -32,18 +32,8 @@ def test_short_run_prints_a_finite_val_bpb_and_honours_the_budget(tmp_path):
     # throughput per device second of the counted steps; training_seconds also holds the model's build and warm-up
     assert s["tokens_per_sec"] >= counted * cfg.batch.total_tokens / s["training_seconds"]
     assert s["peak_vram_mb"] > 0 and s["mfu_percent"] > 0
-    assert s["device"] == "cpu" and s["dtype"] in ("fp32", "bf16")
+    assert s["device"] == "cpu" and s["dtype"] in ("fp32", "bf16") and s["compile"] is False  # eager on CPU
     assert s["score_threads"] == 1  # the scorer process keeps to the run's share of the machine
-
-
-@pytest.mark.usefixtures("shakespeare")
-def test_a_token_budget_runs_ceil_tokens_over_batch_steps(tmp_path):
-    overrides = [*TINY, "budget.mode=tokens", "budget.tokens=40000"]
-    batch = compose_train_cfg(overrides).batch.total_tokens
-    run_cli("src.train", *overrides, f"hydra.run.dir={tmp_path}")
-    s = read_summary(tmp_path)
-    assert s["num_steps"] == math.ceil(40000 / batch) == 5  # 8192 tokens a step
-    assert s["total_tokens_M"] == pytest.approx(5 * batch / 1e6, abs=1e-9)
 
 
 def test_dry_run_reports_the_reference_sizes_without_data():
