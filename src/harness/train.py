@@ -312,6 +312,7 @@ class TimedRun:
         self.train_tokens = 0
         self.harness = _HARNESS  # the library snapshot the end of the run is checked against
         self._lock, self._result = threading.Lock(), {}
+        self._params_logged = False
 
     def run(self) -> dict:
         try:
@@ -446,6 +447,15 @@ class TimedRun:
         """mlflow was imported and the run created while the model was built and warmed up."""
         self.tracker.wait_ready()  # a store that cannot be opened stops the run here, before counted training
         self.summary.update(mlflow_run_id=self.tracker.run_id, tracking_uri=self.tracker.uri)
+        self.log_params()
+
+    def log_params(self) -> None:
+        """The run's params and source commit, once (at the end of warm-up, or at the end of a run that never got
+        there: a budget spent during warm-up, a crash in the first steps)."""
+        if self._params_logged or not self.tracker.active or self.facts is None:
+            return
+        self._params_logged = True
+        self.summary.update(mlflow_run_id=self.tracker.run_id, tracking_uri=self.tracker.uri)
         self.tracker.log_params(run_params(self.cfg, self.facts, self.rt, self.accum, self.B, self.prov))
         self.tracker.set_tags({"mlflow.source.git.commit": self.prov["git_sha"]})
 
@@ -483,6 +493,7 @@ class TimedRun:
             s.update(train_epochs=clock.tokens / self.train_tokens if clock and self.train_tokens else 0.0,
                      process_seconds=process_age())
             print(format_summary(s), flush=True)
+            self.log_params()  # a run that ended before its warm-up did still has its params
             path = out_dir / "summary.json" if out_dir is not None else None
             if path is not None:
                 out_dir.mkdir(parents=True, exist_ok=True)

@@ -328,3 +328,20 @@ def test_a_call_that_meets_another_writers_lock_is_retried_not_dropped(tmp_path,
     monkeypatch.setattr(t._client, "log_batch", real)
     t.finish("ok", {"val_bpb": 2.0, "num_steps": 1})
     assert MlflowClient(uri).get_run(t.run_id).data.params["seed"] == "7"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("shakespeare")
+def test_a_run_that_ends_before_its_warm_up_does_still_has_its_params(tmp_path):
+    """Params are logged at the end of warm-up; a run that never gets there (here: one step of a five-step
+    warm-up; under load, a 2-s budget spent by the model build and the first step) logs them at its end."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_cli("src.train", *FAST, "budget.mode=tokens", "budget.tokens=8192", "budget.warmup_steps=5",
+            f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'run'}")
+    s = read_summary(tmp_path / "run")
+    assert s["num_steps"] == 1 and s["status"] == "ok"
+    run = MlflowClient(uri).get_run(s["mlflow_run_id"])
+    assert run.data.params["budget.warmup_steps"] == "5" and run.data.params["seed"] == str(s["seed"])
+    assert run.data.tags["mlflow.source.git.commit"] == s["git_sha"]
