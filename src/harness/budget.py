@@ -18,8 +18,8 @@ Tokens mode counts tokens (a deterministic run); its device time is still report
 The loop stops before a step that might not fit: when the counted time plus the slowest of the recent steps
 would pass the budget. A run never books a step at less than it cost. Outside the process the lab's runner counts
 the same two figures from the kernel's accounting of the whole process tree and of the training process's main
-thread (src/harness/launch.py) and compares `slot_seconds` of them with the budget; the start of the clock is the `overnight-clock-start` line, printed before
-any research code runs.
+thread (src/harness/launch.py) and compares `slot_seconds` of them with the budget; the start of the clock is
+the `overnight-clock-start` line, printed before any research code runs.
 
 Stalls: a step slower in wall time than `stall_factor` x the running median is a stall, reported
 (`stalled_seconds`: its wall time beyond the median). On CPU a stall costs the budget nothing (a
@@ -41,7 +41,8 @@ import statistics
 import threading
 import time
 from collections import deque
-from time import clock_gettime, perf_counter, process_time, pthread_getcpuclockid  # bound when the harness is imported, before any research code
+# bound when the harness is imported, before any research code
+from time import clock_gettime, perf_counter, process_time, pthread_getcpuclockid
 from typing import Callable, Iterator, Optional, Protocol
 
 from src.harness.config import BudgetConfig, OptimizerConfig

@@ -36,7 +36,8 @@ threads.apply()  # how OpenMP threads wait, before torch is imported (src/harnes
 import torch  # noqa: E402
 
 # the harness first ...
-from src.harness.budget import START_LINE, STALL_ENV, BudgetClock, CpuTime, DeviceTime, device_time, inject_stalls, lr_multiplier
+from src.harness.budget import (START_LINE, STALL_ENV, BudgetClock, CpuTime, DeviceTime, device_time, inject_stalls,
+                                lr_multiplier)
 from src.harness.config import TrainConfig
 from src.harness.data import held_out_files, load_prepared, train_batches
 from src.harness.device import Runtime, compile_model, process_age, resolve
