@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def session(args, repo: Path) -> int:
                                f"search.max_experiments={args.experiments}", "search.tag=loaded"],
                         args.out / "loaded.log")
     o = outcome(repo, "loaded")
-    exps = [e for e in o.rows if e.exp.startswith("exp-") and "-c" not in e.exp[4:]]
+    exps = [e for e in o.rows if re.fullmatch(r"exp-\d+", e.exp)]  # the experiments, not their confirmation runs
     print(f"session: exit {rc}, {time.time() - t0:.0f} s beside {os.cpu_count()} busy processes")
     print(table(["exp", "status", "val_bpb", "reason"],
                 [[e.exp, e.status, f"{e.val_bpb:.4f}" if e.val_bpb is not None else "-", (e.reason or "")[:90]]

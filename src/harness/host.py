@@ -12,10 +12,12 @@ on the scored batches themselves (score.py). A host cannot reach the judge, the 
 - it talks only through the two pipes it was given.
 
 Protocol (binary, on the fds given by --req-fd/--rep-fd): the judge first sends one JSON line
-{"checkpoint", "threads", "read"}; the host replies one JSON line {"ok": true, "vocab": V} or {"ok": false,
-"error"}. Then for each request a 16-byte header (rows, length as two little-endian int64) and rows x length
-int64 ids; the reply is an 8-byte status (0 ok, 1 the model raised, 2 not logits) and rows x length x V float32 logits, or on error a nonzero
-status followed by one JSON line. EOF on the request pipe ends the host.
+{"checkpoint", "threads", "read"}; the host replies one JSON line {"ok": true, "vocab": V, "sandbox": ...,
+"threads": N} or {"ok": false, "error"}. Then for each request a 16-byte header (rows, length as two
+little-endian int64) and rows x length int64 ids; the reply is an 8-byte status (0 ok, 1 the model raised,
+2 not logits) and rows x length x V float32 logits, or on error a nonzero status followed by one JSON line.
+Requests are answered in order (the judge may send the next before it has judged a reply). EOF on the request
+pipe ends the host.
 
 Usage: python -m src.harness.host --req-fd R --rep-fd W   (started by src/harness/score.py, never by hand)
 """
@@ -84,7 +86,7 @@ def serve(req, rep, model, vocab: int, device, autocast) -> None:
                        f"({rows}, {length}); the contract is logits (B, T, vocab={vocab})")
                 reply(rep, BROKEN, why)
                 continue
-            data = out.detach().float().cpu().contiguous().numpy().tobytes()
+            data = memoryview(out.detach().float().cpu().contiguous().numpy()).cast("B")  # no copy
         except (PermissionError, SandboxError) as e:  # it reached for what the sandbox keeps from it
             reply(rep, BROKEN, f"the sandbox refused the model: {type(e).__name__}: {e}")
             continue
@@ -124,7 +126,8 @@ def main(argv=None) -> int:
         rep.write((json.dumps({"ok": False, "refused": refused, "error": f"{type(e).__name__}: {e}"}) + "\n").encode())
         rep.flush()
         return 1
-    rep.write((json.dumps({"ok": True, "vocab": cfg.data.vocab_size, "sandbox": sandbox.reason}) + "\n").encode())
+    rep.write((json.dumps({"ok": True, "vocab": cfg.data.vocab_size, "sandbox": sandbox.reason,
+                           "threads": torch.get_num_threads()}) + "\n").encode())
     rep.flush()
     serve(req, rep, model, cfg.data.vocab_size, device, rt.autocast)
     return 0
