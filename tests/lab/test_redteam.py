@@ -112,10 +112,45 @@ def test_the_runner_and_scorer_catch_the_attack_at_run_time(repo, tmp_path, atta
     assert out.val_bpb is None and out.error_line
 
 
+def honest_groups(size: int = 4) -> list[list]:
+    """The honest patches in groups that apply together (each patch's anchors still found after the others of
+    its group), at most `size` a group: one scored run per group instead of one per patch (suite time)."""
+    groups: list[list] = []
+    for patch in LEGIT:
+        for g in groups:
+            if len(g) < size:
+                try:
+                    together(g + [patch]).transform("")
+                except (AssertionError, ValueError):
+                    continue
+                g.append(patch)
+                break
+        else:
+            groups.append([patch])
+    return groups
+
+
+def together(patches: list):
+    """One patch-like object applying every patch of `patches` to its own file (transform("") checks they apply)."""
+    class Together:
+        name = " + ".join(p.name for p in patches)
+        changes = [(p.path, p.transform) for p in patches]
+
+        @staticmethod
+        def transform(_: str) -> str:
+            texts: dict[str, str] = {}
+            for path, t in Together.changes:
+                texts[path] = t(texts.get(path, (REPO / path).read_text()))
+            return ""
+    return Together
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("patch", LEGIT, ids=lambda p: p.name)
-def test_honest_patches_are_scored(repo, tmp_path, patch):
-    out = run_patched(repo, tmp_path, patch)
+@pytest.mark.parametrize("group", honest_groups(), ids=lambda g: " + ".join(p.name for p in g))
+def test_honest_patches_are_scored(repo, tmp_path, group):
+    """Every honest patch is trained and scored (with the others of its group: each group's patches apply
+    together; a false refusal of any one of them fails its group, whose name lists its patches)."""
+    out = run_budget_patch(repo, tmp_path, together(group), TINY_RUN, budget=None)
     assert out.status == "ok", (out.status, out.error_line, out.log_tail[-2000:])
     assert 2.0 < out.val_bpb < 9.0  # a scored, untrained-ish tiny model: between a good model and uniform (8 bits)
     assert (tmp_path / "run" / "score.json").is_file()
@@ -157,8 +192,9 @@ TIME_RUN = ["model.depth=2", f"budget.seconds={BUDGET_S}", "data.eval_tokens=819
             "tracking.enabled=false", "progress=false"]
 
 
-def run_budget_patch(repo, tmp_path, patch):
-    """The patch's changes committed, one time-budgeted run through the real runner with the session's budget check."""
+def run_budget_patch(repo, tmp_path, patch, run=None, budget=DeviceBudget(BUDGET_S)):
+    """The patch's changes committed, one time-budgeted run through the real runner with the session's budget check
+    (run, budget: other train overrides, and budget=None for none)."""
     originals = {}
     for path, transform in patch.changes:
         f = repo / path
@@ -166,7 +202,7 @@ def run_budget_patch(repo, tmp_path, patch):
         f.write_text(transform(f.read_text()))
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", patch.name)
     try:
-        return Runner(repo, budget=DeviceBudget(BUDGET_S)).run(TIME_RUN, tmp_path / "run", timeout_s=300)
+        return Runner(repo, budget=budget).run(run or TIME_RUN, tmp_path / "run", timeout_s=300)
     finally:
         git(repo, "reset", "-q", "--hard", "HEAD~1")
         git(repo, "clean", "-qfd")
