@@ -16,8 +16,8 @@ the pass starts (a failure is the status `tampered` with the reason):
   on CPU in fp32 and bf16 by tests/harness/test_score.py). The twin is real text of the same shape, on a
   host picked at random: a model cannot tell it from a scored batch. A model that looks ahead at a share q of
   positions escapes one twin row with probability 1 - q, all of them with (1 - q) ** twin_rows (in the verdict);
-- no state across calls: scored batches are sent again later in the pass (the last at its end) to the other
-  host, and must give bitwise the same logits (a host remembers only what it was shown; the other never saw it);
+- no state across calls: scored batches are sent again later in the pass (the last at its end) to both hosts,
+  and must give bitwise the same logits (a host remembers only what it was shown; the other never saw it);
 - the floor: a val_bpb below the data set's floor (data.bpb_floor) is refused, never scored as a result.
 The pass is pipelined: the next request goes out as soon as a reply is read, so a host's forward pass runs
 while this process judges the reply before it (the loss and the checks cost no wall time of their own).
@@ -304,10 +304,6 @@ class Host:
         self.transfer_s += _now() - t1
         return torch.frombuffer(buf, dtype=torch.float32).view(rows, length, self.vocab)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        self.send(x)
-        return self.receive()
-
     def _exact(self, n: int) -> bytearray:
         try:
             return read_exact(self.rep, n)
@@ -417,9 +413,9 @@ def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optiona
     for cur, logits in replies(list(audit.requests(plan, val, hosts, rng)), width):
         i = cur.batch
         if cur.kind == REPEAT:
-            if not torch.equal(logits, kept[i][1]):
+            if not torch.equal(logits, kept[i]):
                 raise Tampered(f"no state across calls: scored batch {i + 1}, sent again after batch {cur.after + 1}, "
-                               f"gave logits that differ by {float((logits - kept[i][1]).abs().max()):.3g}; the model "
+                               f"gave logits that differ by {float((logits - kept[i]).abs().max()):.3g}; the model "
                                "must not remember or adapt to earlier inputs")
         elif cur.twin is not None and i not in waiting:  # the first half of a twin pair: wait for the other
             waiting[i] = logits
@@ -440,7 +436,7 @@ def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optiona
             total_nats += float((token_nats(logits, cur.targets) * (nb > 0)).sum())
             total_bytes += int(nb.sum())
             if i in audit.kept:
-                kept[i] = (cur.host, logits)
+                kept[i] = logits
             bar.update(1)
     bar.close()
     bpb = bpb_from_sums(total_nats, total_bytes)

@@ -11,6 +11,7 @@ Run: python -m pytest -q tests/lab/test_redteam.py          (the run-time layer 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -117,32 +118,28 @@ def honest_groups(size: int = 4) -> list[list]:
     its group), at most `size` a group: one scored run per group instead of one per patch (suite time)."""
     groups: list[list] = []
     for patch in LEGIT:
-        for g in groups:
-            if len(g) < size:
-                try:
-                    together(g + [patch]).transform("")
-                except (AssertionError, ValueError):
-                    continue
-                g.append(patch)
-                break
-        else:
+        g = next((g for g in groups if len(g) < size and applies(g + [patch])), None)
+        if g is None:
             groups.append([patch])
+        else:
+            g.append(patch)
     return groups
 
 
-def together(patches: list):
-    """One patch-like object applying every patch of `patches` to its own file (transform("") checks they apply)."""
-    class Together:
-        name = " + ".join(p.name for p in patches)
-        changes = [(p.path, p.transform) for p in patches]
+def applies(patches: list) -> bool:
+    """Whether the patches, applied one after the other to the checkout's files, all find their anchors."""
+    texts: dict[str, str] = {}
+    try:
+        for p in patches:
+            texts[p.path] = p.transform(texts.get(p.path, (REPO / p.path).read_text()))
+    except (AssertionError, ValueError):
+        return False
+    return True
 
-        @staticmethod
-        def transform(_: str) -> str:
-            texts: dict[str, str] = {}
-            for path, t in Together.changes:
-                texts[path] = t(texts.get(path, (REPO / path).read_text()))
-            return ""
-    return Together
+
+def together(patches: list) -> SimpleNamespace:
+    """The patches as one change set for run_budget_patch (name, changes: (path, transform) in order)."""
+    return SimpleNamespace(name=" + ".join(p.name for p in patches), changes=[(p.path, p.transform) for p in patches])
 
 
 @pytest.mark.slow
