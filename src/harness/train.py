@@ -251,6 +251,7 @@ def fill_summary(summary: dict, cfg: TrainConfig, rt: Runtime, clock: BudgetCloc
         num_params_M=facts.num_params / 1e6 if facts else 0.0,
         depth=cfg.model.depth, tokens_per_sec=clock.tokens_per_sec if clock else 0.0,
         **quantiles(clock.step_times if clock else []),
+        step_device_max=max(clock.device_step_times, default=0.0) if clock else 0.0,  # what the last step was judged by
         stalls=clock.stalls if clock else 0, stalled_seconds=clock.stalled_seconds if clock else 0.0,
         train_wall_seconds=clock.wall_seconds if clock else 0.0, stalled_steps=clock.stalled_steps if clock else [],
         wall_ratio=clock.wall_ratio if clock else 0.0)
@@ -368,6 +369,7 @@ class TimedRun:
         log.info("%s", describe(self.facts, cfg, self.accum))
         log.info("%s", runtime_line(rt))
         opt = r.build_optimizer(model, cfg.optimizer)
+        self.summary["built"] = True  # config, research code, model, optimizer: a crash before this is an invalid candidate
         if rt.compile:
             self.harness = prime_compiler(_HARNESS)
         fwd = compile_model(model, rt)

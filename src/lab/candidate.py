@@ -1,4 +1,4 @@
-"""Staging a candidate: check a proposal against the best commit, commit it on the branch, dry-run it.
+"""Staging a candidate: check a proposal against the best commit, commit it on the branch; a run that fails to start.
 
 A proposal's overrides are merged with the kept ones and written as the committed experiment
 preset conf/experiment/<tag>_best.yaml, so the candidate commit alone reproduces the run; its
@@ -6,23 +6,21 @@ patch is applied on top of the best commit, and the patched files are checked ag
 contract (src/lab/contract.py). Anything wrong raises InvalidProposal (no run wasted).
 
 Usage: commit = stage(lab, worker.tree, "exp-004", proposal, best, overrides_in_effect)
-       dry_run(lab, worker, "exp-004", has_preset=True)     (search.preflight: after stage, outside the lock)
+       err = failed_to_start(lab, proposal, outcome)    (search.preflight: after its run; an InvalidProposal or None)
        train_args = with_preset(lab, lab.base_overrides, has_preset=bool(overrides_in_effect))
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Optional
 
 from src.harness.config import GROUPS
 from src.lab.context import Lab
+from src.lab.decisions import CRASH
 from src.lab.contract import ContractViolation, check_files
 from src.lab.proposal import (InvalidProposal, Proposal, check_overrides, check_patch_paths, compose_train,
                               override_key, preset_yaml)
 from src.lab.session import Worktree
 from src.lab.standings import Best
-
-if TYPE_CHECKING:
-    from src.lab.workers import Worker
 
 PRESET_GROUPS = set(GROUPS) | {"experiment"}  # config groups a preset selects with `override /<group>`
 
@@ -68,16 +66,19 @@ def commit_message(lab: Lab, exp: str, p: Proposal) -> str:
             + (f"Agent: {p.meta['commit_note']}\n" if p.meta.get("commit_note") else ""))  # agent=claude: tokens, cost
 
 
-def dry_run(lab: Lab, worker: "Worker", exp: str, has_preset: bool) -> None:
-    """`python -m src.train ... dry_run=true` on the candidate in the worker's worktree: it composes and builds
-    (on the meta device)."""
-    d = lab.session.runs_dir / exp / "preflight"
-    out = worker.run(with_preset(lab, lab.base_overrides, has_preset)
-                         + ["dry_run=true", "tracking.enabled=false", "progress=false"], d, timeout_s=300,
-                         score=False)
-    if out.returncode != 0:
-        raise InvalidProposal(f"the candidate fails its dry run (python -m src.train ... dry_run=true): "
-                              f"{out.error_line}; see {d / 'run.log'}")
+def failed_to_start(lab: Lab, proposal, out) -> Optional[InvalidProposal]:
+    """A candidate whose run crashed before its model and optimizer were built (its config does not compose, its
+    code does not import, its model does not build): an invalid proposal, not a counted crash (search.preflight).
+
+    This replaces a dry run of every candidate before its run: a failure costs the same start-up either way, and the
+    candidates that do build (nearly all) no longer pay for a second process (~5 CPU s each). The run's summary says
+    `built` once the harness has built them; a run without a summary (killed, or a stand-in) is not judged here."""
+    if proposal is None or not lab.cfg.search.preflight or out.status != CRASH or not out.summary:
+        return None
+    if out.summary.get("built"):
+        return None
+    return InvalidProposal(f"the candidate fails before its first step (config, imports, model or optimizer): "
+                           f"{out.error_line}; see {out.run_dir / 'run.log'}")
 
 
 def with_preset(lab: Lab, base: list[str], has_preset: bool) -> list[str]:

@@ -136,7 +136,7 @@ class SearchConfig:
     editable: List[str] = field(default_factory=lambda: ["src/research/*.py"])  # files a patch may touch (globs): the research room
     override_roots: List[str] = field(default_factory=lambda: ["model", "optimizer", "batch"])  # keys a proposal may override
     max_invalid_in_row: int = 10  # stop when the agent keeps proposing invalid changes
-    preflight: bool = True  # dry-run each candidate (compose + build the model on the meta device) before its run
+    preflight: bool = True  # a candidate whose run crashes before its first step (config, imports, model) is `invalid`
     repo: Optional[str] = None  # git checkout the session branches from; None = this project's checkout
     root: Optional[str] = None  # where sessions live; None = <repo>/outputs/research
     base: str = "HEAD"  # commit the research branch starts from (uncommitted changes are not included)

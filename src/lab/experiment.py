@@ -112,16 +112,14 @@ class Experiments:
                 except InvalidProposal as err:
                     return self._invalid(e, err, rows)
         try:
-            if job.proposal is not None and not attach and lab.cfg.search.preflight:
-                try:
-                    candidate.dry_run(lab, w, job.exp, bool(overrides))
-                except InvalidProposal as err:
-                    with lab.lock:
-                        return self._invalid(e, err, rows)
             if attach:
                 w.runner.attach(job.job, job.job_folder)
             a = self.attempts.run(job.exp, e.commit, overrides, job.attempt, lab.rows(), fl, attach=attach)
             a.fill(e)
+            err = candidate.failed_to_start(lab, job.proposal, a.out)
+            if err is not None:  # it never trained: the proposal is invalid, not a counted crash
+                with lab.lock:
+                    return self._invalid(e, err, rows, a.out)
             if job.proposal is None:
                 settle_baseline(e, a)
                 with lab.lock:
@@ -161,10 +159,11 @@ class Experiments:
         lab.ledger.save(job.exp, job.proposal, overrides, commit=commit)
         return commit
 
-    def _invalid(self, e: Experiment, err: Exception, rows: list[Experiment]) -> Experiment:
-        """Under the lock: the proposal cannot run; recorded `invalid` with why."""
-        e.status, e.run_status, e.reason, e.sigma, e.dof = INVALID, "-", str(err), None, None
-        self._finish(e, rows, None)
+    def _invalid(self, e: Experiment, err: Exception, rows: list[Experiment],
+                 out: Optional[Outcome] = None) -> Experiment:
+        """Under the lock: the proposal cannot run (out: the run that failed before training); recorded `invalid`."""
+        e.status, e.run_status, e.reason, e.sigma, e.dof = INVALID, out.status if out else "-", str(err), None, None
+        self._finish(e, rows, out)
         return e
 
     def _settle(self, e: Experiment, a: Attempt, proposal: Proposal, overrides: list[str], parent: str) -> None:

@@ -20,7 +20,7 @@ class Slot:
     index: int
     env: dict  # what the worker's runs (and scorers) get: CUDA_VISIBLE_DEVICES or the thread count
     label: str  # cuda:1, cpu x1 thread (core 0)
-    cpus: tuple = ()  # CPU: the cores its processes are pinned to (train, scorer, dry run); () = not pinned
+    cpus: tuple = ()  # CPU: the cores its processes are pinned to (train, scorer); () = not pinned
 
 
 def cpu_cores() -> int:
@@ -84,7 +84,7 @@ def plan_slots(cfg) -> list[Slot]:
     if not threads:  # one worker, every core (the sequential loop's runs, through the pool: launcher=submitit_*)
         return [Slot(0, {}, f"cpu x{cores} (all)")]
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    # each worker its own cores: one worker's start-up, dry run and scorer import then slow only
+    # each worker its own cores: one worker's start-up and scorer import then slow only
     # itself, never another worker's counted training (where the OS can pin; macOS cannot)
     ids = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") and n > 1 else []
     slots = []

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Usage:
     """Where a worker's time went (seconds): its runs (training, the rest of the run, scoring) and the rest."""
-    run: float = 0.0  # inside the runner: train runs start to exit, their scoring, and the candidates' dry runs
+    run: float = 0.0  # inside the runner: train runs start to exit, and their scoring
     train: float = 0.0  # counted training seconds
     score: float = 0.0  # the scorer process, after the run (part of `run`)
     experiments: int = 0
@@ -220,7 +220,7 @@ class Pool:
             u = self.utilisation()
             atomic_write(self.lab.session.dir / "workers.json", json.dumps(u, indent=2))
             log.info("workers: %d, %d experiments in %.0f s (%.1f per hour); worker time: training %.0f%%, rest of "
-                     "the runs (start-up, warm-up, dry runs) %.0f%%, scoring %.0f%%, waiting (staging, agent, decisions, idle) "
+                     "the runs (start-up, warm-up) %.0f%%, scoring %.0f%%, waiting (staging, agent, decisions, idle) "
                      "%.0f%%", u["workers"], u["experiments"], u["elapsed_s"], u["experiments_per_hour"],
                      100 * u["training"], 100 * u["run_overhead"], 100 * u["scoring"], 100 * u["waiting"])
             with self.lock:

@@ -23,7 +23,9 @@ def test_short_run_prints_a_finite_val_bpb_and_honours_the_budget(tmp_path):
                 "total_tokens_M:", "num_steps:", "num_params_M:", "depth:", "tokens_per_sec:", "step_time_p50:"):
         assert key in proc.stdout, key
     # the budget is honoured within one step: it stops before the step that would not fit in 4 device seconds
-    assert 4.0 - s["step_time_max"] <= s["training_seconds"] <= 4.0 + s["step_time_max"]
+    # (judged by the slowest recent step's device seconds, which a busy machine can push past its wall seconds)
+    step = max(s["step_time_max"], s["step_device_max"])
+    assert 0 < s["step_device_max"] and 4.0 - step <= s["training_seconds"] <= 4.0 + step
     # the steps: the uncounted warm-up, then at least one counted step; each of batch.total_tokens
     assert s["depth"] == 2 and s["grad_accum_steps"] == cfg.batch.total_tokens // cfg.batch.device_tokens
     counted = s["num_steps"] - cfg.budget.warmup_steps

@@ -34,7 +34,7 @@ class FakeRunner:
             return Outcome(OK, Path(run_dir), {}, returncode=0)
         status, val, *more = self.outcomes.pop(0)
         summary = {"status": status, "val_bpb": val, "training_seconds": 10.0, "tokens_per_sec": 20000.0,
-                   **(more[0] if more else {})}
+                   "built": True, **(more[0] if more else {})}
         if on_start is not None:
             on_start(4242)
         return Outcome(status, Path(run_dir), summary, returncode=0 if status == OK else 1, wall_seconds=12.0,

@@ -1,4 +1,5 @@
-"""Staging a candidate (src/lab/candidate.py): checked against the best, committed with its preset, dry-run.
+"""Staging a candidate (src/lab/candidate.py): checked against the best, committed with its preset; one that fails
+before its first step is invalid.
 
 Run: python -m pytest -q tests/lab/test_candidate.py
 """
@@ -9,7 +10,7 @@ import pytest
 from src.lab import candidate
 from src.lab.proposal import InvalidProposal, Proposal
 from src.lab.runner import Outcome
-from src.lab.decisions import CRASH
+from src.lab.decisions import CRASH, OK
 from tests.support.helpers import git
 
 
@@ -54,15 +55,20 @@ def test_overrides_outside_the_research_roots_are_invalid(make_lab):
                         ["device.type=cuda"])
 
 
-def test_the_dry_run_runs_on_the_workers_runner_and_a_failing_one_is_invalid(make_lab, monkeypatch):
-    lab, w, runner = make_lab()
-    candidate.dry_run(lab, w, "exp-001", has_preset=True)
-    ovs, run_dir, score = runner.calls[-1]
-    assert not score and "dry_run=true" in ovs and f"+experiment={lab.session.preset_name}" in ovs
-    assert run_dir == lab.session.runs_dir / "exp-001" / "preflight"
-    monkeypatch.setattr(runner, "run", lambda *a, **k: Outcome(CRASH, run_dir, {"error": "boom"}, returncode=1))
-    with pytest.raises(InvalidProposal, match="fails its dry run.*boom"):
-        candidate.dry_run(lab, w, "exp-001", has_preset=False)
+def test_a_candidate_that_crashes_before_its_model_is_built_is_invalid_and_one_that_crashes_later_is_not(make_lab):
+    """No dry run per candidate: its own run tells (the harness's summary says `built` once model and optimizer are)."""
+    lab, _, _ = make_lab()
+    p, d = proposal("optimizer.matrix_lr=0.05"), lab.session.runs_dir / "exp-001"
+    early = Outcome(CRASH, d, {"status": CRASH, "error": "ModuleNotFoundError: no module named x"}, returncode=1)
+    err = candidate.failed_to_start(lab, p, early)
+    assert isinstance(err, InvalidProposal) and "before its first step" in str(err) and "no module named x" in str(err)
+    late = Outcome(CRASH, d, {"status": CRASH, "error": "RuntimeError: boom", "built": True}, returncode=1)
+    assert candidate.failed_to_start(lab, p, late) is None  # a crash of the run itself counts
+    assert candidate.failed_to_start(lab, None, early) is None  # a baseline run is never a proposal's fault
+    assert candidate.failed_to_start(lab, p, Outcome(CRASH, d, {}, returncode=-9)) is None  # no summary: not judged
+    assert candidate.failed_to_start(lab, p, Outcome(OK, d, {"status": OK}, returncode=0)) is None
+    lab.cfg.search.preflight = False
+    assert candidate.failed_to_start(lab, p, early) is None  # search.preflight=false: a crash like any other
 
 
 def test_the_committed_preset_is_merged_with_a_preset_the_user_gave():

@@ -237,7 +237,7 @@ def test_compute_outside_the_budget_is_counted_refused_or_tampered(repo, tmp_pat
         # how much of it runs before the budget ends depends on the machine's load: no step count is promised.)
         if not patch.honest or "refresh" in patch.name:
             assert out.summary["num_steps"] < 0.85 * honest_steps, (out.summary["num_steps"], honest_steps)
-        if "new thread" in patch.name:  # the same work on another thread: about the steps of the loop's own thread
-            # (uncounted it would get ~1.35x them, CPU / threads only; the honest run was measured at another
-            # moment of a shared machine, which moves a 4-s run by a step or two: 16 against 14 was seen)
-            assert out.summary["num_steps"] <= 1.25 * honest_steps, (out.summary["num_steps"], honest_steps)
+        # A whole step handed to a new thread (the loop's thread waits in join) is what `used` above settles: the
+        # process tree's CPU seconds, read from outside, equal what the clock counted, so the other thread's work
+        # was counted. Its step count is not compared with the honest run's: that run was measured at another
+        # moment of a shared machine, and a 4-s run's steps moved from 10 to 14 between such moments in CI.

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from src.lab.runner import alive
-from tests.support.helpers import (REPO, TINY_TRAIN, comment_patch, crash_patch, git, make_repo, read_summary,
+from tests.support.helpers import (REPO, TINY_TRAIN, comment_patch, crash_patch, git, make_patch, make_repo, read_summary,
                                    read_tsv, run_cli, session_children, wait_for)
 
 pytestmark = pytest.mark.slow
@@ -40,18 +40,24 @@ def test_a_replay_session_with_real_training_keeps_refuses_and_crashes_then_repo
          "overrides": ["batch.total_tokens=4096", "batch.device_tokens=4096"]},
         {"description": "edit the data harness", "patch": comment_patch(repo, "prepare.py")},
         {"description": "a model that crashes", "hypothesis": "it will not run", "patch": crash_patch(repo)},
+        {"description": "a model that does not import", "patch": make_patch(
+            repo, "src/research/model.py", lambda t: t + "\nraise RuntimeError('no_such_model_here')\n")},
     ]
     proc = run_cli("src.search", *search_args(tmp_path, repo, proposals), timeout=600)
     assert "best val_bpb" in proc.stdout
     d = repo / "outputs" / "research" / "cli"
     rows = read_tsv(d / "results.tsv")
     assert [(r["exp"], r["status"]) for r in rows] == [("base-1", "baseline"), ("exp-001", "keep"),
-                                                       ("exp-002", "invalid"), ("exp-003", "crash")]
+                                                       ("exp-002", "invalid"), ("exp-003", "crash"),
+                                                       ("exp-004", "invalid")]
     assert float(rows[1]["val_bpb"]) < float(rows[0]["val_bpb"]) - float(rows[1]["margin"])
     assert "prepare.py" in rows[2]["reason"] and rows[2]["val_bpb"] == ""
     assert not (d / "runs" / "exp-002").exists()  # refused before anything ran
     assert "patched model crashes" in rows[3]["reason"]
     assert "patched model crashes" in (d / "runs" / "exp-003" / "run.log").read_text()
+    # no dry run before each run: a candidate whose run fails before its first step is invalid, not a crash
+    assert "before its first step" in rows[4]["reason"] and "no_such_model_here" in rows[4]["reason"]
+    assert not (d / "runs" / "exp-001" / "preflight").exists()
     # the branch holds the keep; the crash was reset away; the user's main is untouched
     assert git(repo, "rev-parse", "research/cli").startswith(rows[1]["commit"])
     assert "patched model crashes" not in (d / "worktree" / "src" / "research" / "model.py").read_text()
