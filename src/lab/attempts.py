@@ -72,10 +72,11 @@ class Attempt:
 
 
 class Attempts:
-    """The runs of one worker (its worktree, its runner)."""
+    """The runs of one worker (its worktree, its runner); owner: the worker whose experiment borrowed it (a
+    confirmation run beside the owner's), under whose entry of state.json its runs' processes are recorded."""
 
-    def __init__(self, lab: Lab, worker: "Worker"):
-        self.lab, self.worker = lab, worker
+    def __init__(self, lab: Lab, worker: "Worker", owner: Optional["Worker"] = None):
+        self.lab, self.worker, self.owner = lab, worker, owner
 
     def timeout_s(self) -> float:
         """The hard timeout of one run: explicit, from the time budget, or (tokens mode) from the baseline's wall."""
@@ -156,7 +157,10 @@ class Attempts:
         ovs = merge_overrides(args, self._tracking_overrides(run_name))  # ours replace the same keys of the command line
 
         def started(pid: int, job: str = "", job_folder: str = "") -> None:
-            sess.track_pid(w.index, pid, job, job_folder)  # a confirmation run too: the experiment stays in flight
+            if self.owner is not None:  # a borrowed worker's run: the owner's experiment is what a resume finishes
+                sess.track_other(self.owner.index, pid)
+            else:
+                sess.track_pid(w.index, pid, job, job_folder)  # a confirmation run too: the experiment stays in flight
 
         log.info("%s: running (attempt %d, commit %s, timeout %.0f s) -> %s", run_name, attempt, commit[:7],
                  self.timeout_s(), run_dir)

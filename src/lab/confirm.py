@@ -1,20 +1,27 @@
-"""Paired confirmation of a would-be keep: the best and the candidate re-run back to back.
+"""Paired confirmation of a would-be keep: the best and the candidate re-run side by side, or back to back.
 
 A run that passed the screen was selected for being low, so it cannot confirm itself. Instead
-the current best (B) and the candidate (C) run in pairs, adjacent in time so that the machine's
-drift (throughput moves within minutes on a shared CPU) hits both alike, in alternating order
-(B C, then C B, ...); every run is a ledger row of its own (exp-004-b1, exp-004-c1, status
-`confirm`). The decision is src/lab/decision.py's paired rule on the differences C - B. A
-disturbed confirmation run leaves the experiment undecided (`disturbed`); a crashed one
-discards it.
+the current best (B) and the candidate (C) run in pairs, together in time so that the machine's
+drift (throughput moves within minutes on a shared CPU) hits both alike. With a second worker to
+borrow (search.workers > 1, src/lab/leases.py) the two runs of a pair run at the same time, one on
+each worker, the workers swapping sides from one pair to the next (pair 1: B here, C there; pair 2:
+C here, B there); with one worker they run back to back, in alternating order (B C, then C B, ...).
+Either way every run is a ledger row of its own (exp-004-b1, exp-004-c1, status `confirm`; the
+`worker` column says where it ran) and the decision is src/lab/decision.py's paired rule on the
+differences C - B, the same pairs and the same rule. A disturbed confirmation run leaves the
+experiment undecided (`disturbed`); a crashed one discards it.
 
-Usage: result = Confirmation(lab, attempts, record).run(row, best, commit, overrides, rows, noise)
+Usage: result = Confirmation(lab, attempts, record, second).run(row, best, commit, overrides, rows, noise)
+       (record(row, rows, out, worker) writes a row; second(commit): a context giving another worker's
+       Attempts, or None)
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 from src.lab.attempts import Attempts
 from src.lab.context import Lab
@@ -35,8 +42,10 @@ class Confirmed:
 
 
 class Confirmation:
-    def __init__(self, lab: Lab, attempts: Attempts, record: Callable[[Experiment, list[Experiment]], Experiment]):
+    def __init__(self, lab: Lab, attempts: Attempts, record: Callable[..., Experiment],
+                 second: Optional[Callable[[str], ContextManager[Optional[Attempts]]]] = None):
         self.lab, self.attempts, self.record = lab, attempts, record
+        self.second = second or (lambda commit: nullcontext(None))
 
     def pairs(self, noise: NoiseFloor) -> int:
         """search.confirm_pairs, or 2 while sigma has under 2 dof.
@@ -60,25 +69,51 @@ class Confirmation:
                  "c": (commit, overrides, "the candidate re-run")}
         diffs, cand = [], []
         n = self.pairs(noise)
-        log.info("%s beat the best by %.4f (margin %.4f): confirming with %d back-to-back pair(s)", e.exp,
-                 -(e.delta or 0.0), e.margin or 0.0, n)
-        for i in range(n):
-            got = {}
-            for side in ("bc" if i % 2 == 0 else "cb"):
-                c, ovs, what = sides[side]
-                row = self._one(e, side, c, ovs, f"confirmation of {e.exp}, pair {i + 1} of {n}: {what}")
-                if row.status != CONFIRM:
-                    return self._not_standing(row, cand)
-                got[side] = row.runs[0]
-            cand.append(got["c"])
-            diffs.append(got["c"] - got["b"])
+        with self.second(best.commit) as other:
+            log.info("%s beat the best by %.4f (margin %.4f): confirming with %d pair(s) %s", e.exp,
+                     -(e.delta or 0.0), e.margin or 0.0, n,
+                     f"side by side on w{self.attempts.worker.index} and w{other.worker.index}" if other
+                     else "back to back")
+            for i in range(n):
+                got = {}
+                for side, row in self._pair(e, "bc" if i % 2 == 0 else "cb", sides, f"pair {i + 1} of {n}", other):
+                    if row.status != CONFIRM:
+                        return self._not_standing(row, cand)
+                    got[side] = row.runs[0]
+                cand.append(got["c"])
+                diffs.append(got["c"] - got["b"])
         v = paired(diffs, noise, s.confirm_alpha, s.min_delta)
         return Confirmed(v.decision, v, v.note, cand)
+
+    def _pair(self, e: Experiment, order: str, sides: dict, which: str, other: Optional[Attempts]):
+        """One pair's (side, row)s: order[0] on this worker and order[1] on the other at the same time, or (no
+        other worker) one after the other, stopping at the first that does not stand."""
+        def one(side: str, attempts: Attempts) -> Experiment:
+            c, ovs, what = sides[side]
+            return self._one(e, side, c, ovs, f"confirmation of {e.exp}, {which}: {what}", attempts)
+
+        if other is None:
+            for side in order:
+                row = one(side, self.attempts)
+                yield side, row
+                if row.status != CONFIRM:
+                    return
+            return
+        with cf.ThreadPoolExecutor(1, thread_name_prefix="pair") as ex:
+            there = ex.submit(one, order[1], other)
+            try:
+                here = one(order[0], self.attempts)
+            except BaseException:  # Ctrl-C stops both runs: the other one records itself, then this one raises
+                cf.wait([there])
+                raise
+            rows = [(order[0], here), (order[1], there.result())]
+        yield from rows
 
     def rerun(self, e: Experiment, best: Best, commit: str, overrides: list[str], margin: float) -> Confirmed:
         """One run of a rebased candidate, screened against the best (when no paired confirmation is due):
         the screen run ran on an older parent, so the candidate as it would be kept needs a score of its own."""
-        row = self._one(e, "c", commit, overrides, f"re-run of {e.exp} rebased on the best ({best.exp}), screened")
+        row = self._one(e, "c", commit, overrides, f"re-run of {e.exp} rebased on the best ({best.exp}), screened",
+                        self.attempts)
         if row.status != CONFIRM:
             return self._not_standing(row, [])
         v = decide(row.runs[0], best.val_bpb, margin)
@@ -93,8 +128,9 @@ class Confirmation:
                                               "left undecided", cand)
         return Confirmed(DISCARD, None, f"confirmation run {row.exp} failed ({row.run_status}: {row.reason})", cand)
 
-    def _one(self, e: Experiment, side: str, commit: str, overrides: list[str], description: str) -> Experiment:
-        """One confirmation run, recorded as its own ledger row."""
+    def _one(self, e: Experiment, side: str, commit: str, overrides: list[str], description: str,
+             attempts: Attempts) -> Experiment:
+        """One confirmation run on `attempts`' worker, recorded as its own ledger row."""
         lab = self.lab
         rows = lab.rows()
         cid = confirmation_id(rows, e.exp, side)
@@ -102,7 +138,7 @@ class Confirmation:
         row = Experiment(exp=cid, status=PENDING, description=description, commit=commit, kind=CONFIRM,
                          hypothesis=f"re-run back to back with its pair, for {e.exp}'s paired confirmation",
                          overrides=" ".join(overrides), overrides_in_effect=list(overrides))
-        a = self.attempts.run(cid, commit, overrides, 0, rows)
+        a = attempts.run(cid, commit, overrides, 0, rows)
         a.fill(row)
         out = a.out
         if out.status == OK and out.val_bpb is not None:
@@ -113,4 +149,4 @@ class Confirmation:
             row.status, row.reason = CRASH, out.error_line
         if a.rerun_note and row.status != DISTURBED:
             row.reason = a.rerun_note + "; re-run"
-        return self.record(row, rows, out)
+        return self.record(row, rows, out, attempts.worker)

@@ -24,6 +24,7 @@ import datetime as dt
 import logging
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -34,6 +35,7 @@ from src.lab.confirm import Confirmation
 from src.lab.context import Lab
 from src.lab.decision import decide, weak
 from src.lab.integrity import implausible
+from src.lab.leases import Leases
 from src.lab.ledger import Experiment
 from src.lab.proposal import InvalidProposal, Proposal, merge_overrides
 from src.lab.runner import FROZEN, Outcome, RunInterrupted
@@ -78,10 +80,13 @@ def new_row(exp: str, proposal: Optional[Proposal], base_overrides: list[str], o
 
 
 class Experiments:
-    """The pipeline on one worker: stage -> attempts -> (confirm) -> decide -> record."""
+    """The pipeline on one worker: stage -> attempts -> (confirm) -> decide -> record.
 
-    def __init__(self, lab: Lab, worker: "Worker"):
-        self.lab, self.worker = lab, worker
+    leases: the pool's (None: no other worker to borrow); a confirmation runs its pairs side by side on this
+    worker and a borrowed one, and this worker may be lent while its experiment waits for the advance lock."""
+
+    def __init__(self, lab: Lab, worker: "Worker", leases: Optional[Leases] = None):
+        self.lab, self.worker, self.leases = lab, worker, leases
         self.attempts = Attempts(lab, worker)
 
     def execute(self, job: Job) -> Experiment:
@@ -178,7 +183,13 @@ class Experiments:
                 self._decide(e, a, st, overrides, rows, parent)
                 self._finish(e, rows, out)
                 return
-        with lab.advance:  # would-be keeps one at a time: only their holder moves the best
+        # would-be keeps one at a time: only their holder moves the best. Waiting for it, this worker runs
+        # nothing: the holder may borrow it for a confirmation run (it comes back before the lock is free)
+        with self.leases.waiting(self.worker) if self.leases else nullcontext():
+            lab.advance.acquire()
+        try:
+            if self.worker.tree.head() != e.commit:  # lent meanwhile: the candidate goes back in its worktree
+                self.worker.tree.reset(e.commit)
             with lab.lock:
                 rows = lab.rows()
                 st = lab.standings(rows)
@@ -188,6 +199,8 @@ class Experiments:
                 self._rebase(e, a, proposal, st, rows, parent)
             with lab.lock:
                 self._finish(e, rows, out)
+        finally:
+            lab.advance.release()
 
     def _decide(self, e: Experiment, a: Attempt, st: Standings, overrides: list[str], rows: list[Experiment],
                 parent: str) -> None:
@@ -274,10 +287,24 @@ class Experiments:
                     f"{c.reason}")
 
     def _confirmation(self, parent: str) -> Confirmation:
-        """Confirmation runs of this worker's experiment: rows of their own, marked with where they ran."""
-        def record(row: Experiment, rows: list[Experiment], out: Optional[Outcome] = None) -> Experiment:
-            return self.record(self.worker.mark(row, parent, row.proposed), rows, out)
-        return Confirmation(self.lab, self.attempts, record)
+        """Confirmation runs of this worker's experiment: rows of their own, marked with the worker that ran each."""
+        def record(row: Experiment, rows: list[Experiment], out: Optional[Outcome], worker: "Worker") -> Experiment:
+            return self.record(worker.mark(row, parent, row.proposed), rows, out)
+        return Confirmation(self.lab, self.attempts, record, self._second)
+
+    @contextmanager
+    def _second(self, commit: str):
+        """Attempts on a second worker, borrowed from the pool for a confirmation's pairs (None: there is none)."""
+        if self.leases is None:
+            yield None
+            return
+        with self.leases.borrow(self.worker) as other:
+            if other is None:
+                yield None
+                return
+            with self.lab.lock:
+                other.tree.ensure(self.lab.session.repo_git, commit)
+            yield Attempts(self.lab, other, owner=self.worker)
 
     def _finish(self, e: Experiment, rows: list[Experiment], out: Optional[Outcome], prune: bool = True) -> None:
         """Under the lock: the branch tip follows the best (a keep: one fast-forward commit), then the row."""

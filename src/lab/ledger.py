@@ -250,10 +250,6 @@ def next_experiment(rows: list[Experiment], in_flight: Iterable[str] = ()) -> st
     return f"exp-{max(nums, default=0) + 1:03d}"
 
 
-def next_baseline(rows: list[Experiment]) -> str:
-    return f"base-{sum(1 for e in rows if e.exp.startswith('base-')) + 1}"
-
-
 def confirmation_id(rows: list[Experiment], exp: str, side: str) -> str:
     """exp-004-c1 (the candidate re-run), exp-004-b1 (the best re-run); numbered on across resumes."""
     return f"{exp}-{side}{sum(1 for e in rows if e.exp.startswith(f'{exp}-{side}')) + 1}"

@@ -184,9 +184,8 @@ class Search:
         try:
             pool = Pool(lab, self.agent, self.home, self.make_runner)
             with logging_redirect_tqdm():
-                base = next((j for j in jobs if j.proposal is None), None)
-                run_baseline(lab, self.home, base)
-                pool.run([j for j in jobs if j is not base], bar)
+                run_baseline(lab, pool.workers, [j for j in jobs if j.proposal is None])
+                pool.run([j for j in jobs if j.proposal is not None], bar)
         except KeyboardInterrupt:
             status = "KILLED"
             self.stop_reason = "interrupted (Ctrl-C)"

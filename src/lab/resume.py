@@ -60,9 +60,11 @@ def reconcile(lab: Lab) -> list[Job]:
                 JobHandle(fl.job, fl.job_folder).cancel()
             except Exception as e:
                 log.warning("resume: could not cancel job %s of %s: %s", fl.job, fl.exp, e)
-        elif fl.pid and alive(fl.pid) and is_train_process(fl.pid, fl.run_dir):
-            log.warning("resume: stopping the orphaned run of %s (pid %d)", fl.exp, fl.pid)
-            stop_group(fl.pid, 5.0)
+        else:
+            for pid in ([fl.pid] if fl.pid else []) + list(fl.others):  # its own run, and one on a borrowed worker
+                if alive(pid) and is_train_process(pid, fl.run_dir):  # (exp-004-b1's dir starts with exp-004's)
+                    log.warning("resume: stopping the orphaned run of %s (pid %d)", fl.exp, pid)
+                    stop_group(pid, 5.0)
         rec = lab.ledger.load(fl.exp) or {}
         proposal = Proposal.from_dict(rec["proposal"]) if rec.get("proposal") else None
         jobs.append(Job(fl.exp, proposal, fl.attempt, fl.proposed, job, fl.job_folder if job else "", fl.worker,

@@ -107,6 +107,7 @@ class InFlight:
     job: str = ""  # launcher=submitit_*: the job id of the attempt (a resume re-attaches to it)
     job_folder: str = ""  # ... and submitit's folder
     proposed: str = ""  # when it was proposed (ISO time)
+    others: list[int] = field(default_factory=list)  # its runs on borrowed workers (confirmation pairs side by side)
 
 
 @dataclass
@@ -352,6 +353,14 @@ class Session(Worktree):
             for fl in self.state.running:
                 if fl.worker == worker:
                     fl.pid, fl.job, fl.job_folder = pid, job or fl.job, job_folder or fl.job_folder
+            self.save()
+
+    def track_other(self, worker: Optional[int], pid: int) -> None:
+        """A process of worker `worker`'s experiment running on a borrowed worker (a resume stops it too)."""
+        with self.lock:
+            for fl in self.state.running:
+                if fl.worker == worker:
+                    fl.others = [*fl.others[-1:], pid]  # one at a time; the one before may be ending
             self.save()
 
     def untrack(self, worker: Optional[int]) -> None:

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 from src.lab.agents import Agent, AgentStop
 from src.lab.context import Lab
 from src.lab.experiment import Experiments, Job, new_row, now
+from src.lab.leases import Leases
 from src.lab.ledger import Experiment, next_experiment
 from src.lab.runner import Outcome, Runner
 from src.lab.session import Worktree, atomic_write
@@ -92,7 +93,8 @@ class Pool:
             trees = {s.index: lab.session.worker_tree(s.index) for s in plan_slots(lab.cfg)}
             self.workers = [Worker(s.index, trees[s.index], make_runner(trees[s.index].worktree, s.env, s.cpus), s.label)
                             for s in plan_slots(lab.cfg)]
-        self.pipelines = {id(w): Experiments(lab, w) for w in self.workers}
+        self.leases = Leases(self.workers)  # who may use which worker: new experiments, borrowed confirmation runs
+        self.pipelines = {id(w): Experiments(lab, w, self.leases) for w in self.workers}
         self.running: dict[cf.Future, tuple[Worker, Job]] = {}  # what is in flight, and where
         self.stopped = False  # no more experiments start (those in flight finish)
         self.stop_reason = ""
@@ -103,27 +105,30 @@ class Pool:
         """Fill every free worker with an experiment (`jobs`, resumed ones, first) until the session stops."""
         if self.detached:
             log.info("%d workers: %s", len(self.workers), ", ".join(f"w{w.index} {w.label}" for w in self.workers))
-        queue, free = list(jobs), list(self.workers)
+        queue = list(jobs)
         ex = cf.ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix="worker")
         try:
             while True:
-                while free and not self.stopped:
+                while not self.stopped:
+                    # a job to re-attach to runs in the worktree of the worker that started it
+                    w = self.leases.take(queue[0].worker if queue and queue[0].job else None)
+                    if w is None:  # none free, or a confirmation waits to borrow one: it goes first
+                        break
                     job = queue.pop(0) if queue else self._next()
                     if job is None:
+                        self.leases.release(w)
                         break
-                    # a job to re-attach to runs in the worktree of the worker that started it
-                    w = next((x for x in free if job.job and x.index == job.worker), free[0])
-                    free.remove(w)
                     self.running[ex.submit(self.pipelines[id(w)].execute, job)] = (w, job)
                 if not self.running:
                     return
                 done, _ = cf.wait(list(self.running), timeout=1.0, return_when=cf.FIRST_COMPLETED)
                 for f in done:
                     w, _ = self.running.pop(f)
-                    free.append(w)
+                    self.leases.release(w)
                     self._observe(f.result(), bar)
         except BaseException:  # Ctrl-C, SIGTERM, a worker's error: stop every run, let each record itself
             self.stopped = True
+            self.leases.close()
             for w in self.workers:
                 w.runner.interrupt()
             for f in list(self.running):

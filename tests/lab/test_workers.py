@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -119,7 +120,7 @@ def _first_line(tag: str):
 def test_a_keep_whose_parent_moved_is_rebased_and_confirmed_and_a_conflict_is_recorded(tmp_path, monkeypatch,
                                                                                        confirm):
     """confirm=false: the rebased candidate runs once and must beat the new best by the margin;
-    confirm=true: it is confirmed by back-to-back pairs with the new best."""
+    confirm=true: it is confirmed by pairs with the new best, each pair side by side on the two workers."""
     repo = make_repo(tmp_path)
     proposals = [
         {"description": "patch A + lr", "overrides": ["optimizer.matrix_lr=0.05"],
@@ -130,34 +131,49 @@ def test_a_keep_whose_parent_moved_is_rebased_and_confirmed_and_a_conflict_is_re
         {"description": "batch 4096", "overrides": ["batch.total_tokens=4096", "batch.device_tokens=4096"]},
         lr(0.06),
     ]
-    # exp-002 finishes after exp-003 is kept, exp-004 after exp-005 is kept: their parents are no longer the best
-    monkeypatch.setenv("FAKE_AFTER", "exp-002:exp-003,exp-004:exp-005")
+    if confirm:
+        # exp-002 ends after exp-001's screen run, exp-004 after exp-003's: each of exp-001 and exp-003 is then
+        # confirmed on both workers (the other one waits for the advance lock, lent meanwhile) and kept, and the
+        # one that waited finds its parent replaced: exp-002 conflicts, exp-004 is rebased and confirmed
+        monkeypatch.setenv("FAKE_AFTER", "exp-002:exp-001/,exp-004:exp-003/")
+        order, moved, keeps = ["exp-001", "exp-002", "exp-003", "exp-004", "exp-005"], ("exp-001", "exp-003"), 3
+    else:  # exp-002 finishes after exp-003 is kept, exp-004 after exp-005 is kept
+        monkeypatch.setenv("FAKE_AFTER", "exp-002:exp-003,exp-004:exp-005")
+        order, moved, keeps = ["exp-001", "exp-003", "exp-002", "exp-005", "exp-004"], ("exp-003", "exp-005"), 4
     ovs = [o.replace("search.confirm=false", f"search.confirm={str(confirm).lower()}")
            for o in search_overrides(tmp_path, repo, proposals)]
     out = start(ovs)
     d = repo / "outputs" / "research" / "w"
     rows = read_tsv(d / "results.tsv")
     by = {r["exp"]: r for r in rows}
-    assert [r["exp"] for r in rows if r["exp"].startswith("exp-") and r["exp"].count("-") == 1] == \
-        ["exp-001", "exp-003", "exp-002", "exp-005", "exp-004"]  # the finish order
-    assert by["exp-001"]["status"] == by["exp-003"]["status"] == by["exp-005"]["status"] == "keep"
+    assert [r["exp"] for r in rows if r["exp"].startswith("exp-") and r["exp"].count("-") == 1] == order, \
+        [(r["exp"], r["status"], r["worker"]) for r in rows]  # the finish order
+    assert by["exp-001"]["status"] == by[moved[0]]["status"] == by[moved[1]]["status"] == "keep"
     c = by["exp-002"]
-    assert c["status"] == "conflict" and "cannot be re-applied" in c["reason"] and "exp-003" in c["reason"]
+    assert c["status"] == "conflict" and "cannot be re-applied" in c["reason"] and moved[0] in c["reason"]
     r = by["exp-004"]
-    assert r["status"] == "keep" and "rebased" in r["reason"] and r["parent"] == by["exp-003"]["commit"]
-    assert git(repo, "rev-parse", f"{r['commit']}^").startswith(by["exp-005"]["commit"])  # re-staged on the new best
+    parent = by["exp-001" if confirm else "exp-003"]["commit"]
+    assert r["status"] == "keep" and "rebased" in r["reason"] and r["parent"] == parent
+    assert git(repo, "rev-parse", f"{r['commit']}^").startswith(by[moved[1]]["commit"])  # re-staged on the new best
     again = [x for x in rows if x["exp"].startswith("exp-004-")]
     if confirm:
-        assert [x["exp"] for x in again][:2] == ["exp-004-b1", "exp-004-c1"] and len(again) in (2, 4)  # 1 or 2 pairs
+        assert {x["exp"] for x in again} in ({"exp-004-b1", "exp-004-c1"},
+                                             {"exp-004-b1", "exp-004-c1", "exp-004-b2", "exp-004-c2"})
         assert "paired confirmation" in r["reason"]
+        # every pair ran side by side: its two runs on the two workers, which swap sides from one pair to the next
+        for exp in ("exp-001", "exp-003", "exp-004"):
+            pairs = [(by[f"{exp}-b{i}"]["worker"], by[f"{exp}-c{i}"]["worker"]) for i in (1, 2) if f"{exp}-b{i}" in by]
+            assert pairs and all(b != c for b, c in pairs), (exp, pairs)
+            assert pairs[1:] == [] or pairs[1] == pairs[0][::-1], (exp, pairs)
     else:
         assert [x["exp"] for x in again] == ["exp-004-c1"] and "re-run on the best" in r["reason"]
     assert all(x["status"] == "confirm" and x["commit"] == r["commit"] for x in again if "-c" in x["exp"])
     rec = json.loads((d / "proposals" / "exp-004.json").read_text())
-    assert sorted(rec["config"]) == sorted(["optimizer.matrix_lr=0.06", "batch.total_tokens=4096",
-                                            "batch.device_tokens=4096"])  # overrides merged with the new best's
-    assert out["best_exp"] == "exp-004" and out["best_val_bpb"] == pytest.approx(2.8)
-    assert git(repo, "rev-list", "--count", "main..research/w") == "4"  # linear: 4 keeps
+    merged = ["optimizer.matrix_lr=0.06" if not confirm else "optimizer.matrix_lr=0.05"]
+    assert sorted(rec["config"]) == sorted([*merged, "batch.total_tokens=4096", "batch.device_tokens=4096"])
+    assert out["best_exp"] == "exp-004" and out["best_val_bpb"] == pytest.approx(float(r["val_bpb"]), abs=1e-6)
+    assert confirm or out["best_val_bpb"] == pytest.approx(2.8)
+    assert git(repo, "rev-list", "--count", "main..research/w") == str(keeps)  # linear: one commit a keep
     assert git(repo, "rev-list", "--merges", "--count", "main..research/w") == "0"
     assert git(repo, "rev-parse", "research/w") == out["best_commit"]
 
@@ -232,7 +248,9 @@ def test_ctrl_c_and_kill_9_with_two_in_flight_then_resume_loses_nothing_and_runs
     start([*ovs, "search.resume=true"])
     rows = read_tsv(d / "results.tsv")
     exps = [r["exp"] for r in rows]
-    assert sorted(exps) == ["base-1", "exp-001", "exp-002", "exp-003", "exp-004", "exp-005"]
+    # (a keep whose parent moved while it ran also has a re-run row, exp-005-c1: how the runs overlap decides)
+    assert sorted(e for e in exps if e.count("-") == 1) == ["base-1", "exp-001", "exp-002", "exp-003", "exp-004",
+                                                            "exp-005"]
     by = {r["exp"]: r for r in rows}
     assert by["exp-003"]["attempts"] == by["exp-004"]["attempts"] == "2"
     assert by["exp-005"]["attempts"] == "1" and by["exp-005"]["description"] == "lr 0.06"
@@ -449,3 +467,56 @@ def test_two_workers_one_ledger_one_branch_one_parent_run_on_a_shared_mlflow_ser
     assert all(0 <= x <= 1 for x in shares) and sum(shares) == pytest.approx(1, abs=0.02)  # each second counted once
     report = (d / "report.md").read_text()
     assert "- workers: 2 (w0 cpu x1 thread" in report and "per hour; worker time: training" in report
+
+
+@pytest.mark.slow
+def test_the_baseline_repeats_run_at_once_one_on_each_worker(tmp_path, monkeypatch):
+    repo = make_repo(tmp_path)
+    monkeypatch.setenv("FAKE_AFTER", "base-1:base-2/")  # base-1 ends only once base-2 has run: together, or 60 s late
+    out = start(search_overrides(tmp_path, repo, [lr(0.05)], "search.baseline_repeats=2", "search.max_experiments=1"))
+    d = repo / "outputs" / "research" / "w"
+    rows = read_tsv(d / "results.tsv")
+    assert [(r["exp"], r["status"]) for r in rows][:2] == [("base-2", "baseline"), ("base-1", "baseline")]
+    assert {rows[0]["worker"], rows[1]["worker"]} == {"0", "1"}  # each slot measured (the tokens/s column)
+    # base-2 finished while base-1 was still held: they ran at the same time
+    assert (d / "runs" / "base-2" / "summary.json").stat().st_mtime < (d / "runs" / "base-1" / "summary.json").stat().st_mtime
+    assert out["noise_dof"] >= 1
+
+
+def test_leases_borrowers_go_first_and_a_worker_waiting_for_the_advance_lock_can_be_lent():
+    import threading
+
+    from src.lab.leases import Leases
+
+    a, b = SimpleNamespace(index=0), SimpleNamespace(index=1)
+    leases = Leases([a, b])
+    assert leases.take() is a  # a new experiment on a
+    with leases.borrow(a) as other:  # b is free: lent at once, and not free for a new experiment meanwhile
+        assert other is b and leases.take() is None
+    assert leases.take(prefer=1) is b  # back in the free list
+    # both busy: a borrower waits; no new experiment starts while it waits; b's experiment waiting for the advance
+    # lock makes b lendable, and b's experiment gets it back only after the borrower is done
+    got, order = [], []
+
+    def borrower():
+        with leases.borrow(a) as w:
+            got.append(w)
+            order.append("borrowed")
+            time.sleep(0.3)
+            order.append("returned")
+
+    t = threading.Thread(target=borrower)
+    t.start()
+    time.sleep(0.2)
+    assert got == [] and leases.wanted == 1
+    leases.release(a)  # (say a's experiment ended: but a borrower never takes its own owner)
+    assert leases.take() is None  # the borrower goes first: no new experiment
+    with leases.waiting(b):
+        wait_for(lambda: got == [b], 5)
+    order.append("b's experiment goes on")
+    t.join()
+    assert order == ["borrowed", "returned", "b's experiment goes on"]
+    assert leases.take() is a and leases.take() is None  # b is not free: its experiment still holds it
+    leases.close()
+    with leases.borrow(b) as w:  # a closed pool lends nothing that is not free
+        assert w is None

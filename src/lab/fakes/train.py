@@ -14,7 +14,8 @@ val_bpb of the runs it names and nothing else: a wild score that throughput cann
 $FAKE_COUNTED ("exp-001:500") reports that many counted training seconds for the runs it names:
 a budget clock that was slowed (the process lived far shorter than what it counted).
 $FAKE_AFTER ("exp-002:exp-003") holds the runs it names until the session's results.tsv records the other
-experiment (at most 60 s): the order in which parallel workers finish (search.workers > 1).
+experiment ("exp-004:exp-005/": until the other's first run wrote its summary; at most 60 s): the order in which
+parallel workers finish (search.workers > 1).
 $FAKE_HOLD ("exp-001,exp-002") holds the runs it names until the file $FAKE_HOLD_FILE exists (at most 60 s).
 $FAKE_MLFLOW=1 makes each run log itself like src.train does (tracking.*: an MLflow child run of the session's
 parent, its experiment created race-free with src.harness.tracking.ensure_experiment): the shared-server drill.
@@ -59,11 +60,14 @@ def effective_overrides(argv: list[str]) -> tuple[dict, dict]:
 
 
 def hold(out: Path) -> None:
-    """$FAKE_AFTER (name:exp) holds a run until exp is in the ledger; $FAKE_HOLD until $FAKE_HOLD_FILE exists."""
+    """$FAKE_AFTER (name:exp) holds a run until exp is in the ledger (name:exp/ until exp's first run has written
+    its summary); $FAKE_HOLD until $FAKE_HOLD_FILE exists."""
     after = dict(p.split(":", 1) for p in os.environ.get("FAKE_AFTER", "").split(",") if ":" in p).get(out.name)
-    if after:  # hold this run until the other experiment is recorded
+    if after:  # hold this run until the other experiment is recorded (or has run)
         ledger, t0 = out.parent.parent / "results.tsv", time.time()
-        while time.time() - t0 < 60 and not (ledger.exists() and f"\t{after}\t" in ledger.read_text()):
+        ran = out.parent / after.rstrip("/") / "summary.json"
+        while time.time() - t0 < 60 and not (ran.exists() if after.endswith("/") else
+                                             ledger.exists() and f"\t{after}\t" in ledger.read_text()):
             time.sleep(0.05)
     if out.name in os.environ.get("FAKE_HOLD", "").split(","):  # hold this run until the test lets it go
         gate, t0 = Path(os.environ["FAKE_HOLD_FILE"]), time.time()
