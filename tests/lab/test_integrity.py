@@ -4,7 +4,6 @@ Run: python -m pytest -q tests/lab/test_integrity.py
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import json
 import math

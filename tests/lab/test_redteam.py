@@ -18,7 +18,7 @@ import pytest
 from src.lab.config import ContractConfig
 from src.lab.contract import ContractViolation, check_files, check_source
 from src.lab.runner import Runner
-from src.lab.fakes.redteam import ATTACKS, BUDGET_PATCHES, COUNTED, LEGIT, OVERRUN, REFUSED, TAMPERED, prepend
+from src.lab.fakes.redteam import ATTACKS, BUDGET_PATCHES, LEGIT, OVERRUN, REFUSED, TAMPERED, prepend
 from src.lab.integrity import DeviceBudget, clock_start, outside_seconds
 from tests.support.helpers import REPO, git, make_repo
 
