@@ -14,17 +14,13 @@ import math
 import sys
 
 import torch
+import torch._dynamo  # noqa: F401  (importing it rebinds torch.manual_seed: import it before any snapshot)
 import torch.nn.functional as F
 
 import src.harness.data
 import src.harness.evaluate
 
 CLASSES = ("torch.Tensor", "torch._C.TensorBase", "torch.nn.Module")  # a new attribute here shadows a method
-# torch._dynamo, once something imports it (torch.compile, ...), rebinds torch.manual_seed to torch's lazy
-# "disable dynamo" wrapper of the same function. Importing it before the snapshot costs every run ~1.8 CPU s, so
-# instead that one rebinding is accepted, and only when the wrapper's code is torch's and the function it calls
-# (its closure's `fn`, which is what it runs: not __wrapped__, which anyone can set) is the one snapshotted.
-_DYNAMO_WRAPPER = torch._disable_dynamo(lambda: None).__code__
 
 
 def _watched(extra: tuple = ()) -> dict:
@@ -46,22 +42,6 @@ def library_changes(before: dict) -> list[str]:
     """What was rebound or removed since `before` was taken, and what was added to a watched class.
     (Attributes added to modules are not compared: torch adds submodules as they are imported.)"""
     now = library_snapshot(tuple({name for name, _ in before}))
-    changed = {f"{name}.{attr}" for (name, attr), ident in before.items()
-               if now.get((name, attr)) != ident and not _dynamo_wrapped(name, attr, ident)}
+    changed = {f"{name}.{attr}" for (name, attr), ident in before.items() if now.get((name, attr)) != ident}
     changed |= {f"{name}.{attr}" for (name, attr) in now if name in CLASSES and (name, attr) not in before}
     return sorted(changed)
-
-
-def _dynamo_wrapped(name: str, attr: str, ident: int) -> bool:
-    """torch.manual_seed rebound by torch._dynamo's import to its disable wrapper of the snapshotted function."""
-    if (name, attr) != ("torch", "manual_seed"):
-        return False
-    v = getattr(torch, attr, None)
-    code, cells = getattr(v, "__code__", None), getattr(v, "__closure__", None) or ()
-    if code is not _DYNAMO_WRAPPER:
-        return False
-    try:
-        fn = dict(zip(code.co_freevars, (c.cell_contents for c in cells))).get("fn")
-    except ValueError:  # an empty cell
-        return False
-    return id(fn) == ident

@@ -124,7 +124,7 @@ class SearchConfig:
     min_delta: float = 0.002  # smallest improvement (val_bpb) ever kept, whatever sigma says
     confirm: Optional[bool] = None  # paired confirmation of a would-be keep; None: while the noise has < confirm_min_dof dof
     confirm_min_dof: int = 10  # the noise estimate counts as weak below this many degrees of freedom
-    confirm_pairs: int = 1  # back-to-back (best, candidate) re-runs per confirmation (2 while sigma has < 2 dof)
+    confirm_pairs: int = 1  # (best, candidate) re-run pairs per confirmation (2 while sigma has < 2 dof)
     confirm_alpha: float = 0.05  # the paired t-test's one-sided level: its false-keep rate under no real change
     stall_retries: int = 1  # a run marked `stalled`, or starved past its wall ceiling (timeout), is re-run this many times; then it is `disturbed`
     disturbed_factor: float = 2.0  # a run this many times slower than the session's fastest of its shape is disturbed

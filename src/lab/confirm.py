@@ -136,7 +136,7 @@ class Confirmation:
         cid = confirmation_id(rows, e.exp, side)
         lab.ledger.save(cid, None, overrides, commit=commit)
         row = Experiment(exp=cid, status=PENDING, description=description, commit=commit, kind=CONFIRM,
-                         hypothesis=f"re-run back to back with its pair, for {e.exp}'s paired confirmation",
+                         hypothesis=f"re-run together with its pair, for {e.exp}'s paired confirmation",
                          overrides=" ".join(overrides), overrides_in_effect=list(overrides))
         a = attempts.run(cid, commit, overrides, 0, rows)
         a.fill(row)

@@ -8,7 +8,7 @@ wild run cannot inflate sigma. Two rules use it:
 
 - the screen: a run is a candidate for keeping when val_bpb < best - margin, margin =
   max(noise_sigmas * sigma, min_delta); without confirmation this is the decision;
-- the paired confirmation (`paired`): the candidate and the best are re-run back to back in n
+- the paired confirmation (`paired`): the candidate and the best are re-run together in n
   pairs; with d = mean(candidate - best) over the pairs, keep iff
       -d > max(min_delta, t(1 - alpha, dof) * sigma * sqrt(2 / n)),
   a one-sided t-test whose sigma pools the noise floor with the pairs' own spread. Under the null
@@ -102,7 +102,7 @@ def decide(val_bpb: float, best: float, margin: float) -> Verdict:
 
 
 def paired(diffs: list[float], floor: NoiseFloor, alpha: float, min_delta: float) -> Verdict:
-    """The paired confirmation rule over differences candidate - best of back-to-back pairs (see the module doc).
+    """The paired confirmation rule over differences candidate - best of pairs run together (see the module doc).
 
     floor: the noise floor from runs independent of these pairs (every earlier group), pooled here
     with the pairs' own spread (sd of the differences / sqrt 2, n - 1 dof).

@@ -15,7 +15,7 @@ DISCARD = "discard"
 INVALID = "invalid"  # refused before it ran (composition, patch, contract); cost no run
 INTERRUPTED = "interrupted"  # the search stopped the run (Ctrl-C / SIGTERM)
 DISTURBED = "disturbed"  # the machine was busy: throughput far off the session's for that shape; re-run
-CONFIRM = "confirm"  # a confirmation run (the candidate or the best re-run back to back) backing a decision
+CONFIRM = "confirm"  # a confirmation run (the candidate or the best re-run in a pair) backing a decision
 CONFLICT = "conflict"  # search.workers > 1: a would-be keep whose patch no longer applies on the best kept meanwhile
 PENDING = ""  # an experiment proposed but not decided yet (a resume re-runs it)
 

@@ -39,7 +39,7 @@ from src.lab.leases import Leases
 from src.lab.ledger import Experiment
 from src.lab.proposal import InvalidProposal, Proposal, merge_overrides
 from src.lab.runner import FROZEN, Outcome, RunInterrupted
-from src.harness.score import CHECKPOINT
+from src.harness.score_client import CHECKPOINT
 from src.lab.session import InFlight
 from src.lab.standings import Standings
 from src.lab.decisions import (BASELINE, CONFIRM, CONFLICT, CRASH, DISTURBED, INTERRUPTED, INVALID, KEEP, OK,

@@ -102,12 +102,13 @@ def workers_lines(d: Path, rows: list[Experiment]) -> list[str]:
         u = json.loads((d / "workers.json").read_text())
     except (OSError, ValueError):
         return []
-    slots = ", ".join(f"w{p['worker']} {p['slot']} ({p['experiments']} exp.)" for p in u.get("per_worker", []))
+    slots = ", ".join(f"w{p['worker']} {p['slot']} ({p['experiments']} exp., idle {100 * p.get('idle', 0):.0f}%)"
+                      for p in u.get("per_worker", []))
     rebased = sum(1 for e in rows if e.status == KEEP and "rebased" in e.reason)
     return [f"- workers: {u['workers']} ({slots}); {u['experiments']} experiments in {u['elapsed_s'] / 3600:.2f} h of the "
             f"last invocation = {u['experiments_per_hour']:.1f} per hour; worker time: training "
             f"{100 * u['training']:.0f}%, rest of the runs {100 * u['run_overhead']:.0f}%, scoring "
-            f"{100 * u['scoring']:.0f}%, waiting {100 * u['waiting']:.0f}%; {rebased} keep(s) rebased on a newer best, "
+            f"{100 * u['scoring']:.0f}%, idle {100 * u.get('idle', u.get('waiting', 0)):.0f}%; {rebased} keep(s) rebased on a newer best, "
             f"{sum(1 for e in rows if e.status == 'conflict')} conflict(s)"]
 
 
@@ -196,6 +197,6 @@ def rule(knobs: SearchConfig, noise) -> str:
     confirm = {True: "always", False: "never", None: f"while sigma has < {knobs.confirm_min_dof} dof"}[knobs.confirm]
     return (f"keep rule: screen val_bpb < best - max({knobs.noise_sigmas:g} sigma, {knobs.min_delta:g}); paired "
             f"confirmation ({confirm}; now {'on' if weak(noise, knobs.confirm, knobs.confirm_min_dof) else 'off'}): "
-            f"{knobs.confirm_pairs} back-to-back pair(s), keep iff the mean gain > max({knobs.min_delta:g}, "
+            f"{knobs.confirm_pairs} pair(s), keep iff the mean gain > max({knobs.min_delta:g}, "
             f"t(1-{knobs.confirm_alpha:g}, dof) sigma sqrt(2/pairs)); disturbed: {knobs.disturbed_factor:g}x slower "
             f"than the session's fastest run of a shape ({knobs.disturbed_factor_new_shape:g}x by MFU for a new one)")

@@ -28,7 +28,7 @@ from src.lab.integrity import DeviceBudget, clock_start, counted_in_process, dev
 from src.lab.session import atomic_write
 from src.harness.launch import tree, waited
 from src.harness.pinning import pin
-from src.harness.score import CHECKPOINT, Scorer, apply_verdict
+from src.harness.score_client import CHECKPOINT, Scorer, apply_verdict
 from src.lab.decisions import CRASH, INTERRUPTED, OK, STALLED, TAMPERED, TIMEOUT
 
 ALWAYS_STRIP = ("MLFLOW_RUN_ID",)  # would attach the child to whatever run the parent has open

@@ -214,9 +214,9 @@ class Pool:
             u_score = min(u.score, u.run - u_train)  # the runner waits for the scorer: scoring is inside u.run
             per.append({"worker": w.index, "slot": w.label, "experiments": u.experiments,
                         "training": u_train / elapsed, "run_overhead": (u.run - u_train - u_score) / elapsed,
-                        "scoring": u_score / elapsed, "waiting": max(0.0, elapsed - u.run) / elapsed})
+                        "scoring": u_score / elapsed, "idle": max(0.0, elapsed - u.run) / elapsed})
         n = len(per)
-        total = {k: sum(p[k] for p in per) / n for k in ("training", "run_overhead", "scoring", "waiting")}
+        total = {k: sum(p[k] for p in per) / n for k in ("training", "run_overhead", "scoring", "idle")}
         return {"workers": n, "elapsed_s": elapsed, "experiments": len(rows),
                 "experiments_per_hour": len(rows) / (elapsed / 3600), **total, "per_worker": per}
 
@@ -225,13 +225,14 @@ class Pool:
             u = self.utilisation()
             atomic_write(self.lab.session.dir / "workers.json", json.dumps(u, indent=2))
             log.info("workers: %d, %d experiments in %.0f s (%.1f per hour); worker time: training %.0f%%, rest of "
-                     "the runs (start-up, warm-up) %.0f%%, scoring %.0f%%, waiting (staging, agent, decisions, idle) "
-                     "%.0f%%", u["workers"], u["experiments"], u["elapsed_s"], u["experiments_per_hour"],
-                     100 * u["training"], 100 * u["run_overhead"], 100 * u["scoring"], 100 * u["waiting"])
-            with self.lock:
+                     "the runs (start-up, warm-up) %.0f%%, scoring %.0f%%, idle (staging, agent, decisions, nothing "
+                     "to run) %.0f%% (%s)", u["workers"], u["experiments"], u["elapsed_s"], u["experiments_per_hour"],
+                     100 * u["training"], 100 * u["run_overhead"], 100 * u["scoring"], 100 * u["idle"],
+                     ", ".join(f"w{p['worker']} {100 * p['idle']:.0f}%" for p in u["per_worker"]))
+            with self.lab.lock:
                 self.lab.runs.log_parent(len(self.lab.rows()), {
                     "workers/count": u["workers"], "workers/experiments_per_hour": u["experiments_per_hour"],
-                    "workers/training_share": u["training"], "workers/waiting_share": u["waiting"]})
+                    "workers/training_share": u["training"], "workers/idle_share": u["idle"]})
         except Exception as e:
             log.warning("could not write the workers' utilisation: %s", e)
 

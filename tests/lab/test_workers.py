@@ -463,8 +463,10 @@ def test_two_workers_one_ledger_one_branch_one_parent_run_on_a_shared_mlflow_ser
     # where the workers' time went, in workers.json and report.md
     u = json.loads((d / "workers.json").read_text())
     assert u["workers"] == 2 and u["experiments"] == 4 and u["experiments_per_hour"] > 0
-    shares = [u[k] for k in ("training", "run_overhead", "scoring", "waiting")]
+    shares = [u[k] for k in ("training", "run_overhead", "scoring", "idle")]
     assert all(0 <= x <= 1 for x in shares) and sum(shares) == pytest.approx(1, abs=0.02)  # each second counted once
+    assert [p["worker"] for p in u["per_worker"]] == [0, 1] and all(0 <= p["idle"] <= 1 for p in u["per_worker"])
+    assert parents[0].data.metrics["workers/idle_share"] == pytest.approx(u["idle"])
     report = (d / "report.md").read_text()
     assert "- workers: 2 (w0 cpu x1 thread" in report and "per hour; worker time: training" in report
 

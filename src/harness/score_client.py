@@ -1,0 +1,132 @@
+"""The starting side of the scorer (src/harness/score.py): start it, hand it a checkpoint, read its verdict.
+
+Kept apart from the scorer itself so that what starts it (the lab's runner, the search process) does not
+import torch: the scorer's own process does.
+
+Usage: scorer = Scorer(cwd, log_path, env, cpus).start(); ...; verdict = scorer.score(checkpoint)
+       apply_verdict(summary, verdict)
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import sys
+import time
+from pathlib import Path
+from subprocess import PIPE, Popen, TimeoutExpired
+from typing import Optional
+
+from src.harness.pinning import pin
+from src.harness.status import CRASH, OK, TAMPERED, TIMEOUT
+
+MARKER = "OVERNIGHT-SCORE"
+READY = "OVERNIGHT-SCORER-READY"
+CHECKPOINT = "checkpoint.pt"  # in the run dir
+_now = time.perf_counter
+
+
+def stop(proc, *pipes) -> None:
+    """Close our ends of a child's pipes (its cue to exit), give it 5 s, then kill it."""
+    for f in pipes:
+        try:
+            f.close()
+        except OSError:
+            pass
+    try:
+        proc.wait(timeout=5)
+    except TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def apply_verdict(summary: dict, verdict: dict) -> None:
+    """The scorer's verdict into a run's summary: val_bpb and the scoring figures, and for anything but ok the
+    status tampered (or crash) with the scorer's reason. The one mapping a standalone run and the lab's runner share."""
+    summary["val_bpb"] = verdict.get("val_bpb", float("nan"))
+    summary["score_seconds"] = verdict.get("total_seconds", 0.0)
+    summary["score_threads"] = verdict.get("threads")  # the scorer keeps to the run's device.threads
+    for k, v in (verdict.get("seconds") or {}).items():  # load, score
+        summary[f"score_{k}_seconds"] = v
+    if verdict.get("checks"):  # what was checked on the scored batches, and the hosts' sandbox
+        summary["score_checks"] = verdict["checks"]
+    if verdict.get("status") != OK:
+        summary.update(status=TAMPERED if verdict.get("status") == TAMPERED else CRASH,
+                       error=f"scorer: {verdict.get('reason', '')}")
+
+
+# ---------------------------------------------------------------------------- the starting side
+
+class Scorer:
+    """Starts `python -m src.harness.score` early (torch imports while training runs) and reads its verdict.
+
+    Started by the harness (train.py for a standalone run) or the lab's runner, never by research code.
+    """
+
+    def __init__(self, cwd: Path, log_path: Optional[Path] = None, env: Optional[dict] = None, cpus: tuple = ()):
+        """cpus: the cores to pin it to (a lab worker's slot, Linux); () = wherever the OS puts it."""
+        self.cwd, self.log_path, self.env, self.cpus = Path(cwd), log_path, env, tuple(cpus)
+        self.nonce = secrets.token_hex(16)
+        self.proc: Optional[Popen] = None
+
+    def start(self) -> "Scorer":
+        log = open(self.log_path, "ab") if self.log_path else None
+        try:
+            # numpy's BLAS would start a thread pool at import: one thread keeps the judge fit to fork its hosts
+            env = {**(self.env if self.env is not None else os.environ), "OPENBLAS_NUM_THREADS": "1"}
+            self.proc = Popen([sys.executable, "-m", "src.harness.score"], cwd=self.cwd, env=env, stdin=PIPE,
+                              stdout=PIPE, stderr=log if log else None, start_new_session=True,
+                              preexec_fn=(lambda: pin(self.cpus)) if self.cpus else None)
+        finally:
+            if log:
+                log.close()
+        self.proc.stdin.write(f"{self.nonce}\n".encode())
+        self.proc.stdin.flush()
+        return self
+
+    def wait_ready(self, timeout_s: float = 60.0) -> bool:
+        """Block until the scorer has done its imports (its start-up then no longer competes for the
+        cores); False when it did not say so in time (it may be slow or dead: score() reports that)."""
+        if self.proc is None or self.proc.stdout is None:
+            return False
+        fd, got, deadline = self.proc.stdout.fileno(), b"", _now() + timeout_s
+        while (left := deadline - _now()) > 0 and select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 1024)  # unbuffered: score()'s communicate() reads the same pipe later
+            if not chunk:  # it exited
+                return False
+            got += chunk
+            if READY.encode() in got:
+                return True
+        return False
+
+    def score(self, checkpoint: Path, timeout_s: float = 1800.0) -> dict:
+        """The verdict on `checkpoint`: {status: ok|tampered|crash|nan|timeout, val_bpb, reason, ...}."""
+        if self.proc is None:
+            self.start()
+        try:
+            out, _ = self.proc.communicate(f"{Path(checkpoint).resolve()}\n".encode(), timeout=timeout_s)
+        except TimeoutExpired:
+            self.close()
+            return {"status": TIMEOUT, "val_bpb": float("nan"), "reason": f"scoring took over {timeout_s:.0f} s"}
+        return self.verdict(out.decode(errors="replace"))
+
+    def verdict(self, stdout: str) -> dict:
+        """The one result line carrying our nonce; anything else the process printed is ignored."""
+        for line in reversed(stdout.splitlines()):
+            if line.startswith(MARKER + " "):
+                try:
+                    r = json.loads(line[len(MARKER) + 1:])
+                except ValueError:
+                    continue
+                if isinstance(r, dict) and r.get("nonce") == self.nonce:
+                    r.pop("nonce")
+                    return r
+        return {"status": CRASH, "val_bpb": float("nan"),
+                "reason": f"the scorer gave no result (exit code {self.proc.returncode if self.proc else None}); "
+                          "see score.log"}
+
+    def close(self) -> None:
+        """Stop a scorer that is still waiting or running (a failed run is never scored)."""
+        if self.proc is not None and self.proc.poll() is None:
+            stop(self.proc, self.proc.stdin)
