@@ -71,7 +71,7 @@ def main() -> None:
     arms = args.arms.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         results = {arm: session(arm, args.seconds, Path(tmp), args.overrides) for arm in arms}
-    print(f"| patch | class | attack? | " + " | ".join(f"contract {a}" for a in arms) + " |")
+    print("| patch | class | attack? | " + " | ".join(f"contract {a}" for a in arms) + " |")
     print("|---|---|---|" + "---|" * len(arms))
     kept_attacks = refused_honest = 0
     for p in ATTACKS + LEGIT:

@@ -14,7 +14,7 @@ val_bpb of the runs it names and nothing else: a wild score that throughput cann
 $FAKE_COUNTED ("exp-001:500") reports that many counted training seconds for the runs it names:
 a budget clock that was slowed (the process lived far shorter than what it counted).
 $FAKE_AFTER ("exp-002:exp-003") holds the runs it names until the session's results.tsv records the other
-experiment ("exp-004:exp-005/": until the other's first run wrote its summary; at most 60 s): the order in which
+experiment ("exp-004:exp-005/": until 2 s after the other's first run wrote its summary; at most 60 s): the order in which
 parallel workers finish (search.workers > 1).
 $FAKE_HOLD ("exp-001,exp-002") holds the runs it names until the file $FAKE_HOLD_FILE exists (at most 60 s).
 $FAKE_MLFLOW=1 makes each run log itself like src.train does (tracking.*: an MLflow child run of the session's
@@ -69,6 +69,8 @@ def hold(out: Path) -> None:
         while time.time() - t0 < 60 and not (ran.exists() if after.endswith("/") else
                                              ledger.exists() and f"\t{after}\t" in ledger.read_text()):
             time.sleep(0.05)
+        if after.endswith("/"):  # the other's run has ended: give its experiment 2 s to be judged first
+            time.sleep(2.0)
     if out.name in os.environ.get("FAKE_HOLD", "").split(","):  # hold this run until the test lets it go
         gate, t0 = Path(os.environ["FAKE_HOLD_FILE"]), time.time()
         while time.time() - t0 < 60 and not gate.exists():
