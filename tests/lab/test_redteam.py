@@ -185,7 +185,7 @@ def test_the_scorer_says_when_it_is_ready_and_its_verdict_still_comes_through(tm
 # ---------------------------------------------------------------------------- the budget: compute the clock must count
 
 BUDGET_S = 4.0
-TIME_RUN = ["model.depth=2", f"budget.seconds={BUDGET_S}", "data.eval_tokens=8192", "device=cpu", "device.threads=1",
+TIME_RUN = ["model.depth=2", f"budget.seconds={BUDGET_S}", "data.eval_tokens=4096", "device=cpu", "device.threads=1",
             "tracking.enabled=false", "progress=false"]
 
 

@@ -52,8 +52,8 @@ def test_a_100_experiment_night_fits_the_default_cap_and_reads_most_of_its_input
 
 @pytest.mark.slow
 def test_runs_longer_than_five_minutes_get_the_one_hour_cache_and_it_pays(tmp_path):
-    auto = run_night(tmp_path / "auto", experiments=15, seconds_per_run=330, budget_seconds=300, tracking=False)
-    five = run_night(tmp_path / "five", experiments=15, seconds_per_run=330, budget_seconds=300, tracking=False,
+    auto = run_night(tmp_path / "auto", experiments=10, seconds_per_run=330, budget_seconds=300, tracking=False)
+    five = run_night(tmp_path / "five", experiments=10, seconds_per_run=330, budget_seconds=300, tracking=False,
                      agent=("agent.cache_ttl=5m",))
     print(cost_table("1h (auto)", auto), cost_table("5m forced", five))
     first = next(r for r in auto["requests"] if r["path"] == "/v1/messages")["body"]
@@ -67,13 +67,13 @@ def test_runs_longer_than_five_minutes_get_the_one_hour_cache_and_it_pays(tmp_pa
 
 @pytest.mark.slow
 def test_an_outage_drill_keeps_the_device_busy_and_claude_takes_over_again(tmp_path):
-    out = run_night(tmp_path, experiments=40, outage=(8, 10.0), tracking=False,
+    out = run_night(tmp_path, experiments=30, outage=(8, 10.0), tracking=False,
                     agent=("agent.probe_s=2", "agent.probe_max_s=4", "agent.patience_s=2", "agent.retry_wait_s=0.2"))
     print(cost_table("outage drill: 10 s without the API", out))
     rows = experiments(out)
     who = "".join(r["agent"][0] for r in rows)
     assert re.fullmatch(r"c{8}t{2,}c{5,}", who), who  # claude, the fallback through the outage, claude again
-    assert out["summary"]["stop_reason"] == "search.max_experiments=40 reached"  # nothing paused
+    assert out["summary"]["stop_reason"] == "search.max_experiments=30 reached"  # nothing paused
     import json
 
     fallback = [json.loads((out["dir"] / "proposals" / f"{r['exp']}.json").read_text())["proposal"]["meta"]
