@@ -4,7 +4,8 @@ Runs the baseline until search.baseline_repeats undisturbed runs agree within th
 spread (search.baseline_spread x val_bpb); while they disagree, more repeats are run, up to
 search.baseline_max_repeats, so that a third run shows which one was the outlier
 (src/lab/decision.py). With several workers (search.workers > 1) the repeats run at once, one on
-each worker (which also measures each slot's speed: the ledger's `worker` and tokens/s columns). A run found disturbed is re-run (src/lab/attempts.py). The first
+each worker (which also measures each slot's speed: the ledger's `worker` and tokens/s columns). A
+run found disturbed is re-run (src/lab/attempts.py). The first
 run has nothing to be compared with, so when a later repeat turns out much faster, the earlier
 slow one is marked `disturbed` in the ledger and MLflow after the fact, and replaced.
 
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 from src.lab.context import Lab
 from src.lab.disturbance import Throughput, reference, slowdown
 from src.lab.experiment import Experiments, Job
-from src.lab.ledger import Experiment
+from src.lab.ledger import Experiment, next_baselines
 from src.lab.session import SessionError
 from src.lab.decisions import BASELINE, DISTURBED, INTERRUPTED
 
@@ -60,9 +61,8 @@ def run_baseline(lab: Lab, workers: list["Worker"], resumed: list[Job] = ()) -> 
         st = lab.standings(rows)  # as many new runs as are missing (one if they disagree), a worker each
         room = min(max(1, s.baseline_max_repeats - st.baseline_runs), max(1, s.baseline_repeats - st.baseline_inliers))
         room -= len(jobs)
-        ids = [x.split("-")[1] for x in [e.exp for e in rows] + [j.exp for j in jobs] if x.startswith("base-")]
-        first = 1 + max((int(i) for i in ids if i.isdigit()), default=0)  # a resumed run keeps its own id
-        jobs += [Job(f"base-{first + i}", None) for i in range(max(0, min(len(workers) - len(jobs), room)))]
+        new = max(0, min(len(workers) - len(jobs), room))  # (a resumed run keeps its own id)
+        jobs += [Job(exp, None) for exp in next_baselines(rows, [j.exp for j in jobs], new)]
         for e in run_together(lab, workers, jobs):
             if e.status == BASELINE:
                 mark_slower_repeats(lab, e)

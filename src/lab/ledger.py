@@ -250,6 +250,12 @@ def next_experiment(rows: list[Experiment], in_flight: Iterable[str] = ()) -> st
     return f"exp-{max(nums, default=0) + 1:03d}"
 
 
+def next_baselines(rows: list[Experiment], in_flight: Iterable[str], n: int) -> list[str]:
+    """The ids of the next n baseline runs, after every one recorded or in flight: base-1, base-2, ..."""
+    nums = [int(x[5:]) for x in [*(e.exp for e in rows), *in_flight] if x.startswith("base-") and x[5:].isdigit()]
+    return [f"base-{max(nums, default=0) + i}" for i in range(1, n + 1)]
+
+
 def confirmation_id(rows: list[Experiment], exp: str, side: str) -> str:
     """exp-004-c1 (the candidate re-run), exp-004-b1 (the best re-run); numbered on across resumes."""
     return f"{exp}-{side}{sum(1 for e in rows if e.exp.startswith(f'{exp}-{side}')) + 1}"
