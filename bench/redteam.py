@@ -7,7 +7,16 @@ each trained for --seconds on the CPU and scored by the real scorer. Prints one 
 with the decision in each arm, then the counts the issue asks for: attacks kept (must be 0) and
 honest patches refused or tampered (must be 0).
 
+With --budget it prints the budget's table instead: every patch of BUDGET_PATCHES (compute the clock must
+count: extra work in the step, a warm start in init_weights, helper threads and processes, training inside
+state_dict, an edit of the live clock, and the honest forms of each) committed on a checkout of HEAD and run
+once through the real runner at a --seconds device-time budget (one thread), beside the untouched code's run:
+its status, the device seconds the clock counted, the CPU seconds of its process tree read from outside
+(/proc, after the run) over the same span, and its steps. An attack is "kept" when it was scored while the
+outside count exceeds what the clock counted (compute it did not pay for) or the budget's allowance.
+
 Usage: python bench/redteam.py [--seconds 5] [--arms on,off] [session overrides, e.g. search.baseline_max_repeats=3]
+       python bench/redteam.py --budget [--seconds 4]
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from src.lab.fakes.redteam import ATTACKS, LEGIT  # noqa: E402
+from src.lab.fakes.redteam import ATTACKS, BUDGET_PATCHES, LEGIT  # noqa: E402
 
 
 def unified(repo: Path, p) -> str:
@@ -62,12 +71,82 @@ def session(arm: str, seconds: float, tmp: Path, extra: list[str]) -> dict[str, 
         subprocess.run(["git", "-C", str(REPO), "branch", "-D", f"research/{tag}"], capture_output=True)
 
 
+def budget_table(seconds: float, tmp: Path) -> None:
+    """Every budget patch through the real runner with the session's device-time check; one row each."""
+    import os
+
+    from src.lab.integrity import DeviceBudget, clock_start, outside_seconds
+    from src.lab.runner import Runner
+
+    repo = tmp / "repo-budget"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(repo), "HEAD"], check=True,
+                   capture_output=True)
+    run = ["model.depth=2", f"budget.seconds={seconds}", "data.eval_tokens=4096", "device=cpu", "device.threads=1",
+           "tracking.enabled=false", "progress=false"]
+    budget = DeviceBudget(seconds)
+
+    def git(*a: str) -> None:
+        subprocess.run(["git", "-C", str(repo), "-c", "user.name=b", "-c", "user.email=b@b", *a], check=True,
+                       capture_output=True)
+
+    def one(name: str, changes: tuple):
+        for path, transform in changes:
+            f = repo / path
+            f.write_text(transform(f.read_text()))
+        if changes:
+            git("commit", "-qam", name)
+        try:
+            out = Runner(repo, budget=budget).run(run, tmp / f"run-{len(rows)}", timeout_s=300)
+        finally:
+            if changes:
+                git("reset", "-q", "--hard", "HEAD~1")
+                git("clean", "-qfd")
+        s = out.summary or {}
+        start = clock_start(out.run_dir / "run.log") if out.launch else None
+        outside = outside_seconds(out.launch["freeze"], start, os.cpu_count() or 1)[0] \
+            if out.launch and out.launch.get("freeze") and start else None
+        return out, s, outside
+
+    rows: list = []
+    try:
+        print(f"| patch | honest? | expected | status | clock counted s | outside CPU s | steps | kept? | why |")
+        print("|---|---|---|---|---:|---:|---:|---|---|")
+        tried = kept = honest_refused = 0
+        for name, changes, expect, honest in [("the untouched code", (), "counted", True)] + \
+                [(p.name, p.changes, p.expect, p.honest) for p in BUDGET_PATCHES]:
+            out, s, outside = one(name, changes)
+            rows.append(name)
+            counted = s.get("device_seconds")
+            scored = out.status == "ok" and out.val_bpb is not None
+            unpaid = scored and (outside is None or counted is None or outside > budget.allowed
+                                 or outside - counted > 0.1)
+            attack = not honest
+            tried += attack and bool(changes)
+            kept += attack and unpaid
+            honest_refused += honest and bool(changes) and not scored
+            why = "" if out.status == "ok" else (out.error_line or "")[:100].replace("|", "/")
+            fmt = lambda v: "-" if v is None else f"{v:.2f}"
+            print(f"| {name} | {'yes' if honest else 'no'} | {expect} | {out.status} | {fmt(counted)} | {fmt(outside)}"
+                  f" | {s.get('num_steps', '-')} | {'YES' if unpaid else 'no'} | {why} |", flush=True)
+        print(f"\nbudget attacks tried: {tried}, kept (scored with compute the clock did not count): {kept}; "
+              f"honest patches tried: {sum(p.honest for p in BUDGET_PATCHES)}, refused/tampered/crashed: "
+              f"{honest_refused}; budget {seconds} device s, allowance {budget.allowed:.2f} s")
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(repo)], capture_output=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=None, help="device seconds per run (5; --budget: 4)")
     ap.add_argument("--arms", default="on,off")
+    ap.add_argument("--budget", action="store_true", help="the budget's table (BUDGET_PATCHES through the runner)")
     ap.add_argument("overrides", nargs="*", help="extra overrides for the sessions (search.*, budget.*, ...)")
     args = ap.parse_args()
+    if args.budget:
+        with tempfile.TemporaryDirectory() as tmp:
+            budget_table(args.seconds or 4.0, Path(tmp))
+        return
+    args.seconds = args.seconds or 5.0
     arms = args.arms.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         results = {arm: session(arm, args.seconds, Path(tmp), args.overrides) for arm in arms}
