@@ -11,6 +11,7 @@ in a throwaway clone of this checkout's HEAD. Needs a quiet machine (~20 min at 
 
 Usage: python bench/false_keeps.py [--seconds 15] [--nulls 12] [--trials 4] [--improvement "k=v k=v"]
        python bench/false_keeps.py --seconds 3 --nulls 1 --trials 1      # smoke test (a minute or two)
+       python bench/false_keeps.py --nulls 0                             # the real-improvement half only
 """
 from __future__ import annotations
 
@@ -67,29 +68,33 @@ def main() -> None:
         return outcome(repo, tag)
 
     nulls = session("nulls", [{"description": f"null change {i + 1}", "patch": p}
-                              for i, p in enumerate(null_patches(repo, args.nulls))])
+                              for i, p in enumerate(null_patches(repo, args.nulls))]) if args.nulls else None
     trials = [session(f"gain{i + 1}", [{"description": "the real improvement", "overrides": args.improvement.split()}])
               for i in range(args.trials)]
 
     def exps(o):  # the experiments' own rows (not baseline or confirmation runs)
         return [e for e in o.rows if e.is_experiment]
 
-    null_rows = [e for e in exps(nulls) if e.status != "invalid"]
-    screened = sum(1 for e in null_rows if "screen:" in e.reason)
     gains = [e for o in trials for e in exps(o)]
     kept = [e for e in gains if e.status == "keep"]
+    rows = []
+    if nulls is not None:
+        null_rows = [e for e in exps(nulls) if e.status != "invalid"]
+        screened = sum(1 for e in null_rows if "screen:" in e.reason)
+        rows.append(["null changes", args.nulls, len(null_rows), screened, len(nulls.kept),
+                     f"{len(nulls.kept)}/{len(null_rows)} false keeps", nulls.runs, nulls.standings.noise.describe()])
     print()
     print(table(["arm", "proposals", "decided", "passed the screen", "kept", "rate", "runs", "noise at the end"], [
-        ["null changes", args.nulls, len(null_rows), screened, len(nulls.kept),
-         f"{len(nulls.kept)}/{len(null_rows)} false keeps", nulls.runs, nulls.standings.noise.describe()],
+        *rows,
         ["real improvement", len(trials), len(gains), sum(1 for e in gains if "screen:" in e.reason or e.status == "keep"),
          len(kept), f"{len(kept)}/{len(gains)} kept", sum(o.runs for o in trials),
          "; ".join(o.standings.noise.describe() for o in trials)]]))
     deltas = [f"{e.exp} {e.status} delta {e.delta:+.4f} margin {e.margin:.4f}" for o in trials for e in exps(o)
               if e.delta is not None]
     print(f"\nreal improvement ({args.improvement}): {'; '.join(deltas) or '-'}")
-    print(f"budget {args.seconds:g} s per run; rule: {rule(nulls.knobs)}")
-    print(f"false keeps must be 0: {'met' if not nulls.kept else 'MISSED'}")
+    print(f"budget {args.seconds:g} s per run; rule: {rule((nulls or trials[0]).knobs)}")
+    if nulls is not None:
+        print(f"false keeps must be 0: {'met' if not nulls.kept else 'MISSED'}")
     print(f"sessions, logs and ledgers: {args.out}")
 
 

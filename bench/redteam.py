@@ -109,7 +109,7 @@ def budget_table(seconds: float, tmp: Path) -> None:
 
     rows: list = []
     try:
-        print(f"| patch | honest? | expected | status | clock counted s | outside CPU s | steps | kept? | why |")
+        print("| patch | honest? | expected | status | clock counted s | outside CPU s | steps | kept? | why |")
         print("|---|---|---|---|---:|---:|---:|---|---|")
         tried = kept = honest_refused = 0
         for name, changes, expect, honest in [("the untouched code", (), "counted", True)] + \
