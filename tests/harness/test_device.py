@@ -95,3 +95,39 @@ def test_the_cli_trains_with_device_compile_true(tmp_path, word):
     assert f"dtype fp32, compile {word.capitalize()}" in (tmp_path / "run" / "train.log").read_text()
     cache = tmp_path / "inductor"
     assert (cache.is_dir() and any(cache.iterdir())) is (word == "true")  # compiled artifacts land in the cache
+
+
+def test_the_cpu_probe_is_measured_once_per_thread_count_and_kept_for_each(tmp_path, monkeypatch):
+    """Runs at one thread and at two on one machine share the cache file: neither measures again after the other
+    (each measurement of a CPU without bf16 units cost ~16 CPU seconds when the key was one per file)."""
+    import src.harness.device as device
+
+    monkeypatch.setattr(device, "PROBE_CACHE", tmp_path / "device_probe.json")
+    measured = []
+    monkeypatch.setattr(device, "_measure_probe", lambda: measured.append(torch.get_num_threads()) or
+                        {"fp32": 1e9 * torch.get_num_threads(), "bf16": 1e8})
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            p = device.cpu_probe()
+            assert p["fp32"] == 1e9 * n and p["key"].split("|")[2] == str(n)
+    finally:
+        torch.set_num_threads(before)
+    assert measured == [1, 2]
+
+
+def test_the_bf16_probe_measures_the_full_product_only_when_bf16_is_in_the_running(monkeypatch):
+    import src.harness.device as device
+
+    for bf16_speed, full in ((0.01, False), (2.0, True)):  # no bf16 units (this project's CPUs so far); AMX
+        calls = []
+
+        def flops(dtype, n=1024, reps=6):
+            calls.append((dtype, n))
+            return 1e10 * (bf16_speed if dtype == torch.bfloat16 else 1.0)
+
+        monkeypatch.setattr(device, "_matmul_flops", flops)
+        p = device._measure_probe()
+        assert ((torch.bfloat16, 1024) in calls) is full and (torch.bfloat16, 256) in calls
+        assert p["bf16"] == 1e10 * bf16_speed and p["fp32"] == 1e10

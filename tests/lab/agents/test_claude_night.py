@@ -33,21 +33,24 @@ def messages_statuses(out: dict) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_100_experiment_night_fits_the_default_cap_and_reads_most_of_its_input_from_the_cache(tmp_path):
+def test_a_night_pays_under_half_the_default_cap_per_100_experiments_and_reads_most_of_its_input_from_the_cache(
+        tmp_path):
+    # 50 experiments: the conversation is condensed at agent.context_tokens (every ~13 turns here), so the cost per
+    # experiment has settled long before; bench/claude_night.py plays the whole 100 (docs/LOG.md: ~$3.5).
     cap = compose_search(["agent=claude"]).agent.max_cost_usd
-    out = run_night(tmp_path, experiments=100, seconds_per_run=150, budget_seconds=120, tracking=False)
-    print(cost_table("100 experiments, 2.5-minute runs", out))
+    out = run_night(tmp_path, experiments=50, seconds_per_run=150, budget_seconds=120, tracking=False)
+    print(cost_table("50 experiments, 2.5-minute runs", out))
     rows = experiments(out)
     counted = [r for r in rows if r["status"] not in ("invalid", "interrupted")]
-    assert len(counted) == 100 and {r["agent"] for r in rows} == {"claude"}
-    assert out["summary"]["stop_reason"] == "search.max_experiments=100 reached"
+    assert len(counted) == 50 and {r["agent"] for r in rows} == {"claude"}
+    assert out["summary"]["stop_reason"] == "search.max_experiments=50 reached"
+    assert (out["dir"] / "search.log").read_text().count("conversation condensed") >= 2  # the cost has settled
     u = out["usage"]["session"]
-    assert u["cost_usd"] < 0.5 * cap  # what docs/LOG.md states (~$3.5), with room under the default cap
-    assert u["cost_usd"] / len(counted) < 0.05
+    assert 100 * u["cost_usd"] / len(counted) < 0.5 * cap  # per 100 experiments, with room under the default cap
     assert read_share(out) > 0.8 and u["cache_creation_1h_input_tokens"] == 0  # short runs: the 5-minute cache
     assert set(messages_statuses(out)) == {200} and u["calls"] == len(rows)  # one reply per proposal
     journal = (out["dir"] / "journal.md").read_text()
-    assert journal.count("\n## exp-") == len(rows) and "Learned: Outcome 99" in journal
+    assert journal.count("\n## exp-") == len(rows) and "Learned: Outcome 49" in journal
 
 
 @pytest.mark.slow
