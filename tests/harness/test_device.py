@@ -120,14 +120,15 @@ def test_the_cpu_probe_is_measured_once_per_thread_count_and_kept_for_each(tmp_p
 def test_the_bf16_probe_measures_the_full_product_only_when_bf16_is_in_the_running(monkeypatch):
     import src.harness.device as device
 
-    for bf16_speed, full in ((0.01, False), (2.0, True)):  # no bf16 units (this project's CPUs so far); AMX
+    for bf16_speed, full in ((0.01, False), (1.0, True), (4.0, True)):  # no bf16 units (this project's CPUs so
+        # far); bf16 units about as fast as fp32 (its small product looks 4x slower, still in the running); AMX
         calls = []
 
-        def flops(dtype, n=1024, reps=6):
+        def flops(dtype, n=1024, reps=6):  # a small product at a quarter of the large one's speed
             calls.append((dtype, n))
-            return 1e10 * (bf16_speed if dtype == torch.bfloat16 else 1.0)
+            return 1e10 * (bf16_speed if dtype == torch.bfloat16 else 1.0) * (0.25 if n < 1024 else 1.0)
 
         monkeypatch.setattr(device, "_matmul_flops", flops)
         p = device._measure_probe()
         assert ((torch.bfloat16, 1024) in calls) is full and (torch.bfloat16, 256) in calls
-        assert p["bf16"] == 1e10 * bf16_speed and p["fp32"] == 1e10
+        assert p["bf16"] == 1e10 * bf16_speed * (1.0 if full else 0.25) and p["fp32"] == 1e10
