@@ -345,3 +345,22 @@ def test_a_run_that_ends_before_its_warm_up_does_still_has_its_params(tmp_path):
     run = MlflowClient(uri).get_run(s["mlflow_run_id"])
     assert run.data.params["budget.warmup_steps"] == "5" and run.data.params["seed"] == str(s["seed"])
     assert run.data.tags["mlflow.source.git.commit"] == s["git_sha"]
+
+
+def test_mlflow_telemetry_is_off_unless_the_user_asked_for_it():
+    """Its thread sets and pops an environment variable while the lab's threads copy os.environ (a session lost its
+    tracking to that race at start); the user's own setting wins."""
+    import subprocess
+    import sys
+
+    from src.harness.paths import REPO
+
+    code = ("import src, os; from mlflow.telemetry.utils import is_telemetry_disabled; "
+            "print(os.environ['MLFLOW_DISABLE_TELEMETRY'], is_telemetry_disabled())")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "PYTEST_CURRENT_TEST")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["true", "True"]
+    out = subprocess.run([sys.executable, "-c", "import src, os; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"],
+                         cwd=REPO, env={**env, "MLFLOW_DISABLE_TELEMETRY": "false"}, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["false"]
