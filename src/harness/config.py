@@ -123,10 +123,12 @@ class DataConfig:
     # prepared shards, tokenizer and manifest; $OVERNIGHT_CACHE overrides the default
     cache_dir: str = field(default_factory=default_cache_dir)
     paths: List[str] = field(default_factory=list)  # data=text: .txt files or folders
-    val_fraction: float = 0.1  # data=text: share of bytes (whole documents) held out
+    val_fraction: float = 0.1  # data=text: share of bytes (whole documents) held out for validation
+    test_fraction: float = 0.05  # data=text: share of bytes (whole documents) in the held-out test split
     base_url: str = ""  # hub datasets: where the parquet shards are downloaded from
     train_shards: int = 1  # hub datasets: number of training shards to fetch
     val_shard: Optional[int] = None  # hub datasets: the pinned validation shard index
+    test_shard: Optional[int] = None  # climbmix: the pinned held-out test shard index
     text_column: str = "text"  # hub datasets: parquet column holding the document text
     bpe_train_bytes: int = 200_000_000  # cap on text fed to BPE training
     eval_tokens: Optional[int] = None  # tokens of the val split scored by val_bpb; None = the full split

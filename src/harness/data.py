@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from src.harness.config import DataConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a held-out test split (test.bin)
 MANIFEST = "manifest.json"
 DATASETS = ("shakespeare", "text", "climbmix", "tinystories")
 HUB_DATASETS = ("climbmix", "tinystories")
@@ -47,7 +47,7 @@ class DataNotPreparedError(PrepareError):
 @dataclass
 class PreparedData:
     dir: Path
-    train: Optional[np.memmap]  # None unless opened (training opens only train, the scorer only val)
+    train: Optional[np.memmap]  # None unless opened (training opens only train, the scorer val or test)
     val: Optional[np.memmap]
     token_bytes: np.ndarray  # int32 [vocab_size]: UTF-8 bytes of each token, 0 for specials
     vocab_size: int
@@ -73,10 +73,10 @@ def fingerprint(cfg: "DataConfig") -> Dict[str, Any]:
     if cfg.tokenizer == "bpe":
         fp["bpe_train_bytes"] = cfg.bpe_train_bytes
     if cfg.name == "text":
-        fp.update(paths=resolved_paths(cfg), val_fraction=cfg.val_fraction)
+        fp.update(paths=resolved_paths(cfg), val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     if cfg.name in HUB_DATASETS:
         fp.update(base_url=cfg.base_url.rstrip("/"), train_shards=cfg.train_shards, val_shard=cfg.val_shard,
-                  text_column=cfg.text_column)
+                  test_shard=cfg.test_shard, text_column=cfg.text_column)
     return fp
 
 
@@ -84,7 +84,8 @@ def prepared_dir(cfg: "DataConfig") -> Path:
     """`<cache_dir>/<name>-<tokenizer>[<vocab> if bpe][-<hash of paths + val_fraction> for text]`."""
     tag = f"{cfg.name}-{cfg.tokenizer}" + (str(cfg.vocab_size) if cfg.tokenizer == "bpe" else "")
     if cfg.name == "text":
-        src = json.dumps({"paths": resolved_paths(cfg), "val_fraction": cfg.val_fraction}, sort_keys=True)
+        src = json.dumps({"paths": resolved_paths(cfg), "val_fraction": cfg.val_fraction,
+                          "test_fraction": cfg.test_fraction}, sort_keys=True)
         tag += "-" + hashlib.sha256(src.encode()).hexdigest()[:8]
     return Path(os.path.expanduser(cfg.cache_dir)) / tag
 
@@ -153,8 +154,8 @@ def prepare_command(cfg: "DataConfig") -> str:
     else:
         args = [f"data.name={cfg.name}"]
     ref = OmegaConf.to_container(preset)
-    for key in ("tokenizer", "vocab_size", "cache_dir", "paths", "val_fraction", "base_url", "train_shards",
-                "val_shard", "text_column", "bpe_train_bytes"):
+    for key in ("tokenizer", "vocab_size", "cache_dir", "paths", "val_fraction", "test_fraction", "base_url",
+                "train_shards", "val_shard", "test_shard", "text_column", "bpe_train_bytes"):
         value = getattr(cfg, key)
         if value != ref.get(key):
             if isinstance(value, list):
@@ -186,7 +187,8 @@ def held_out_files(cfg: "DataConfig") -> list[Path]:
 def load_prepared(cfg: "DataConfig", splits: Tuple[str, ...] = ("train", "val")) -> PreparedData:
     """Memory-map the prepared data for `cfg`; raise DataNotPreparedError with the command to run.
 
-    splits: which token files to open. Training opens only "train"; the scorer only "val".
+    splits: which token files to open. Training opens only "train"; the scorer "val" (or "test", once per session
+    at its end, src/lab/heldout.py). The held-out test split is opened under the `val` name.
     """
     directory = prepared_dir(cfg)
     try:
@@ -202,7 +204,8 @@ def load_prepared(cfg: "DataConfig", splits: Tuple[str, ...] = ("train", "val"))
     return PreparedData(
         dir=directory,
         train=np.memmap(directory / "train.bin", dtype=dtype, mode="r") if "train" in splits else None,
-        val=np.memmap(directory / "val.bin", dtype=dtype, mode="r") if "val" in splits else None,
+        val=(np.memmap(directory / "test.bin", dtype=dtype, mode="r") if "test" in splits else
+             np.memmap(directory / "val.bin", dtype=dtype, mode="r") if "val" in splits else None),
         token_bytes=token_bytes.astype(np.int32),
         vocab_size=int(manifest["vocab_size"]),
         bos_id=int(manifest["bos_id"]),

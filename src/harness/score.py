@@ -51,7 +51,7 @@ from src.harness.evaluate import bpb_from_sums, token_nats, windows
 from src.harness.host import BROKEN, HEADER, STATUS, read_exact
 from src.harness.status import CRASH, NAN, OK, TAMPERED
 # the starting side lives apart (no torch for the lab); re-exported: train.py and the tests import it from here
-from src.harness.score_client import CHECKPOINT, MARKER, READY, Scorer, apply_verdict, stop  # noqa: F401
+from src.harness.score_client import CHECKPOINT, MARKER, READY, SPLIT_ENV, Scorer, apply_verdict, stop  # noqa: F401
 # Tolerance on logits: 20x the numeric noise measured between batch layouts of one input, at least
 # FLOOR, at most CAP[dtype] (so a model cannot widen it for itself by being noisy on purpose).
 FLOOR, NOISE_FACTOR = 1e-4, 20.0
@@ -363,9 +363,11 @@ class ModelFailed(RuntimeError):
     """The research code failed on a batch (or its host died): a crash of the run, not a verdict on the checks."""
 
 
-def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optional[random.Random] = None) -> dict:
+def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optional[random.Random] = None,
+                     split: str = "val") -> dict:
     """Load the validation data, have the hosts build the model, score every window with the checks woven in;
-    returns the result (status ok | tampered | nan). Raises Tampered, or ModelFailed when the model crashed."""
+    returns the result (status ok | tampered | nan). Raises Tampered, or ModelFailed when the model crashed.
+    split="test": the held-out test split instead (same windows, same checks; `val_bpb` is then its figure)."""
     from omegaconf import OmegaConf
 
     t0 = _now()
@@ -378,7 +380,7 @@ def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optiona
     slot = (cfg.device.threads or torch.get_num_threads()) if ckpt["device"] == "cpu" else 1
     width = min(len(hosts), slot)
     torch.set_num_threads(1)
-    data = load_prepared(cfg.data, splits=("val",))  # the judge alone reads it; the hosts cannot
+    data = load_prepared(cfg.data, splits=(split,))  # the judge alone reads it; the hosts cannot
     val, token_bytes = val_tokens(data, cfg.data.eval_tokens), torch.from_numpy(data.token_bytes)
     sandbox = [h.open(path, max(1, slot // width) if ckpt["device"] == "cpu" else cfg.device.threads) for h in hosts]
     if any(h.vocab != cfg.data.vocab_size for h in hosts):
@@ -429,7 +431,7 @@ def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optiona
         raise Tampered(f"val_bpb {bpb:.4f} is below the floor {floor} of this data set (data.bpb_floor): no model "
                        "of this size can reach it honestly, so the score is refused")
     t_end = _now()
-    return {"status": OK, "val_bpb": bpb, "reason": "", "device": ckpt["device"], "dtype": ckpt["dtype"],
+    return {"status": OK, "val_bpb": bpb, "split": split, "reason": "", "device": ckpt["device"], "dtype": ckpt["dtype"],
             "threads": (hosts[0].threads or 1) * width if ckpt["device"] == "cpu" else None,  # the hosts' at once
             "checks": {"batches": len(plan), "twins": len(audit.twins), "twin_rows": audit.twin_rows,
                        "repeats": sum(map(len, audit.repeat_of.values())) * len(hosts), "sandbox": sandbox[0]},
@@ -438,6 +440,9 @@ def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optiona
 
 
 def main() -> int:
+    split = os.environ.get(SPLIT_ENV, "val")  # fixed by whoever started this process, before any research code
+    if split not in ("val", "test"):
+        split = "val"
     hosts = [Host("A"), Host("B")]  # before the nonce is read: a forked host holds nothing of the judge's
     nonce = sys.stdin.readline().strip()
     out = sys.stdout
@@ -450,7 +455,7 @@ def main() -> int:
         return 0
     t0 = _now()
     try:
-        result = score_checkpoint(Path(path), hosts)
+        result = score_checkpoint(Path(path), hosts, split=split)
     except Tampered as e:
         result = {"status": TAMPERED, "val_bpb": float("nan"), "reason": str(e)}
     except Exception as e:  # the research code crashed while being loaded or run, or a host died

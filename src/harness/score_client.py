@@ -23,6 +23,7 @@ from src.harness.status import CRASH, OK, TAMPERED, TIMEOUT
 
 MARKER = "OVERNIGHT-SCORE"
 READY = "OVERNIGHT-SCORER-READY"
+SPLIT_ENV = "OVERNIGHT_SCORE_SPLIT"  # val (every run) | test (the held-out split, at a session's end only)
 CHECKPOINT = "checkpoint.pt"  # in the run dir
 _now = time.perf_counter
 
@@ -64,9 +65,12 @@ class Scorer:
     Started by the harness (train.py for a standalone run) or the lab's runner, never by research code.
     """
 
-    def __init__(self, cwd: Path, log_path: Optional[Path] = None, env: Optional[dict] = None, cpus: tuple = ()):
-        """cpus: the cores to pin it to (a lab worker's slot, Linux); () = wherever the OS puts it."""
+    def __init__(self, cwd: Path, log_path: Optional[Path] = None, env: Optional[dict] = None, cpus: tuple = (),
+                 split: str = "val"):
+        """cpus: the cores to pin it to (a lab worker's slot, Linux); () = wherever the OS puts it.
+        split: val, or test (the held-out split: the lab's end-of-session figure, never a training run's)."""
         self.cwd, self.log_path, self.env, self.cpus = Path(cwd), log_path, env, tuple(cpus)
+        self.split = split
         self.nonce = secrets.token_hex(16)
         self.proc: Optional[Popen] = None
 
@@ -74,7 +78,8 @@ class Scorer:
         log = open(self.log_path, "ab") if self.log_path else None
         try:
             # numpy's BLAS would start a thread pool at import: one thread keeps the judge fit to fork its hosts
-            env = {**(self.env if self.env is not None else os.environ), "OPENBLAS_NUM_THREADS": "1"}
+            env = {**(self.env if self.env is not None else os.environ), "OPENBLAS_NUM_THREADS": "1",
+                   SPLIT_ENV: self.split}
             self.proc = Popen([sys.executable, "-m", "src.harness.score"], cwd=self.cwd, env=env, stdin=PIPE,
                               stdout=PIPE, stderr=log if log else None, start_new_session=True,
                               preexec_fn=(lambda: pin(self.cpus)) if self.cpus else None)

