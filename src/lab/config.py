@@ -151,6 +151,7 @@ class SearchConfig:
     plausible_gain: float = 0.5  # a gain over the best beyond this (bpb; 120-s CPU TPE gains were 0.16-0.24) ...
     plausible_factor: float = 5.0  # ... and beyond this x the largest kept gain is re-scored and re-run first
     keep_checkpoints: str = "best"  # checkpoints kept once an experiment is decided: all | best (kept + baselines) | none
+    test_split: bool = True  # at the end, score the baseline's and the best's checkpoints on the held-out test split
     # many experiments at once (src/lab/workers.py): each worker its own worktree and device slot
     workers: int = 1  # experiments in flight; 1 = one after another (the sequential loop)
     gpus: Optional[List[int]] = None  # CUDA: the GPU ids the workers get, one each; None = every visible GPU

@@ -29,6 +29,7 @@ from src.lab.baseline import run_baseline
 from src.lab.config import SearchAppConfig, check_search
 from src.lab.context import Lab
 from src.lab.experiment import new_row
+from src.lab.heldout import describe, held_out, metrics
 from src.lab.integrity import DeviceBudget
 from src.lab.ledger import Ledger
 from src.lab.preflight import code_at, preflight
@@ -222,19 +223,29 @@ class Search:
         lab = self.lab
         rows = lab.rows()
         best = lab.standings(rows).best
+        held, tags = None, {"search.stop_reason": self.stop_reason or status.lower()}
         if status == "FINISHED":
+            if lab.cfg.search.test_split:  # after the last decision: nothing of it reaches an agent
+                try:
+                    runner = self.home.runner if self.home is not None else None
+                    held = held_out(self.session.dir, rows, env=runner.env if runner else None,
+                                    cpus=runner.cpus if runner else ())
+                    tags["heldout"] = describe(held)
+                except Exception as e:
+                    log.warning("could not score the held-out test split: %s", e)
             try:
                 from src.lab.report import write_report
 
                 lab.runs.log_parent_files(write_report(self.session.dir, rows=rows))
             except Exception as e:
                 log.warning("could not write the report: %s", e)
-        lab.runs.log_parent(len(rows), {}, {"search.stop_reason": self.stop_reason or status.lower()})
+        lab.runs.log_parent(len(rows), metrics(held), tags)
         lab.runs.close_parent(status)
         if math.isfinite(best.val_bpb):
-            log.info("session %s: %s. Best val_bpb %.6f (%s, commit %s) on branch %s; ledger %s; %s",
+            log.info("session %s: %s. Best val_bpb %.6f (%s, commit %s) on branch %s; ledger %s; %s%s",
                      self.session.tag, self.stop_reason or status.lower(), best.val_bpb, best.exp,
-                     best.commit[:7], self.session.state.branch, lab.ledger.path, lab.standings(rows).verdicts())
+                     best.commit[:7], self.session.state.branch, lab.ledger.path, lab.standings(rows).verdicts(),
+                     f"; held out: {describe(held)}" if held is not None else "")
         if status != "FINISHED":
             log.info("resume with: python -m src.search search.tag=%s search.resume=true", self.session.tag)
 

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from src.lab import heldout
 from src.lab.config import SearchConfig
 from src.lab.ledger import Experiment, Ledger
 from src.lab.runs import SessionRuns
@@ -153,6 +154,7 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
              f"disturbed {st.count(DISTURBED)}; {st.count(CONFIRM)} confirmation runs, "
              f"{st.disturbed_runs} disturbed runs set aside",
              f"- reproduce the best: `git checkout {best_commit[:12]} && python -m src.train {repro}`",
+             *heldout_lines(d),
              *workers_lines(d, rows),
              f"- proposed by: {by_agent(rows)}", "",
              "## Leaderboard (best first)", "",
@@ -180,7 +182,21 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
         runs = SessionRuns(state.tracking_uri, state.tracking_experiment)
         runs.parent_id = state.parent_run_id
         runs.log_parent_files(files)
+        held = heldout.read(d)
+        if held is not None:
+            runs.log_parent(len(rows), heldout.metrics(held), {"heldout": heldout.describe(held)})
     return files
+
+
+def heldout_lines(d: Path) -> list[str]:
+    """The held-out test split's verdict (src/lab/heldout.py), when the session has one."""
+    r = heldout.read(d)
+    if r is None:
+        return ["- held-out test split: not scored (the session has not finished, or kept no baseline checkpoint)"]
+    b, k = r["baseline"], r["best"]
+    return [f"- held-out test split (no decision read it): **{heldout.describe(r)}**; baseline val "
+            f"{_fmt(b['val_bpb'])} / test {_fmt(b['test_bpb'])}, best ({k['exp']}) val {_fmt(k['val_bpb'])} / "
+            f"test {_fmt(k['test_bpb'])}"]
 
 
 def by_agent(rows: list[Experiment]) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from src.lab.runner import alive
 from tests.support.helpers import (REPO, TINY_TRAIN, comment_patch, crash_patch, git, make_patch, make_repo, read_summary,
@@ -76,11 +77,26 @@ def test_a_replay_session_with_real_training_keeps_refuses_and_crashes_then_repo
         assert tagged[r["exp"]].data.tags["search.status"] == r["status"]
     assert summary["mlflow_run_id"] == rows[1]["mlflow_run_id"]  # the train run itself is the child
 
+    # the held-out test split, scored once at the end for the baseline and the best: the session's last line,
+    # heldout.json, the parent run and the report say "val gain X, test gain Y"
+    held = json.loads((d / "heldout.json").read_text())
+    assert [r["run"] for r in held["baseline"]["runs"]] == ["base-1"] and held["best"]["exp"] == "exp-001"
+    assert [r["run"] for r in held["best"]["runs"]] == ["exp-001"] and held["best"]["commit"].startswith(rows[1]["commit"])
+    assert held["best"]["runs"][0]["status"] == "ok" and held["baseline"]["runs"][0]["val_bpb"] == pytest.approx(
+        float(rows[0]["val_bpb"]), abs=1e-6)
+    assert held["val_gain"] == pytest.approx(float(rows[0]["val_bpb"]) - float(rows[1]["val_bpb"]), abs=1e-5)
+    assert held["test_gain"] is not None and held["baseline"]["test_bpb"] != held["baseline"]["val_bpb"]
+    last = [ln for ln in proc.stdout.splitlines() if "Best val_bpb" in ln][-1]
+    assert f"val gain {held['val_gain']:+.4f}, test gain {held['test_gain']:+.4f}" in last, last
+    parent = MlflowClient(uri).get_run(state["parent_run_id"]).data
+    assert parent.metrics["test_gain"] == pytest.approx(held["test_gain"]) and "test gain" in parent.tags["heldout"]
+
     rep = run_cli("src.report", "cli", "--root", str(repo / "outputs" / "research"))
     assert "Leaderboard" in rep.stdout and "exp-001" in rep.stdout
+    assert f"test gain {held['test_gain']:+.4f}" in rep.stdout  # cached: the same figures, not scored again
+    assert json.loads((d / "heldout.json").read_text())["scored_utc"] == held["scored_utc"]
     assert "batch:" in (d / "best_overrides.yaml").read_text()
     assert (d / "progress.png").exists() and "conf/experiment/cli_best.yaml" in (d / "best.diff").read_text()
-    from mlflow.tracking import MlflowClient
 
     arts = [a.path for a in MlflowClient(uri).list_artifacts(state["parent_run_id"], "report")]
     assert "report/report.md" in arts and "report/progress.png" in arts
