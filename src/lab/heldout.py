@@ -163,7 +163,7 @@ def metrics(r: Optional[dict]) -> dict:
     """The figures for the session's MLflow parent run."""
     if r is None:
         return {}
-    out = {"baseline_val_bpb_scored": r["baseline"]["val_bpb"], "baseline_test_bpb": r["baseline"]["test_bpb"],
-           "best_val_bpb_scored": r["best"]["val_bpb"], "best_test_bpb": r["best"]["test_bpb"],
-           "val_gain": r["val_gain"], "test_gain": r["test_gain"]}
+    out = {"heldout/baseline_val_bpb": r["baseline"]["val_bpb"], "heldout/baseline_test_bpb": r["baseline"]["test_bpb"],
+           "heldout/best_val_bpb": r["best"]["val_bpb"], "heldout/best_test_bpb": r["best"]["test_bpb"],
+           "heldout/val_gain": r["val_gain"], "heldout/test_gain": r["test_gain"]}
     return {k: v for k, v in out.items() if v is not None}

@@ -30,6 +30,7 @@ from src.lab.config import SearchAppConfig, check_search
 from src.lab.context import Lab
 from src.lab.experiment import new_row
 from src.lab.heldout import describe, held_out, metrics
+from src.lab.heldout import read as read_heldout
 from src.lab.integrity import DeviceBudget
 from src.lab.ledger import Ledger
 from src.lab.preflight import code_at, preflight
@@ -256,7 +257,18 @@ class Search:
                 "best_val_bpb": best.val_bpb, "best_commit": best.commit, "best_exp": best.exp,
                 "rows": len(self.lab.rows()), "stop_reason": self.stop_reason, "noise_sigma": st.noise.sigma,
                 "noise_dof": st.noise.dof, "margin": st.margin, "disturbed_runs": st.disturbed_runs,
-                "verdicts": st.verdicts()}
+                "verdicts": st.verdicts(), "heldout": read_heldout(self.session.dir), "mlflow_link": self._link(),
+                "mlflow_uri": self.lab.runs.uri if self.lab.runs.enabled else None}
+
+    def _link(self) -> Optional[str]:
+        runs = self.lab.runs if self.lab is not None else None
+        if runs is None or not runs.enabled:
+            return None
+        try:
+            return runs.ui_link(self.session.tag)
+        except Exception as e:
+            log.debug("no MLflow link: %s", e)
+            return None
 
 
 def run(cfg: SearchAppConfig, base_overrides: list[str], train_command: Optional[list[str]] = None,

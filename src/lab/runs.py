@@ -9,6 +9,7 @@ Usage: runs = SessionRuns(uri, "overnight"); runs.open_parent(None, tag, params,
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -31,6 +32,28 @@ PARENT_PARAMS = ("baseline_repeats", "baseline_max_repeats", "baseline_spread", 
 
 log = logging.getLogger(__name__)
 
+VIEW_TAG = "mlflow.sharedViewState."  # MLflow's UI loads a runs-table view from this experiment tag ...
+VIEW_PARAM = "viewStateShareKey"  # ... named by this URL parameter (MLflow 3's shared views)
+VIEW_COLUMNS = ["metrics.`search/val_bpb`", "metrics.`search/delta`", "tags.`search.status`",
+                "tags.`search.description`", "metrics.`heldout/val_gain`", "metrics.`heldout/test_gain`",
+                "tags.`search.agent`"]
+VIEW_WIDTHS = {"tags.`search.description`": 260}
+UI_DEFAULT = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
+
+
+def view_state(tag: Optional[str] = None) -> dict:
+    """The runs table as a researcher wants it on opening: val_bpb, delta, status, description and the held-out
+    gains as columns, best first, the rows flat (sorted by a metric, MLflow lists children beside their parent);
+    tag: one session's runs only."""
+    return {"searchFilter": f"tags.`search.session` = '{tag}'" if tag else "",
+            "orderByKey": "metrics.`search/val_bpb`", "orderByAsc": True, "startTime": "ALL", "lifecycleFilter": "Active",
+            "selectedColumns": VIEW_COLUMNS, "columnOrder": VIEW_COLUMNS,
+            "columnWidths": {c: VIEW_WIDTHS.get(c, 110) for c in VIEW_COLUMNS}}
+
+
+def view_key(tag: Optional[str] = None) -> str:
+    return "overnight" + (f"-{tag}" if tag else "")
+
 
 class SessionRuns:
     """The session's parent run and its children. Every method is a no-op when tracking is disabled."""
@@ -40,6 +63,7 @@ class SessionRuns:
         self.uri = uri
         self.experiment_name = experiment
         self.parent_id: Optional[str] = None
+        self.tag: Optional[str] = None
         self._client = None
         self._exp_id: Optional[str] = None
 
@@ -60,12 +84,14 @@ class SessionRuns:
         """Create the session's parent run, or reopen it (resume); returns its id."""
         if not self.enabled:
             return None
+        self.tag = tag
+        self.publish_views(tag)
         if parent_id:
             self.client.update_run(parent_id, status="RUNNING")
             self.parent_id = parent_id
             return parent_id
         run = self.client.create_run(self.experiment_id(), run_name=f"research/{tag}",
-                                     tags={"search.tag": tag, "search.role": "session", **tags})
+                                     tags={"search.tag": tag, "search.session": tag, "search.role": "session", **tags})
         self.parent_id = run.info.run_id
         for k, v in params.items():
             self.client.log_param(self.parent_id, k, str(v)[:MAX_PARAM_LEN])
@@ -97,6 +123,16 @@ class SessionRuns:
                 self.client.set_tag(r.info.run_id, "search.attempt", "abandoned")
                 self.client.set_terminated(r.info.run_id, status="KILLED")
 
+    def publish_views(self, tag: str) -> None:
+        """The experiment's shared runs-table views: every session's runs, and this session's (ui_link)."""
+        for t in (None, tag):
+            self.client.set_experiment_tag(self.experiment_id(), VIEW_TAG + view_key(t), json.dumps(view_state(t)))
+
+    def ui_link(self, tag: Optional[str] = None) -> str:
+        """The MLflow UI address of the runs table in the session's view (a local store: as `mlflow ui` serves it)."""
+        base = self.uri.rstrip("/") if self.uri and self.uri.startswith(("http://", "https://")) else UI_DEFAULT
+        return f"{base}/#/experiments/{self.experiment_id()}/runs?{VIEW_PARAM}={view_key(tag or self.tag)}"
+
     def create_child(self, name: str) -> str:
         run = self.client.create_run(self.experiment_id(), run_name=name, tags={"mlflow.parentRunId": self.parent_id})
         return run.info.run_id
@@ -112,6 +148,7 @@ class SessionRuns:
                 "search.hypothesis": e.hypothesis, "search.kind": e.kind, "search.commit": e.commit,
                 "search.run_status": e.run_status, "search.reason": e.reason, "search.overrides": e.overrides,
                 "search.disturbed_runs": e.disturbed_runs, "search.shape": e.shape, "search.agent": e.agent,
+                "search.session": self.tag or "",
                 "mlflow.note.content": f"{e.description}\n\n{e.hypothesis}".strip()}
         if e.worker is not None:  # search.workers > 1: where it ran, on what, when it was proposed
             tags.update({"search.worker": e.worker, "search.parent": e.parent, "search.proposed": e.proposed})

@@ -15,11 +15,19 @@ from hydra.core.hydra_config import HydraConfig
 from src.harness.config import to_object
 from src.lab.agents import AgentStop
 from src.lab.config import SearchAppConfig, register_search_configs
+from src.lab.heldout import describe
 from src.lab.loop import run, train_overrides
 from src.lab.session import SessionError
 from src.harness.paths import REPO
 
 log = logging.getLogger("src.search")
+
+
+def local_ui_hint(uri) -> str:
+    """How to serve a local store before opening the link (a tracking server needs nothing)."""
+    if not uri or str(uri).startswith(("http://", "https://")):
+        return ""
+    return f"  (serve the store first: mlflow ui --backend-store-uri {uri})"
 
 
 def _sigterm(signum, frame):
@@ -45,7 +53,9 @@ def main(dcfg) -> None:
     print(f"session {out['tag']}: best val_bpb {out['best_val_bpb']:.6f} ({out['best_exp']}, commit "
           f"{out['best_commit'][:7]}) on branch {out['branch']}; {out['stop_reason']}\n"
           f"verdicts: {out['verdicts']}\n"
-          f"report: python -m src.report {out['tag']}", flush=True)
+          + (f"held out: {describe(out['heldout'])}\n" if out.get("heldout") else "")
+          + (f"MLflow: {out['mlflow_link']}{local_ui_hint(out.get('mlflow_uri'))}\n" if out.get("mlflow_link") else "")
+          + f"report: python -m src.report {out['tag']}", flush=True)
 
 
 def cli() -> None:

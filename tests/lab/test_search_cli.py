@@ -89,7 +89,22 @@ def test_a_replay_session_with_real_training_keeps_refuses_and_crashes_then_repo
     last = [ln for ln in proc.stdout.splitlines() if "Best val_bpb" in ln][-1]
     assert f"val gain {held['val_gain']:+.4f}, test gain {held['test_gain']:+.4f}" in last, last
     parent = MlflowClient(uri).get_run(state["parent_run_id"]).data
-    assert parent.metrics["test_gain"] == pytest.approx(held["test_gain"]) and "test gain" in parent.tags["heldout"]
+    assert parent.metrics["heldout/test_gain"] == pytest.approx(held["test_gain"]) and "test gain" in parent.tags["heldout"]
+
+    # the printed MLflow link opens the runs table in the session's shared view (bench/mlflow_ui.py renders it in a
+    # headless browser): its columns are metrics and tags the rows carry, its filter selects this session's runs
+    link = next(ln for ln in proc.stdout.splitlines() if ln.startswith("MLflow: ")).split()[1]
+    exp = MlflowClient(uri).get_experiment_by_name("overnight")
+    assert link.endswith(f"/#/experiments/{exp.experiment_id}/runs?viewStateShareKey=overnight-cli"), link
+    view = json.loads(exp.tags["mlflow.sharedViewState.overnight-cli"])
+    listed = MlflowClient(uri).search_runs([exp.experiment_id], view["searchFilter"])
+    assert sorted(r.info.run_name for r in listed) == sorted([r["exp"] for r in rows if r["mlflow_run_id"]]
+                                                            + ["research/cli"])
+    child = MlflowClient(uri).get_run(rows[1]["mlflow_run_id"]).data
+    for col in ("metrics.`search/val_bpb`", "metrics.`search/delta`", "tags.`search.status`", "tags.`search.description`"):
+        kind, key = col.split(".", 1)
+        assert col in view["selectedColumns"] and key.strip("`") in getattr(child, kind), col
+    assert view["orderByKey"] == "metrics.`search/val_bpb`" and view["orderByAsc"] is True
 
     rep = run_cli("src.report", "cli", "--root", str(repo / "outputs" / "research"))
     assert "Leaderboard" in rep.stdout and "exp-001" in rep.stdout
