@@ -27,7 +27,7 @@ class AgentConfig:
 
 @dataclass
 class OptunaAgentConfig(AgentConfig):
-    sampler: str = "tpe"  # tpe | random
+    sampler: str = "tpe"  # tpe | random | cmaes (CMA-ES: agent=hybrid agent.tuner=cmaes, or sampler=cmaes here)
     n_startup_trials: int = 4  # TPE: random proposals before the density model takes over
     multivariate: bool = True  # TPE: model the knobs jointly (they interact: LR x batch)
     tell_baseline: bool = True  # give the baseline's knob values and val_bpb to the sampler as trial 0
@@ -222,7 +222,7 @@ class SearchAppConfig(TrainConfig):
 
 
 # ---------------------------------------------------------------------------- agent=claude
-# src/lab/agents/claude.py; options in conf/agent/claude.yaml. The API key is never a config value: it is
+# src/lab/agents/claude.py; options in conf/agent_common/claude.yaml. The API key is never a config value: it is
 # read from the environment variable named by api_key_env.
 
 
@@ -274,7 +274,18 @@ class ClaudeAgentConfig(AgentConfig):
     prices: dict[str, ClaudePrice] = field(default_factory=dict)  # model (or prefix of a dated name) -> price
 
 
-AGENT_SCHEMAS = {"optuna": OptunaAgentConfig, "replay": ReplayAgentConfig, "claude": ClaudeAgentConfig}
+@dataclass
+class HybridAgentConfig(ClaudeAgentConfig):
+    """agent=hybrid (src/lab/agents/hybrid.py): Claude's knobs, plus the tuner's and the share of turns."""
+    name: str = "hybrid"
+    claude_share: float = 0.3  # share of the proposals Claude makes (spread evenly); the tuner makes the rest
+    tuner: str = "tpe"  # tpe | cmaes (Optuna's CmaEsSampler; categorical knobs by its independent TPE sampler)
+    n_startup_trials: int = 4  # the tuner's random start-up points
+    multivariate: bool = True  # TPE: model the knobs jointly
+
+
+AGENT_SCHEMAS = {"optuna": OptunaAgentConfig, "replay": ReplayAgentConfig, "claude": ClaudeAgentConfig,
+                 "hybrid": HybridAgentConfig}
 
 
 def register_search_configs() -> None:

@@ -41,7 +41,7 @@ def price_for(model: str, prices: dict) -> ClaudePrice:
     raise AgentStop(f"agent.model={model!r} has no price in agent.prices ({', '.join(sorted(prices)) or 'empty'}), "
                     "so its cost cannot be capped. Add it, in USD per million tokens: "
                     f"'+agent.prices={{{model}: {{input: 3, output: 15, cache_write: 3.75, cache_read: 0.3}}}}' "
-                    "(or edit conf/agent/claude.yaml)")
+                    "(or edit conf/agent_common/claude.yaml)")
 
 
 def write_price(price: ClaudePrice, ttl: str) -> float:

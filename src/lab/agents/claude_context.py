@@ -465,6 +465,7 @@ class Extras:
     curves: Optional[LossCurves] = None
     notes: list[str] = field(default_factory=list)  # e.g. the previous reply was cut at max_tokens
     plain: bool = False  # after a refusal: the essentials only (no log tail, no journal text)
+    tuner: str = ""  # agent=hybrid: the optimizer's state (src/lab/agents/hybrid.py)
 
 
 def curve_lines(state, curves: Optional[LossCurves]) -> list[str]:
@@ -516,6 +517,8 @@ def dashboard(state, x: Extras) -> str:
     curves = curve_lines(state, x.curves)
     if curves:
         lines += ["", *curves]
+    if x.tuner:
+        lines += ["", x.tuner]
     near = near_misses(state.history, b, state.margin)
     if near:
         lines += ["", "## Near misses since the best (better, but inside the margin: combine them, or re-run one)",

@@ -32,8 +32,8 @@ class OptunaAgent(Agent):
     def __init__(self, cfg: OptunaAgentConfig, space: SearchSpaceConfig):
         import optuna
 
-        if cfg.sampler not in ("tpe", "random"):
-            raise ValueError(f"agent.sampler={cfg.sampler!r}; expected tpe or random")
+        if cfg.sampler not in ("tpe", "random", "cmaes"):
+            raise ValueError(f"agent.sampler={cfg.sampler!r}; expected tpe, random or cmaes")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.name = cfg.name
         self.cfg = cfg
@@ -45,6 +45,12 @@ class OptunaAgent(Agent):
                 sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials,
                                                      multivariate=cfg.multivariate,
                                                      constant_liar=bool(getattr(cfg, "constant_liar", False)))
+        elif cfg.sampler == "cmaes":  # continuous knobs by CMA-ES; categorical ones by TPE (warned about once, here)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                sampler = optuna.samplers.CmaEsSampler(
+                    seed=cfg.seed, n_startup_trials=cfg.n_startup_trials, warn_independent_sampling=False,
+                    independent_sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials))
         else:
             sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
         self.study = optuna.create_study(direction="minimize", sampler=sampler)
@@ -53,7 +59,7 @@ class OptunaAgent(Agent):
         self._checked = False
 
     # ------------------------------------------------------------------ learning
-    def _tell_point(self, params: dict, value: Optional[float], exp: str) -> None:
+    def _tell_point(self, params: dict, value: Optional[float], exp: str, by: str = "") -> None:
         import optuna
         from optuna.trial import TrialState
 
@@ -63,7 +69,7 @@ class OptunaAgent(Agent):
             return
         trial = optuna.trial.create_trial(params=params, distributions=self.dists, value=value,
                                           state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
-                                          user_attrs={"exp": exp})
+                                          user_attrs={"exp": exp, "by": by or self.name})
         self.study.add_trial(trial)
 
     def _tell_baseline(self, state: SearchState) -> None:
@@ -87,7 +93,7 @@ class OptunaAgent(Agent):
         for e in history:
             params = (e.proposal.meta.get("params") if e.proposal else None)
             if params:
-                self._tell_point(params, self._value(e), e.exp)
+                self._tell_point(params, self._value(e), e.exp, e.agent)
 
     def observe(self, e: Experiment, state: SearchState) -> None:
         from optuna.trial import TrialState
@@ -97,9 +103,12 @@ class OptunaAgent(Agent):
             return
         trial = self.pending.pop(meta.get("trial", -1), None)
         value = self._value(e)
-        if trial is None:  # asked by an earlier invocation (the in-flight experiment of a resume)
-            self._tell_point(meta["params"], value, e.exp)
-        elif value is not None:
+        if trial is None:  # asked by an earlier invocation (the in-flight experiment of a resume), or another agent's
+            self._tell_point(meta["params"], value, e.exp, e.agent)
+            return
+        trial.set_user_attr("exp", e.exp)
+        trial.set_user_attr("by", self.name)
+        if value is not None:
             self.study.tell(trial, value)
         else:
             self.study.tell(trial, state=TrialState.FAIL)
