@@ -37,7 +37,7 @@ from src.lab.standings import Standings
 log = logging.getLogger(__name__)
 
 RESULT = "heldout.json"
-MAX_RUNS = 3  # checkpoints scored per side (the mean of a few runs: one run's seed noise is ~1 sigma)
+MAX_RUNS = 2  # checkpoints scored per side (the mean of two runs; each costs a scoring pass on the test split)
 
 
 def run_checkpoints(runs_dir: Path, rows: list[Experiment], commit: str, baseline: bool,
