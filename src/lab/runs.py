@@ -125,8 +125,11 @@ class SessionRuns:
 
     def publish_views(self, tag: str) -> None:
         """The experiment's shared runs-table views: every session's runs, and this session's (ui_link)."""
-        for t in (None, tag):
-            self.client.set_experiment_tag(self.experiment_id(), VIEW_TAG + view_key(t), json.dumps(view_state(t)))
+        try:
+            for t in (None, tag):
+                self.client.set_experiment_tag(self.experiment_id(), VIEW_TAG + view_key(t), json.dumps(view_state(t)))
+        except Exception as e:  # a view is a convenience: the runs are recorded without it
+            log.warning("could not publish the MLflow runs view of session %s: %s", tag, e)
 
     def ui_link(self, tag: Optional[str] = None) -> str:
         """The MLflow UI address of the runs table in the session's view (a local store: as `mlflow ui` serves it)."""
