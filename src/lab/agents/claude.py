@@ -404,8 +404,12 @@ class ClaudeAgent(Agent):
     def _request(self, state: SearchState, ask: _Asking) -> dict:
         extras = Extras(spent_usd=self.spent.cost_usd, cap_usd=self.cfg.max_cost_usd, runs_dir=self.session_dir / "runs",
                         tail_chars=self.cfg.log_tail_chars, journal_chars=self.cfg.journal_chars, curves=self.curves,
-                        notes=list(ask.notes), plain=ask.plain)
+                        notes=list(ask.notes), plain=ask.plain, tuner=self.tuner_state())
         return self.prompt.request(state, self.conv, extras)
+
+    def tuner_state(self) -> str:
+        """An optimizer's state to show beside the ledger ('' here; agent=hybrid's tuner: src/lab/agents/hybrid.py)."""
+        return ""
 
     # ------------------------------------------------------------------ pieces
     def _bind(self, state: SearchState) -> None:

@@ -32,7 +32,6 @@ import yaml
 
 from src.lab.agents.base import AgentStop, SearchState
 from src.lab.agents.claude import ClaudeAgent
-from src.lab.agents.claude_context import Extras
 from src.lab.agents.space import format_value, values_of
 from src.lab.agents.tpe import OptunaAgent
 from src.lab.config import HybridAgentConfig, OptunaAgentConfig
@@ -109,12 +108,6 @@ class HybridAgent(ClaudeAgent):
         except (ValueError, TypeError):
             pass
         return None
-
-    def _request(self, state: SearchState, ask) -> dict:
-        extras = Extras(spent_usd=self.spent.cost_usd, cap_usd=self.cfg.max_cost_usd, runs_dir=self.session_dir / "runs",
-                        tail_chars=self.cfg.log_tail_chars, journal_chars=self.cfg.journal_chars, curves=self.curves,
-                        notes=list(ask.notes), plain=ask.plain, tuner=self.tuner_state())
-        return self.prompt.request(state, self.conv, extras)
 
     # ------------------------------------------------------------------ what Claude is shown
     def tuner_state(self, top: int = 5) -> str:
