@@ -50,6 +50,30 @@ from src.harness.config import BudgetConfig, OptimizerConfig
 MIN_HISTORY = 3  # normal steps needed before a step can be called a stall
 STALL_ENV = "OVERNIGHT_INJECT_STALL"  # fault drill: "<step>:<seconds>[,...]" sleeps inside those optimizer steps
 START_LINE = "overnight-clock-start"  # what the harness prints when the clock starts (read by the lab's runner)
+CURVE_LINE = "overnight-curve"  # the training loss at each CURVE_STEP of the counted budget (read by the runner)
+CURVE_STEP = 0.05
+
+
+class Curve:
+    """The smoothed training loss at fixed fractions of the counted budget (every CURVE_STEP of it): the same
+    points for every run, so that the lab can compare runs point by point while they train. The loss is an
+    exponential moving average of the step losses (bias-corrected, beta 0.9); a step that crosses several
+    fractions (a short budget) gives them the same value."""
+
+    def __init__(self, beta: float = 0.9):
+        self.beta, self.ema, self.n = beta, 0.0, 0
+        self.points: list[tuple[float, float]] = []
+
+    def add(self, progress: float, loss: float) -> list[tuple[float, float]]:
+        """Record a step's loss at budget `progress` in [0, 1]; returns the fractions it crossed."""
+        self.n += 1
+        self.ema = self.beta * self.ema + (1 - self.beta) * loss
+        smooth = self.ema / (1 - self.beta ** self.n)
+        new = []
+        while len(self.points) < round(1 / CURVE_STEP) and (len(self.points) + 1) * CURVE_STEP <= progress + 1e-9:
+            new.append((round((len(self.points) + 1) * CURVE_STEP, 4), smooth))
+            self.points.append(new[-1])
+        return new
 
 
 class DeviceTime(Protocol):

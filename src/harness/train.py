@@ -36,7 +36,7 @@ threads.apply()  # how OpenMP threads wait, before torch is imported (src/harnes
 import torch  # noqa: E402
 
 # the harness first ...
-from src.harness.budget import (START_LINE, STALL_ENV, BudgetClock, CpuTime, DeviceTime, device_time, inject_stalls,
+from src.harness.budget import (CURVE_LINE, START_LINE, STALL_ENV, BudgetClock, Curve, CpuTime, DeviceTime, device_time, inject_stalls,
                                 lr_multiplier)
 from src.harness.config import TrainConfig
 from src.harness.data import held_out_files, load_prepared, train_batches
@@ -309,6 +309,7 @@ class TimedRun:
                         "grad_accum_steps": self.accum, "device_batch_size": self.B,
                         **{k: v for k, v in self.prov.items() if k != "versions"}, "mlflow_run_id": None}
         self.model = self.clock = self.facts = None
+        self.curve = Curve()  # the loss at every 5% of the counted budget: printed for the lab, kept in the summary
         self.device: DeviceTime | None = None  # the budget's clock, started before any research code runs
         self.research: SimpleNamespace | None = None
         self.train_tokens = 0
@@ -464,6 +465,8 @@ class TimedRun:
 
     def on_step(self, step: int, values: dict) -> None:
         clock, cfg = self.clock, self.cfg
+        for f, loss in self.curve.add(clock.progress, values["loss"]):  # the lab reads these while the run trains
+            print(f"{CURVE_LINE} fraction={f:.2f} loss={loss:.6f} step={step}", flush=True)
         if step == cfg.budget.warmup_steps:
             self.summary["warmup_seconds"] = clock.wall_seconds  # compilation and the first steps (counted; not in the step statistics)
             if self.tracker.enabled:
@@ -494,7 +497,7 @@ class TimedRun:
                 s["warmup_seconds"] = clock.wall_seconds if clock else 0.0
             fill_summary(s, self.cfg, self.rt, clock, self.facts, self.t_start)
             s.update(train_epochs=clock.tokens / self.train_tokens if clock and self.train_tokens else 0.0,
-                     process_seconds=process_age())
+                     process_seconds=process_age(), curve=[list(p) for p in self.curve.points])
             print(format_summary(s), flush=True)
             self.log_params()  # a run that ended before its warm-up did still has its params
             path = out_dir / "summary.json" if out_dir is not None else None

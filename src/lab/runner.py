@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import signal
+import re
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from typing import Callable, Optional
 from src.lab.config import ENV_STRIP
 from src.lab.integrity import DeviceBudget, clock_start, counted_in_process, device_overrun, frozen_mismatch
 from src.lab.session import atomic_write
+from src.harness.budget import CURVE_LINE
 from src.harness.launch import tree, waited
 from src.harness.pinning import pin
 from src.harness.score_client import CHECKPOINT, Scorer, apply_verdict
@@ -48,6 +50,7 @@ class Outcome:
     note: str = ""  # why the runner decided the status (timeout after N s, no summary.json, ...)
     launch: Optional[dict] = None  # the launcher's report (src/harness/launch.py): the tree's CPU time, the freeze
     hung: bool = False  # timed out while neither starved of a CPU nor stalled: the code's doing, not the machine's
+    curve: list = field(default_factory=list)  # (fraction of the counted budget, smoothed train loss), every 5%
 
     @property
     def checkpoint(self) -> Path:
@@ -75,6 +78,38 @@ class Outcome:
             if "Error" in ln or "Exception" in ln:
                 return ln[:300] + (f" [{self.note}]" if self.note else "")
         return self.note or (lines[-1][:300] if lines else f"exit code {self.returncode}")
+
+
+CURVE_RE = re.compile(rf"^{CURVE_LINE} fraction=([0-9.]+) loss=(\S+) step=(\d+)\s*$", re.M)
+
+
+class CurveReader:
+    """The learning curve a run prints (src/harness/budget.py Curve), read from its log while it trains: new
+    points at each poll. Advisory (the training process prints it, as it prints its loss): no verdict rests on
+    it; fractions out of order or repeated are dropped."""
+
+    def __init__(self, log_path: Path):
+        self.path, self.offset, self.buf = Path(log_path), 0, b""
+        self.points: list[tuple[float, float]] = []
+
+    def poll(self) -> list[tuple[float, float]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        self.offset += len(data)
+        self.buf += data
+        cut = self.buf.rfind(b"\n") + 1
+        text, self.buf = self.buf[:cut].decode(errors="replace"), self.buf[cut:]
+        new = []
+        for m in CURVE_RE.finditer(text):
+            f, loss = float(m.group(1)), float(m.group(2))
+            if not self.points or f > self.points[-1][0] + 1e-9:
+                self.points.append((f, loss))
+                new.append((f, loss))
+        return new
 
 
 class RunInterrupted(Exception):
@@ -214,10 +249,12 @@ class Runner:
             raise RunInterrupted(Outcome(INTERRUPTED, Path(run_dir), note="interrupted by the user (Ctrl-C / SIGTERM)"))
 
     def run(self, overrides: list[str], run_dir: Path, timeout_s: float,
-            on_start: Optional[Callable[[int], None]] = None, score: bool = True) -> Outcome:
+            on_start: Optional[Callable[[int], None]] = None, score: bool = True,
+            on_curve: Optional[Callable[[float, float], None]] = None) -> Outcome:
         """Run to completion, timeout or Ctrl-C (raises RunInterrupted after stopping the run), then score it.
 
-        score=False: a run that trains nothing (the dry run of a candidate)."""
+        score=False: a run that trains nothing (the dry run of a candidate). on_curve(fraction, loss): each point
+        of the run's learning curve as the run prints it (every 5% of the counted budget), while it trains."""
         run_dir = Path(run_dir)
         self._check_interrupt(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +263,7 @@ class Runner:
             overrides = [*overrides, "score=caller"]
             scorer = Scorer(self.cwd, run_dir / "score.log", self.env, self.cpus).start()
         try:
-            out = self._train(overrides, run_dir, timeout_s, on_start)
+            out = self._train(overrides, run_dir, timeout_s, on_start, on_curve)
             if scorer is not None:
                 self._score(out, scorer)
         finally:
@@ -235,7 +272,8 @@ class Runner:
         return out
 
     def _train(self, overrides: list[str], run_dir: Path, timeout_s: float,
-               on_start: Optional[Callable[[int], None]]) -> Outcome:
+               on_start: Optional[Callable[[int], None]],
+               on_curve: Optional[Callable[[float, float], None]] = None) -> Outcome:
         cmd = [*self.command, *overrides, f"hydra.run.dir={run_dir}"]
         (run_dir / "command.txt").write_text(f"cd {shlex.quote(str(self.cwd))} && {shlex.join(cmd)}\n")
         log_path = run_dir / "run.log"
@@ -251,6 +289,7 @@ class Runner:
         finally:
             os.close(w)
         reader = Report(r)
+        curve = CurveReader(log_path)
         note, hung = "", False
         self._pid = proc.pid
         try:
@@ -259,7 +298,7 @@ class Runner:
             if on_start is not None:
                 on_start(proc.pid)
             try:
-                rc = proc.wait(timeout=timeout_s)
+                rc = self._wait(proc, timeout_s, curve, on_curve)
             except subprocess.TimeoutExpired:
                 sched = waited([proc.pid, *tree(proc.pid)])  # before the kill: how the tree spent its wall time
                 stop_group(proc.pid, self.stop_grace_s, proc)
@@ -280,13 +319,33 @@ class Runner:
         finally:
             reader.close()
         out = self._outcome(run_dir, rc, t0, note)
-        out.hung = hung
+        curve.poll()
+        out.hung, out.curve = hung, list(curve.points)
         out.launch = reader.result
         if out.launch:
             out.summary["launch"] = out.launch
         if note:
             out.status = TIMEOUT
         return out
+
+    @staticmethod
+    def _wait(proc: subprocess.Popen, timeout_s: float, curve: CurveReader,
+              on_curve: Optional[Callable[[float, float], None]]) -> int:
+        """proc.wait(timeout_s), handing each new point of the learning curve to on_curve meanwhile."""
+        if on_curve is None:
+            return proc.wait(timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                rc = proc.wait(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    raise
+                rc = None
+            for f, loss in curve.poll():
+                on_curve(f, loss)
+            if rc is not None:
+                return rc
 
     def _score(self, out: Outcome, scorer: Scorer) -> None:
         """The scorer's val_bpb (or `tampered` with the reason) replaces whatever the train process reported."""

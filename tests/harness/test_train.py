@@ -36,6 +36,23 @@ def test_short_run_prints_a_finite_val_bpb_and_honours_the_budget(tmp_path):
     assert s["peak_vram_mb"] > 0 and s["mfu_percent"] > 0
     assert s["device"] == "cpu" and s["dtype"] in ("fp32", "bf16") and s["compile"] is False  # eager on CPU
     assert s["score_threads"] == 1  # the scorer process keeps to the run's share of the machine
+    # the learning curve the lab reads while the run trains: a point at each 5% of the counted budget reached
+    printed = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("overnight-curve ")]
+    fractions = [float(p[1].split("=")[1]) for p in printed]
+    assert fractions == [round(0.05 * i, 2) for i in range(1, len(fractions) + 1)]
+    assert len(fractions) >= int(s["training_seconds"] / 4.0 / 0.05) - 1 and len(fractions) <= 20
+    assert [pt[0] for pt in s["curve"]] == fractions and all(math.isfinite(pt[1]) for pt in s["curve"])
+
+
+def test_the_curve_is_the_smoothed_loss_at_every_5_percent_of_the_budget():
+    from src.harness.budget import Curve
+
+    c = Curve()
+    assert c.add(0.02, 5.0) == [] and c.add(0.05, 5.0) == [(0.05, 5.0)]  # bias-corrected: the mean of equal losses
+    jumped = c.add(0.21, 3.0)  # one long step crosses three points: they share its smoothed value
+    assert [f for f, _ in jumped] == [0.1, 0.15, 0.2] and len({v for _, v in jumped}) == 1 and 3.0 < jumped[0][1] < 5.0
+    c.add(1.0, 1.0)
+    assert len(c.points) == 20 and c.points[-1][0] == 1.0 and c.add(1.0, 1.0) == []
 
 
 def test_dry_run_reports_the_reference_sizes_without_data():

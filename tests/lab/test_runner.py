@@ -111,3 +111,33 @@ def test_the_summary_status_wins_and_a_missing_summary_is_a_crash(tmp_path):
     assert out.status == "nan" and out.val_bpb is None and out.error_line == "loss is nan at step 3"
     out = Runner(tmp_path, command=script(tmp_path, "pass\n")).run([], tmp_path / "b", timeout_s=60)
     assert out.status == "crash" and "no summary.json" in out.error_line
+
+
+def test_the_learning_curve_reaches_the_lab_while_the_run_trains(tmp_path, monkeypatch):
+    """The run prints a point every 5% of its budget; on_curve gets each one before the run has ended, once, in
+    order; the outcome keeps the whole curve."""
+    monkeypatch.setenv("FAKE_CURVE_S", "0.1")  # 2 s of points: the runner polls its log every 0.5 s
+    seen = []
+    runner = Runner(tmp_path, command=fake_command())
+
+    def on_curve(f: float, loss: float) -> None:
+        seen.append((f, loss, (tmp_path / "run" / "summary.json").exists()))
+
+    out = runner.run([], tmp_path / "run", timeout_s=60, on_curve=on_curve)
+    assert [round(f, 2) for f, _, _ in seen] == [round(0.05 * i, 2) for i in range(1, 21)]
+    assert not seen[0][2]  # the first points arrived while the run was still training
+    assert [p[1] for p in seen] == sorted([p[1] for p in seen], reverse=True)  # a falling loss
+    assert [list(p) for p in out.curve] == [[f, loss] for f, loss, _ in seen] and out.ok
+
+
+def test_curve_lines_out_of_order_or_repeated_are_dropped(tmp_path):
+    from src.lab.runner import CurveReader
+
+    log = tmp_path / "run.log"
+    log.write_text("overnight-curve fraction=0.05 loss=3.1 step=1\nnoise\noverni")
+    r = CurveReader(log)
+    assert r.poll() == [(0.05, 3.1)]
+    with open(log, "a") as f:  # the rest of a half-written line, a repeat, then the next point
+        f.write("ght-curve fraction=0.10 loss=3.0 step=2\novernight-curve fraction=0.10 loss=1.0 step=2\n"
+                "overnight-curve fraction=0.05 loss=0.5 step=3\novernight-curve fraction=0.15 loss=2.9 step=4\n")
+    assert r.poll() == [(0.10, 3.0), (0.15, 2.9)] and r.points == [(0.05, 3.1), (0.10, 3.0), (0.15, 2.9)]

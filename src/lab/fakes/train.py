@@ -17,6 +17,8 @@ $FAKE_AFTER ("exp-002:exp-003") holds the runs it names until the session's resu
 experiment ("exp-004:exp-005/": until 2 s after the other's first run wrote its summary; at most 60 s): the order in which
 parallel workers finish (search.workers > 1).
 $FAKE_HOLD ("exp-001,exp-002") holds the runs it names until the file $FAKE_HOLD_FILE exists (at most 60 s).
+Every run prints a learning curve like the harness's (a point every 5% of the budget, loss 0.7 val_bpb + 2.5 (1-f)^2),
+$FAKE_CURVE_S seconds apart (default 0).
 $FAKE_MLFLOW=1 makes each run log itself like src.train does (tracking.*: an MLflow child run of the session's
 parent, its experiment created race-free with src.harness.tracking.ensure_experiment): the shared-server drill.
 Env var names it saw are written to summary.json (`env`), for the env-stripping tests.
@@ -127,11 +129,18 @@ def main() -> int:
     slowdown = by_run("FAKE_SLOW", 1.0)
     bpb += 0.3 * math.log(slowdown) + by_run("FAKE_SHIFT", 0.0)
     tps = 20000.0 / slowdown
+    curve, pause = [], float(os.environ.get("FAKE_CURVE_S", "0"))
+    for i in range(1, 21):  # the harness's learning curve: a point every 5% of the budget, FAKE_CURVE_S apart
+        f = i / 20
+        curve.append([f, 0.7 * bpb + 2.5 * (1 - f) ** 2])
+        print(f"overnight-curve fraction={f:.2f} loss={curve[-1][1]:.6f} step={i}", flush=True)
+        time.sleep(pause)
     summary = {"status": status, "val_bpb": bpb, "training_seconds": by_run("FAKE_COUNTED", 1.0), "total_seconds": 1.2,
                "peak_vram_mb": 512.0, "num_steps": 10, "stalled_seconds": 3.0 if status == "stalled" else 0.0,
                "depth": 4, "env": sorted(os.environ),
                "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None, "tokens_per_sec": tps, "mfu_percent": 30.0 / slowdown,
-               "step_time_p50": float(eff.get("batch.total_tokens", "8192")) / tps, "device": "cpu", "dtype": "fp32"}
+               "step_time_p50": float(eff.get("batch.total_tokens", "8192")) / tps, "device": "cpu", "dtype": "fp32",
+               "curve": curve}
     if os.environ.get("FAKE_MLFLOW") and eff.get("tracking.uri") and eff.get("tracking.enabled") != "false":
         log_to_mlflow(eff, bpb, summary)
     (out / "summary.json").write_text(json.dumps(summary))
