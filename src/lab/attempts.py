@@ -89,13 +89,14 @@ class Attempts:
         return max(walls) * s.timeout_factor + s.timeout_grace_s if walls else 3600.0
 
     def run(self, name: str, commit: str, overrides: list[str], done: int, rows: list[Experiment],
-            flight: Optional[InFlight] = None, attach: bool = False) -> Attempt:
+            flight: Optional[InFlight] = None, attach: bool = False, prune=None) -> Attempt:
         """Run `commit` (+ the preset of `overrides`) until a run stands; RunInterrupted on Ctrl-C.
 
         name: the row's id (runs are name, name-a2, ...); done: attempts an earlier invocation made;
         rows: the ledger the throughput is judged against; flight: the experiment in flight, each attempt of which
         is persisted in state.json (None: a confirmation run, which leaves the experiment's entry as it is);
-        attach: attempt `done` is still running as a job (launcher=submitit_*): wait on it, do not start another.
+        attach: attempt `done` is still running as a job (launcher=submitit_*): wait on it, do not start another;
+        prune: makes the pruner of each attempt (src/lab/prune.py; None: never pruned), a screen run's only.
         """
         lab, s, tree = self.lab, self.lab.cfg.search, self.worker.tree
         if tree.head() != commit:  # a confirmation alternates the best and the candidate in the worktree
@@ -105,7 +106,7 @@ class Attempts:
         while True:
             attempt += 1
             run_name = attempt_name(name, attempt)
-            out = self._launch(run_name, attempt, commit, args, flight)
+            out = self._launch(run_name, attempt, commit, args, flight, prune() if prune else None)
             if out.status in (STALLED, TIMEOUT) and not out.hung:  # the machine's doing: re-run, then undecided
                 what = "stalled" if out.status == STALLED else "starved past its wall ceiling"
                 stalled.append(f"{run_name} {what}: {out.error_line}")
@@ -148,7 +149,7 @@ class Attempts:
         return judge(a.throughput, a.shape, rows, s.disturbed_factor, s.disturbed_factor_new_shape)
 
     def _launch(self, run_name: str, attempt: int, commit: str, args: list[str],
-                flight: Optional[InFlight]) -> Outcome:
+                flight: Optional[InFlight], pruner=None) -> Outcome:
         sess, w = self.lab.session, self.worker
         run_dir = sess.runs_dir / run_name
         if flight is not None:
@@ -164,7 +165,7 @@ class Attempts:
 
         log.info("%s: running (attempt %d, commit %s, timeout %.0f s) -> %s", run_name, attempt, commit[:7],
                  self.timeout_s(), run_dir)
-        return w.run(ovs, run_dir, self.timeout_s(), on_start=started)
+        return w.run(ovs, run_dir, self.timeout_s(), on_start=started, on_curve=pruner)
 
     def _tracking_overrides(self, run_name: str) -> list[str]:
         """Where the run logs itself: the session's store and experiment, nested under its parent run."""

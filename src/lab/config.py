@@ -151,6 +151,13 @@ class SearchConfig:
     plausible_gain: float = 0.5  # a gain over the best beyond this (bpb; 120-s CPU TPE gains were 0.16-0.24) ...
     plausible_factor: float = 5.0  # ... and beyond this x the largest kept gain is re-scored and re-run first
     keep_checkpoints: str = "best"  # checkpoints kept once an experiment is decided: all | best (kept + baselines) | none
+    # pruning (src/lab/prune.py): stop a screen run whose smoothed train loss is worse than the best's at the same
+    # fraction of the budget by more than max(prune_min_delta, prune_sigmas x the session's curve noise), at two
+    # points in a row from prune_min_fraction on. Off until its false-prune rate is measured (docs/verdicts.md).
+    prune: bool = False
+    prune_min_fraction: float = 0.3
+    prune_sigmas: float = 4.0
+    prune_min_delta: float = 0.02  # nats per token of smoothed train loss
     test_split: bool = True  # at the end, score the baseline's and the best's checkpoints on the held-out test split
     # many experiments at once (src/lab/workers.py): each worker its own worktree and device slot
     workers: int = 1  # experiments in flight; 1 = one after another (the sequential loop)
@@ -177,6 +184,9 @@ KNOB_RANGES = {
     "plausible_gain": (lambda v, s: v > 0, "> 0 (bpb)"),
     "plausible_factor": (lambda v, s: v >= 1, ">= 1"),
     "keep_checkpoints": (lambda v, s: v in ("all", "best", "none"), "all, best or none"),
+    "prune_min_fraction": (lambda v, s: 0.0 < v < 1.0, "between 0 and 1 (a share of the budget)"),
+    "prune_sigmas": (lambda v, s: v > 0, "> 0"),
+    "prune_min_delta": (lambda v, s: v >= 0, ">= 0"),
     "workers": (lambda v, s: v >= 1, ">= 1"),
 }
 

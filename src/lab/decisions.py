@@ -17,18 +17,19 @@ INTERRUPTED = "interrupted"  # the search stopped the run (Ctrl-C / SIGTERM)
 DISTURBED = "disturbed"  # the machine was busy: throughput far off the session's for that shape; re-run
 CONFIRM = "confirm"  # a confirmation run (the candidate or the best re-run in a pair) backing a decision
 CONFLICT = "conflict"  # search.workers > 1: a would-be keep whose patch no longer applies on the best kept meanwhile
+PRUNED = "pruned"  # search.prune: stopped early, its learning curve clearly worse than the best's (never kept)
 PENDING = ""  # an experiment proposed but not decided yet (a resume re-runs it)
 
 # the `status` column of results.tsv: the reference's keep/discard/crash plus ours
-DECISIONS = (BASELINE, KEEP, DISCARD, CRASH, INVALID, INTERRUPTED, TAMPERED, DISTURBED, CONFIRM, CONFLICT)
+DECISIONS = (BASELINE, KEEP, DISCARD, CRASH, INVALID, INTERRUPTED, TAMPERED, DISTURBED, CONFIRM, CONFLICT, PRUNED)
 SCORED = (BASELINE, KEEP, DISCARD, CONFIRM)  # decisions that carry a val_bpb of a finished, undisturbed run
 # experiments that count toward search.max_experiments (a disturbed one too: it cost its runs, and a machine
 # that stays busy must not keep the session going forever)
-COUNTED = (KEEP, DISCARD, CRASH, TAMPERED, DISTURBED, CONFLICT)
+COUNTED = (KEEP, DISCARD, CRASH, TAMPERED, DISTURBED, CONFLICT, PRUNED)
 
 
 def mlflow_status(status: str) -> str:
     """The MLflow run status of a decision or a run status: FINISHED, KILLED (we stopped it) or FAILED."""
-    if status == INTERRUPTED:
+    if status in (INTERRUPTED, PRUNED):
         return "KILLED"
     return "FINISHED" if status in (CONFLICT, *SCORED) else run.mlflow_status(status)

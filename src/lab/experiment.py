@@ -38,12 +38,13 @@ from src.lab.integrity import implausible
 from src.lab.leases import Leases
 from src.lab.ledger import Experiment
 from src.lab.proposal import InvalidProposal, Proposal, merge_overrides
+from src.lab.prune import pruner_for
 from src.lab.runner import FROZEN, Outcome, RunInterrupted
 from src.harness.score_client import CHECKPOINT
 from src.lab.session import InFlight
 from src.lab.standings import Standings
 from src.lab.decisions import (BASELINE, CONFIRM, CONFLICT, CRASH, DISTURBED, INTERRUPTED, INVALID, KEEP, OK,
-                               PENDING, TAMPERED)
+                               PENDING, PRUNED, TAMPERED)
 
 if TYPE_CHECKING:
     from src.lab.workers import Worker
@@ -119,7 +120,8 @@ class Experiments:
         try:
             if attach:
                 w.runner.attach(job.job, job.job_folder)
-            a = self.attempts.run(job.exp, e.commit, overrides, job.attempt, lab.rows(), fl, attach=attach)
+            a = self.attempts.run(job.exp, e.commit, overrides, job.attempt, lab.rows(), fl, attach=attach,
+                                  prune=self._pruner if job.proposal is not None and lab.cfg.search.prune else None)
             a.fill(e)
             err = candidate.failed_to_start(lab, job.proposal, a.out)
             if err is not None:  # it never trained: the proposal is invalid, not a counted crash
@@ -171,6 +173,11 @@ class Experiments:
         self._finish(e, rows, out)
         return e
 
+    def _pruner(self):
+        """The pruner of a screen run, against the best as it stands when the run starts (src/lab/prune.py)."""
+        with self.lab.lock:
+            return pruner_for(self.lab, self.lab.rows())
+
     def _settle(self, e: Experiment, a: Attempt, proposal: Proposal, overrides: list[str], parent: str) -> None:
         """Judge against the best now; a would-be keep waits for the advance lock, then keep (rebased and confirmed
         when the best moved), discard or conflict; the branch advances under the lock."""
@@ -212,6 +219,9 @@ class Experiments:
             return
         if out.status == TAMPERED:
             e.status, e.reason = TAMPERED, out.error_line
+            return
+        if out.status == PRUNED:  # stopped mid-run, losing clearly: never kept, its device time back to the night
+            e.status, e.reason, e.val_bpb = PRUNED, out.note, None
             return
         if not (out.ok and out.val_bpb is not None):
             e.status, e.reason, e.val_bpb = CRASH, out.error_line, out.val_bpb

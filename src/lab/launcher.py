@@ -104,9 +104,9 @@ class SubmititRunner(Runner):
         """The next run waits on this job (of an earlier invocation) instead of submitting one."""
         self._attach = (ref, folder)
 
-    def run(self, overrides, run_dir, timeout_s, on_start=None, score=True) -> Outcome:
+    def run(self, overrides, run_dir, timeout_s, on_start=None, score=True, on_curve=None) -> Outcome:
         self._local = not score  # a dry run builds the model on the meta device: no job for that
-        try:
+        try:  # a job's curve is not read while it runs: no pruning under submitit (its log is the job's)
             return super().run(overrides, run_dir, timeout_s, on_start, score)
         finally:
             self._local = False
@@ -158,7 +158,7 @@ class SubmititRunner(Runner):
                 + "".join(f"export {k}={shlex.quote(v)}; " for k, v in sorted(exports.items())))
 
     def _train(self, overrides: list[str], run_dir: Path, timeout_s: float,
-               on_start: Optional[Callable[..., None]]) -> Outcome:
+               on_start: Optional[Callable[..., None]], on_curve=None) -> Outcome:
         if self._local:
             return super()._train(overrides, run_dir, timeout_s, on_start)
         cmd = [*self.command, *overrides, f"hydra.run.dir={run_dir}"]

@@ -21,7 +21,8 @@ from src.lab.runs import SessionRuns
 from src.lab.session import Git, SessionError, SessionState, preset_name
 from src.lab.decision import weak
 from src.lab.standings import Standings
-from src.lab.decisions import BASELINE, CONFIRM, CRASH, DISCARD, DISTURBED, INTERRUPTED, INVALID, KEEP, TAMPERED
+from src.lab.decisions import (BASELINE, CONFIRM, CRASH, DISCARD, DISTURBED, INTERRUPTED, INVALID, KEEP, PRUNED,
+                               TAMPERED)
 
 
 def _fmt(v: Optional[float], spec: str = ".6f") -> str:
@@ -150,7 +151,8 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
              f"- noise floor: {noise.describe()}; screen margin {_fmt(margin, '.4f')}",
              f"- {rule(knobs, noise)}",
              f"- experiments run: {n_ran}, kept {len(kept)}, discarded {st.count('discard')}, "
-             f"crashed {st.count('crash')}, invalid {st.count('invalid')}, interrupted {st.count('interrupted')}, "
+             f"crashed {st.count('crash')}, pruned {st.count(PRUNED)}, invalid {st.count('invalid')}, "
+             f"interrupted {st.count('interrupted')}, "
              f"disturbed {st.count(DISTURBED)}; {st.count(CONFIRM)} confirmation runs, "
              f"{st.disturbed_runs} disturbed runs set aside",
              f"- reproduce the best: `git checkout {best_commit[:12]} && python -m src.train {repro}`",
@@ -164,9 +166,9 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
         dv = e.val_bpb - base_mean if base_mean is not None else None
         lines.append(f"| {i} | {e.exp} | {_fmt(e.val_bpb)} | {_fmt(dv, '+.4f')} | {e.status} | `{e.commit[:7]}` | "
                      f"{e.description.replace('|', '/')[:100]} |")
-    bad = [e for e in rows if e.status in (INVALID, CRASH, INTERRUPTED, DISTURBED, TAMPERED) or e.disturbed_runs]
+    bad = [e for e in rows if e.status in (INVALID, CRASH, PRUNED, INTERRUPTED, DISTURBED, TAMPERED) or e.disturbed_runs]
     if bad:
-        lines += ["", "## Invalid, crashed, interrupted and disturbed", "", "| exp | status | reason | description |",
+        lines += ["", "## Invalid, crashed, pruned, interrupted and disturbed", "", "| exp | status | reason | description |",
                   "|---|---|---|---|"]
         lines += [f"| {e.exp} | {e.status} ({e.run_status}) | {e.reason.replace('|', '/')[:200]} | "
                   f"{e.description.replace('|', '/')[:80]} |" for e in bad]

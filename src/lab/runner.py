@@ -31,7 +31,7 @@ from src.harness.budget import CURVE_LINE
 from src.harness.launch import tree, waited
 from src.harness.pinning import pin
 from src.harness.score_client import CHECKPOINT, Scorer, apply_verdict
-from src.lab.decisions import CRASH, INTERRUPTED, OK, STALLED, TAMPERED, TIMEOUT
+from src.lab.decisions import CRASH, INTERRUPTED, OK, PRUNED, STALLED, TAMPERED, TIMEOUT
 
 ALWAYS_STRIP = ("MLFLOW_RUN_ID",)  # would attach the child to whatever run the parent has open
 OVERRUN = "over budget: "  # _tampering's prefix for a run whose device time passed the budget
@@ -250,11 +250,12 @@ class Runner:
 
     def run(self, overrides: list[str], run_dir: Path, timeout_s: float,
             on_start: Optional[Callable[[int], None]] = None, score: bool = True,
-            on_curve: Optional[Callable[[float, float], None]] = None) -> Outcome:
+            on_curve: Optional[Callable[[float, float], str]] = None) -> Outcome:
         """Run to completion, timeout or Ctrl-C (raises RunInterrupted after stopping the run), then score it.
 
         score=False: a run that trains nothing (the dry run of a candidate). on_curve(fraction, loss): each point
-        of the run's learning curve as the run prints it (every 5% of the counted budget), while it trains."""
+        of the run's learning curve as the run prints it (every 5% of the counted budget), while it trains; a
+        non-empty answer stops the run there, and its outcome is `pruned` with that reason (nothing is scored)."""
         run_dir = Path(run_dir)
         self._check_interrupt(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +274,7 @@ class Runner:
 
     def _train(self, overrides: list[str], run_dir: Path, timeout_s: float,
                on_start: Optional[Callable[[int], None]],
-               on_curve: Optional[Callable[[float, float], None]] = None) -> Outcome:
+               on_curve: Optional[Callable[[float, float], str]] = None) -> Outcome:
         cmd = [*self.command, *overrides, f"hydra.run.dir={run_dir}"]
         (run_dir / "command.txt").write_text(f"cd {shlex.quote(str(self.cwd))} && {shlex.join(cmd)}\n")
         log_path = run_dir / "run.log"
@@ -290,7 +291,7 @@ class Runner:
             os.close(w)
         reader = Report(r)
         curve = CurveReader(log_path)
-        note, hung = "", False
+        note, hung, pruned = "", False, ""
         self._pid = proc.pid
         try:
             if self.interrupted.is_set():  # interrupt() came before the pid was known
@@ -298,7 +299,7 @@ class Runner:
             if on_start is not None:
                 on_start(proc.pid)
             try:
-                rc = self._wait(proc, timeout_s, curve, on_curve)
+                rc, pruned = self._wait(proc, timeout_s, curve, on_curve, self.stop_grace_s)
             except subprocess.TimeoutExpired:
                 sched = waited([proc.pid, *tree(proc.pid)])  # before the kill: how the tree spent its wall time
                 stop_group(proc.pid, self.stop_grace_s, proc)
@@ -321,6 +322,8 @@ class Runner:
         out = self._outcome(run_dir, rc, t0, note)
         curve.poll()
         out.hung, out.curve = hung, list(curve.points)
+        if pruned:
+            out.status, out.note = PRUNED, pruned
         out.launch = reader.result
         if out.launch:
             out.summary["launch"] = out.launch
@@ -330,10 +333,11 @@ class Runner:
 
     @staticmethod
     def _wait(proc: subprocess.Popen, timeout_s: float, curve: CurveReader,
-              on_curve: Optional[Callable[[float, float], None]]) -> int:
-        """proc.wait(timeout_s), handing each new point of the learning curve to on_curve meanwhile."""
+              on_curve: Optional[Callable[[float, float], str]], grace_s: float) -> tuple[int, str]:
+        """proc.wait(timeout_s), handing each new point of the learning curve to on_curve meanwhile: (exit code,
+        why on_curve stopped the run or '')."""
         if on_curve is None:
-            return proc.wait(timeout=timeout_s)
+            return proc.wait(timeout=timeout_s), ""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -343,9 +347,12 @@ class Runner:
                     raise
                 rc = None
             for f, loss in curve.poll():
-                on_curve(f, loss)
+                why = on_curve(f, loss)
+                if why and rc is None:
+                    stop_group(proc.pid, grace_s, proc)
+                    return proc.returncode, why
             if rc is not None:
-                return rc
+                return rc, ""
 
     def _score(self, out: Outcome, scorer: Scorer) -> None:
         """The scorer's val_bpb (or `tampered` with the reason) replaces whatever the train process reported."""

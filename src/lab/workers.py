@@ -60,10 +60,11 @@ class Worker:
         self.index, self.tree, self.runner, self.label = index, tree, runner, label
         self.usage = Usage()
 
-    def run(self, overrides: list[str], run_dir, timeout_s: float, on_start=None, score: bool = True) -> Outcome:
+    def run(self, overrides: list[str], run_dir, timeout_s: float, on_start=None, score: bool = True,
+            on_curve=None) -> Outcome:
         """The runner's run, timed (utilisation: time in runs, counted training, scoring)."""
         t0 = time.monotonic()
-        out = self.runner.run(overrides, run_dir, timeout_s, on_start=on_start, score=score)
+        out = self.runner.run(overrides, run_dir, timeout_s, on_start=on_start, score=score, on_curve=on_curve)
         self.usage.run += time.monotonic() - t0
         for attr, key in (("train", "training_seconds"), ("score", "score_seconds")):
             v = out.summary.get(key)
