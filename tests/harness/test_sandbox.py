@@ -62,16 +62,18 @@ def test_hide_makes_only_the_hidden_files_unreadable(tmp_path):
 @pytest.mark.slow
 @needs_landlock
 @pytest.mark.usefixtures("shakespeare")
-def test_research_code_that_reads_the_validation_split_while_training_is_tampered(tmp_path, shakespeare):
+@pytest.mark.parametrize("split", ["val.bin", "test.bin"])
+def test_research_code_that_reads_the_validation_or_test_split_while_training_is_tampered(tmp_path, shakespeare,
+                                                                                         split):
     repo = make_repo(tmp_path)
     model = repo / "src" / "research" / "model.py"
     anchor = "import torch.nn.functional as F\n"
-    val = shakespeare / "val.bin"
+    val = shakespeare / split
     model.write_text(model.read_text().replace(anchor, anchor + f"_VAL = open({str(val)!r}, 'rb').read()\n", 1))
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "read val")
     run_cli("src.train", *TINY, "device=cpu", "budget.mode=tokens", "budget.tokens=8192", "tracking.enabled=false",
             f"hydra.run.dir={tmp_path / 'run'}", cwd=repo, check=False)
     s = read_summary(tmp_path / "run")
-    assert s["status"] == "tampered" and "PermissionError" in s["error"] and "val.bin" in s["error"], s
+    assert s["status"] == "tampered" and "PermissionError" in s["error"] and split in s["error"], s
     assert s["sandbox"].startswith("Landlock ABI")
 
