@@ -8,15 +8,18 @@ scripted researcher (src/lab/fakes/scripted_researcher.py) behind a local Messag
 network. Prints per configuration, median and range over seeds:
 - decided experiments per hour (keeps + discards) and the session's wall time
 - the device-time share of training (counted training seconds of every run / the session's wall seconds)
-- training runs per decided experiment (baselines and confirmation runs included)
+- training runs and counted device seconds per decided experiment (baselines and confirmation runs included; a
+  pruned experiment is decided)
 - the best val_bpb after k experiments and the gain against the session's own baseline
 - the held-out test gain (src/lab/heldout.py): how much of the gain holds on data no decision saw
 and writes table.md, results.json and best_after_k.png (the running best against the experiment count) under
 outputs/bench/research/<stamp>/.
 
-Configurations: tpe, random, cmaes, replay (the learning-rate list of bench/workers.py), scripted (the scripted
-researcher as agent=claude), hybrid (agent=hybrid with the scripted researcher on 30% of the turns). Add your
-own with --config 'name=agent=tpe search.confirm=false ...'.
+Configurations: tpe, random, cmaes, replay (a learning-rate list), scripted (the scripted researcher as
+agent=claude), hybrid (agent=hybrid with the scripted researcher on 30% of the turns), tpe+prune, and known /
+known+prune: twelve proposals of known fate (real gains and clearly bad ones) without and with search.prune; for
+each X+prune beside X the table says which runs pruning stopped, which of them X kept (real gains lost) and the
+device seconds per decided experiment. Add your own with --config 'name=agent=tpe search.confirm=false ...'.
 
 Usage: python bench/research.py                                  # hybrid, tpe, scripted; 3 seeds; k=10; 30-s runs
        python bench/research.py --configs tpe random --seeds 0 1 --k 10 --budget 30 --parallel 2
@@ -42,6 +45,22 @@ from src.lab.fakes.messages_server import MessagesServer  # noqa: E402
 from src.lab.fakes.scripted_researcher import KEY, ScriptedResearcher  # noqa: E402
 
 LR_LIST = [0.05, 0.03, 0.06, 0.025, 0.08, 0.035, 0.045, 0.07, 0.02, 0.1]
+# proposals whose fate at 30-s CPU runs is known from sessions without pruning: real gains among them (the smaller
+# batch, the learning rates near the CPU optimum) and clearly bad ones (a tiny or huge LR, a far deeper model)
+KNOWN = [
+    (["batch.total_tokens=4096", "batch.device_tokens=4096"], "the batch-4,096 change: twice the steps"),
+    (["optimizer.matrix_lr=0.005"], "a far too low Muon LR"),
+    (["optimizer.matrix_lr=0.06"], "a higher Muon LR"),
+    (["optimizer.embedding_lr=0.05"], "a far too low embedding LR"),
+    (["optimizer.matrix_lr=0.08"], "a higher Muon LR again"),
+    (["model.depth=12"], "three times deeper: far fewer steps in the budget"),
+    (["optimizer.warmdown_ratio=0.3"], "a shorter warmdown"),
+    (["optimizer.matrix_lr=0.5"], "a far too high Muon LR"),
+    (["optimizer.unembedding_lr=0.008"], "a faster unembedding"),
+    (["optimizer.embedding_lr=0.02"], "an even lower embedding LR"),
+    (["batch.total_tokens=2048", "batch.device_tokens=2048"], "four times the steps"),
+    (["optimizer.unembedding_lr=0.0002"], "a far too low unembedding LR"),
+]
 CONFIGS = {
     "tpe": ["agent=tpe"],
     "random": ["agent=random"],
@@ -49,6 +68,9 @@ CONFIGS = {
     "replay": ["agent=replay"],  # agent.file: the learning-rate list, written per session
     "scripted": ["agent=claude", "agent.fallback=tpe"],  # Claude alone (the scripted researcher)
     "hybrid": ["agent=hybrid"],  # the tuner (TPE) and the scripted researcher on 30% of the turns
+    "tpe+prune": ["agent=tpe", "search.prune=true"],
+    "known": ["agent=replay", "agent.file=KNOWN"],  # the proposals of known fate, pruning off ...
+    "known+prune": ["agent=replay", "agent.file=KNOWN", "search.prune=true"],  # ... and on: what it kills, saves
 }
 CLAUDE_AGENTS = ("agent=claude", "agent=hybrid")
 
@@ -57,13 +79,17 @@ def session_args(name: str, extra: list[str], seed: int, k: int, budget: int, ta
                  server: MessagesServer | None) -> list[str]:
     args = [*extra, f"agent.seed={seed}", f"search.tag={tag}", f"search.max_experiments={k}", "device=cpu",
             "device.threads=1", f"budget.seconds={budget}", "search.max_hours=24"]
+    import yaml
+
     if "agent=replay" in extra and not any(a.startswith("agent.file=") for a in extra):
         f = work / "lr_list.yaml"
-        import yaml
-
         f.write_text(yaml.safe_dump([{"description": f"matrix lr {v}", "overrides": [f"optimizer.matrix_lr={v}"]}
                                      for v in LR_LIST]))
         args.append(f"agent.file={f}")
+    if "agent.file=KNOWN" in args:
+        f = work / "known.yaml"
+        f.write_text(yaml.safe_dump([{"description": d, "hypothesis": d, "overrides": ovs} for ovs, d in KNOWN]))
+        args[args.index("agent.file=KNOWN")] = f"agent.file={f}"
     if server is not None:
         args += [f"agent.base_url={server.url}", "agent.probe_s=5"]
     return args
@@ -99,7 +125,7 @@ def figures(repo: Path, tag: str, name: str, seed: int, rc: int, wall: float, lo
     rows = o.rows
     decided = [e for e in rows if e.is_experiment and e.status in ("keep", "discard")]
     runs = [e for e in rows if e.training_seconds is not None and e.status != "invalid"]
-    train_s = sum(e.training_seconds or 0.0 for e in runs)
+    train_s = sum(e.training_seconds or 0.0 for e in runs)  # counted device seconds, baselines and confirmations too
     running, curve = o.standings.baseline, []
     for e in rows:  # the running best after each experiment (kept rows move it)
         if e.status == "keep" and e.val_bpb is not None:
@@ -113,11 +139,15 @@ def figures(repo: Path, tag: str, name: str, seed: int, rc: int, wall: float, lo
         pass
     base, best = o.standings.baseline, o.standings.best.val_bpb
     return {"config": name, "seed": seed, "tag": tag, "returncode": rc, "wall_s": wall,
-            "experiments": sum(1 for e in rows if e.is_experiment and e.counted), "decided": len(decided),
+            "experiments": sum(1 for e in rows if e.is_experiment and e.counted),
+            "decided": len(decided) + sum(1 for e in rows if e.status == "pruned"),  # a pruned run is decided too
             "kept": sum(1 for e in rows if e.status == "keep"), "runs": len(runs),
             "decided_per_hour": len(decided) / (wall / 3600) if wall > 0 else 0.0,
             "training_share": train_s / wall if wall > 0 else 0.0,
             "runs_per_decision": len(runs) / len(decided) if decided else float("nan"),
+            "device_s_per_decision": train_s / len(decided) if decided else float("nan"),
+            "pruned": sum(1 for e in rows if e.status == "pruned"),
+            "fates": {e.exp: [e.status, e.delta] for e in rows if e.is_experiment},
             "baseline": base, "best": best, "gain": (base - best) if base is not None else float("nan"),
             "test_gain": held.get("test_gain"), "val_gain_scored": held.get("val_gain"),
             "statuses": o.statuses, "agents": sorted({e.agent for e in rows if e.agent}), "curve": curve,
@@ -133,23 +163,47 @@ def spread(xs: list, fmt: str = ".4f") -> str:
 
 
 def summarize(results: list[dict], k: int, budget: int) -> str:
-    header = ["config", "seeds", "decided/h", "wall min", "training share", "runs/decision", f"best after {k}",
-              "gain vs baseline", "test gain", "kept"]
+    header = ["config", "seeds", "decided/h", "wall min", "training share", "runs/decision", "device s/decision",
+              f"best after {k}", "gain vs baseline", "test gain", "kept", "pruned"]
     rows = []
     for name in dict.fromkeys(r["config"] for r in results):
         rs = [r for r in results if r["config"] == name]
         rows.append([name, len(rs), spread([r["decided_per_hour"] for r in rs], ".1f"),
                      spread([r["wall_s"] / 60 for r in rs], ".1f"), spread([r["training_share"] for r in rs], ".2f"),
-                     spread([r["runs_per_decision"] for r in rs], ".2f"), spread([r["best"] for r in rs]),
+                     spread([r["runs_per_decision"] for r in rs], ".2f"),
+                     spread([r["device_s_per_decision"] for r in rs], ".1f"), spread([r["best"] for r in rs]),
                      spread([r["gain"] for r in rs]), spread([r["test_gain"] for r in rs]),
-                     spread([r["kept"] for r in rs], ".0f")])
+                     spread([r["kept"] for r in rs], ".0f"), spread([r["pruned"] for r in rs], ".0f")])
     per = [[r["config"], r["seed"], r["returncode"], f"{r['wall_s'] / 60:.1f}", r["experiments"], r["decided"],
             r["runs"], f"{r['baseline']:.4f}" if r["baseline"] else "-", f"{r['best']:.4f}",
             f"{r['test_gain']:+.4f}" if r["test_gain"] is not None else "-", r["statuses"]] for r in results]
     return (f"k={k} experiments per session, {budget}-s CPU runs (device.threads=1), median [min, max] over seeds\n\n"
-            + table(header, rows) + "\n\nper session:\n" +
+            + table(header, rows) + pruning_lines(results) + "\n\nper session:\n" +
             table(["config", "seed", "rc", "wall min", "experiments", "decided", "runs", "baseline", "best",
                    "test gain", "statuses"], per))
+
+
+def pruning_lines(results: list[dict]) -> str:
+    """For each 'X+prune' beside an 'X' of the same seed: what pruning stopped, and what those proposals did when
+    they ran to the end (a keep, or a gain beyond the margin, pruned is a real gain lost)."""
+    out = []
+    for r in results:
+        if not r["config"].endswith("+prune"):
+            continue
+        off = next((o for o in results if o["config"] == r["config"][:-len("+prune")] and o["seed"] == r["seed"]), None)
+        if off is None:
+            continue
+        pruned = [x for x, (st, _) in r["fates"].items() if st == "pruned"]
+        lost = [x for x in pruned if off["fates"].get(x, ["", None])[0] == "keep"]
+        fates = ", ".join(f"{x} ({off['fates'].get(x, ['?'])[0]}"
+                          + (f" {off['fates'][x][1]:+.3f}" if x in off["fates"] and off["fates"][x][1] is not None
+                             else "") + ")" for x in pruned)
+        change = r["device_s_per_decision"] / off["device_s_per_decision"] - 1 if off["device_s_per_decision"] else 0
+        out.append(f"{r['config']} seed {r['seed']}: pruned {len(pruned)}: {fates or 'none'}; of them kept without "
+                   f"pruning: {len(lost)} (real gains lost); device s per decided experiment {r['device_s_per_decision']:.1f} "
+                   f"against {off['device_s_per_decision']:.1f} ({change:+.0%}); wall {r['wall_s'] / 60:.1f} against "
+                   f"{off['wall_s'] / 60:.1f} min")
+    return ("\n\npruning against the same proposals without it:\n" + "\n".join(out)) if out else ""
 
 
 def plot(results: list[dict], path: Path, k: int) -> None:
