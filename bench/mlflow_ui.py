@@ -10,6 +10,7 @@ Needs Chromium (Debian: apt-get install chromium). Exit status 1 when a check fa
 
 Usage: python bench/mlflow_ui.py                                  # the newest session of mlruns/mlflow.db
        python bench/mlflow_ui.py --tag nov26 --store /path/to/mlflow.db --root outputs/research
+       python bench/mlflow_ui.py --view readme                          # the README's link: every session's runs
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ def main() -> int:
     ap.add_argument("--root", default=str(REPO / "outputs" / "research"), help="where the sessions live")
     ap.add_argument("--tag", help="the session (default: the newest under --root)")
     ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "mlflow_ui"))
+    ap.add_argument("--view", choices=("session", "readme"), default="session",
+                    help="the link the session printed (its runs), or the README's (every session's runs)")
     args = ap.parse_args()
     root = Path(args.root)
     tags = sorted((p for p in root.iterdir() if (p / "state.json").exists()), key=lambda p: p.stat().st_mtime)
@@ -79,20 +82,23 @@ def main() -> int:
                 break
             except OSError:
                 time.sleep(1)
-        link = SessionRuns(uri, state.get("tracking_experiment") or "overnight").ui_link(state["tag"])
+        runs = SessionRuns(uri, state.get("tracking_experiment") or "overnight")
+        link = runs.ui_link(state["tag"])
+        if args.view == "readme":
+            link = link.replace(f"={view_key(state['tag'])}", f"={view_key()}")
         link = re.sub(r"^https?://[^/#]+", base, link)  # the printed link, on the port served here
         browser = chromium()
-        shot = out / f"{state['tag']}.png"
+        shot = out / f"{state['tag']}-{args.view}.png"
         browse(browser, link, f"--screenshot={shot}")
         dom = browse(browser, link, "--dump-dom").stdout
-        (out / f"{state['tag']}.html").write_text(dom)
+        (out / f"{state['tag']}-{args.view}.html").write_text(dom)
     finally:
         server.terminate()
         server.wait(30)
     text = re.sub(r"<[^>]+>", " ", dom)
     names = [r["exp"] for r in rows]
     checks = [
-        ("the page is the runs table, in the session's view", "Training runs" in text and "shared view" in text),
+        ("the page is the runs table, in the shared view", "Training runs" in text and "shared view" in text),
         ("val_bpb column shown", "search/val_bpb" in text),
         ("delta column shown", "search/delta" in text),
         ("status column shown (search.status)", "search.status" in text),
@@ -107,7 +113,7 @@ def main() -> int:
     print(f"|{'-' * 62}|--------|")
     for what, ok in checks:
         print(f"| {what:60s} | {'ok' if ok else 'FAILED':6s} |")
-    print(f"\nscreenshot: {shot}\nrendered DOM: {out / (state['tag'] + '.html')}\nview key: {view_key(state['tag'])}")
+    print(f"\nscreenshot: {shot}\nrendered DOM: {out / (state['tag'] + '-' + args.view + '.html')}")
     return 0 if all(ok for _, ok in checks) else 1
 
 
