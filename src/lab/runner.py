@@ -299,7 +299,7 @@ class Runner:
             if on_start is not None:
                 on_start(proc.pid)
             try:
-                rc, pruned = self._wait(proc, timeout_s, curve, on_curve, self.stop_grace_s)
+                rc, pruned = self._wait_curve(proc, timeout_s, curve, on_curve, self.stop_grace_s)
             except subprocess.TimeoutExpired:
                 sched = waited([proc.pid, *tree(proc.pid)])  # before the kill: how the tree spent its wall time
                 stop_group(proc.pid, self.stop_grace_s, proc)
@@ -332,7 +332,7 @@ class Runner:
         return out
 
     @staticmethod
-    def _wait(proc: subprocess.Popen, timeout_s: float, curve: CurveReader,
+    def _wait_curve(proc: subprocess.Popen, timeout_s: float, curve: CurveReader,
               on_curve: Optional[Callable[[float, float], str]], grace_s: float) -> tuple[int, str]:
         """proc.wait(timeout_s), handing each new point of the learning curve to on_curve meanwhile: (exit code,
         why on_curve stopped the run or '')."""

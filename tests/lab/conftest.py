@@ -28,7 +28,7 @@ class FakeRunner:
         self.outcomes = list(outcomes)
         self.calls: list[tuple[list[str], Path, bool]] = []  # (overrides, run_dir, score)
 
-    def run(self, overrides, run_dir, timeout_s, on_start=None, score=True) -> Outcome:
+    def run(self, overrides, run_dir, timeout_s, on_start=None, score=True, on_curve=None) -> Outcome:
         self.calls.append((list(overrides), Path(run_dir), score))
         if not score:  # a dry run
             return Outcome(OK, Path(run_dir), {}, returncode=0)

@@ -136,7 +136,7 @@ def test_prices_match_models_and_their_dated_snapshots_and_1h_writes_cost_twice_
 def test_conf_agent_claude_composes_with_a_price_for_its_model():
     import yaml
 
-    conf = yaml.safe_load((CONF / "agent" / "claude.yaml").read_text())
+    conf = yaml.safe_load((CONF / "agent_common" / "claude.yaml").read_text())  # shared with agent=hybrid
     cfg = compose_search(["agent=claude"]).agent
     assert isinstance(cfg, ClaudeAgentConfig) and cfg.model == conf["model"]
     assert price_for(cfg.model, cfg.prices) == ClaudePrice(**conf["prices"][conf["model"]])
