@@ -16,8 +16,9 @@ and writes table.md, results.json and best_after_k.png (the running best against
 outputs/bench/research/<stamp>/.
 
 Configurations: tpe, random, cmaes, replay (a learning-rate list), scripted (the scripted researcher as
-agent=claude), hybrid (agent=hybrid with the scripted researcher on 30% of the turns), tpe+prune, and known /
-known+prune: twelve proposals of known fate (real gains and clearly bad ones) without and with search.prune; for
+agent=claude), hybrid (agent=hybrid with the scripted researcher on 30% of the turns), tpe+prune, tpe-bare / tpe+both
+(TPE with pruning and near-miss retests both off / both on), and known / known+prune: twelve proposals of known fate
+(real gains and clearly bad ones) without and with search.prune (retests off in both); for
 each X+prune beside X the table says which runs pruning stopped, which of them X kept (real gains lost) and the
 device seconds per decided experiment. Add your own with --config 'name=agent=tpe search.confirm=false ...'.
 
@@ -69,8 +70,11 @@ CONFIGS = {
     "scripted": ["agent=claude", "agent.fallback=tpe"],  # Claude alone (the scripted researcher)
     "hybrid": ["agent=hybrid"],  # the tuner (TPE) and the scripted researcher on 30% of the turns
     "tpe+prune": ["agent=tpe", "search.prune=true"],
-    "known": ["agent=replay", "agent.file=KNOWN"],  # the proposals of known fate, pruning off ...
-    "known+prune": ["agent=replay", "agent.file=KNOWN", "search.prune=true"],  # ... and on: what it kills, saves
+    "tpe-bare": ["agent=tpe", "search.prune=false", "search.retest=false"],  # TPE without pruning and retests ...
+    "tpe+both": ["agent=tpe", "search.prune=true", "search.retest=true"],  # ... and with both
+    # the proposals of known fate, pruning off and on (retests off in both): what it kills, what it saves
+    "known": ["agent=replay", "agent.file=KNOWN", "search.retest=false"],
+    "known+prune": ["agent=replay", "agent.file=KNOWN", "search.prune=true", "search.retest=false"],
 }
 CLAUDE_AGENTS = ("agent=claude", "agent=hybrid")
 

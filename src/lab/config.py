@@ -126,6 +126,14 @@ class SearchConfig:
     confirm_min_dof: int = 10  # the noise estimate counts as weak below this many degrees of freedom
     confirm_pairs: int = 1  # (best, candidate) re-run pairs per confirmation (2 while sigma has < 2 dof)
     confirm_alpha: float = 0.05  # the paired t-test's one-sided level: its false-keep rate under no real change
+    # near misses (src/lab/confirm.py): a screen run below the best by more than retest_within x the margin but not
+    # the margin, or a failed confirmation whose pairs still favour the candidate, earns more (best, candidate) pairs,
+    # one at a time up to retest_pairs in all; keep as soon as the paired rule holds at retest_alpha / retest_pairs
+    # (each look its share of retest_alpha), stop as soon as the pairs' mean no longer favours the candidate.
+    retest: bool = True
+    retest_pairs: int = 6
+    retest_alpha: float = 0.02
+    retest_within: float = 0.5
     stall_retries: int = 1  # a run marked `stalled`, or starved past its wall ceiling (timeout), is re-run this many times; then it is `disturbed`
     disturbed_factor: float = 2.0  # a run this many times slower than the session's fastest of its shape is disturbed
     disturbed_factor_new_shape: float = 3.0  # a shape not run yet: its MFU this many times below the session's best
@@ -175,6 +183,9 @@ KNOB_RANGES = {
     "confirm_min_dof": (lambda v, s: v >= 0, ">= 0"),
     "confirm_pairs": (lambda v, s: v >= 1, ">= 1"),
     "confirm_alpha": (lambda v, s: 0 < v < 0.5, "between 0 and 0.5 (e.g. 0.05)"),
+    "retest_pairs": (lambda v, s: v >= 2, ">= 2"),
+    "retest_alpha": (lambda v, s: 0 < v < 0.5, "between 0 and 0.5 (e.g. 0.02)"),
+    "retest_within": (lambda v, s: 0 <= v <= 1, "between 0 and 1 (a share of the screen margin)"),
     "disturbed_factor": (lambda v, s: v > 1, "> 1 (e.g. 2: half the session's throughput)"),
     "disturbed_factor_new_shape": (lambda v, s: v > 1, "> 1"),
     "disturbed_retries": (lambda v, s: v >= 0, ">= 0"),

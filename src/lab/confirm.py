@@ -60,13 +60,12 @@ class Confirmation:
 
     def run(self, e: Experiment, best: Best, commit: str, overrides: list[str], rows: list[Experiment],
             noise: NoiseFloor) -> Confirmed:
-        """Run the pairs of experiment row `e` (screened) and apply the paired rule.
+        """Run the pairs of experiment row `e` (screened) and apply the paired rule; a failed confirmation whose pairs
+        still favour the candidate goes on as a near miss's retest (search.retest).
 
         noise: the floor from the runs before this experiment, independent of its pairs.
         """
         s = self.lab.cfg.search
-        sides = {"b": (best.commit, best.overrides, f"the best ({best.exp}) re-run"),
-                 "c": (commit, overrides, "the candidate re-run")}
         diffs, cand = [], []
         n = self.pairs(noise)
         with self.second(best.commit) as other:
@@ -74,16 +73,62 @@ class Confirmation:
                      -(e.delta or 0.0), e.margin or 0.0, n,
                      f"side by side on w{self.attempts.worker.index} and w{other.worker.index}" if other
                      else "back to back")
-            for i in range(n):
-                got = {}
-                for side, row in self._pair(e, "bc" if i % 2 == 0 else "cb", sides, f"pair {i + 1} of {n}", other):
-                    if row.status != CONFIRM:
-                        return self._not_standing(row, cand)
-                    got[side] = row.runs[0]
-                cand.append(got["c"])
-                diffs.append(got["c"] - got["b"])
-        v = paired(diffs, noise, s.confirm_alpha, s.min_delta)
-        return Confirmed(v.decision, v, v.note, cand)
+            stop = self._more(e, best, commit, overrides, other, diffs, cand, n, f"of {n}")
+            if stop is not None:
+                return stop
+            v = paired(diffs, noise, s.confirm_alpha, s.min_delta)
+            if v.keep or not (s.retest and sum(diffs) < 0 and len(diffs) < s.retest_pairs):
+                return Confirmed(v.decision, v, v.note, cand)
+            r = self._retest(e, best, commit, overrides, other, diffs, cand, noise)
+            return Confirmed(r.decision, r.verdict, f"{v.note}; still favours it: {r.reason}", cand)
+
+    def retest(self, e: Experiment, best: Best, commit: str, overrides: list[str], noise: NoiseFloor) -> Confirmed:
+        """A near miss (its screen run beat the best, by less than the margin): (best, candidate) pairs, one at a time,
+        until the paired rule at search.retest_alpha / retest_pairs keeps it, the pairs no longer favour it, or
+        retest_pairs pairs ran. Each look spends its share of retest_alpha (Bonferroni), so under no real change the
+        retest keeps with probability at most retest_alpha whatever it saw on the way; the screen run is not part of
+        the evidence (it was selected for being low)."""
+        diffs, cand = [], []
+        with self.second(best.commit) as other:
+            log.info("%s: a near miss (%.4f below the best, margin %.4f): retesting in pairs %s", e.exp,
+                     -(e.delta or 0.0), e.margin or 0.0, "side by side" if other else "back to back")
+            return self._retest(e, best, commit, overrides, other, diffs, cand, noise)
+
+    def _retest(self, e: Experiment, best: Best, commit: str, overrides: list[str], other: Optional[Attempts],
+                diffs: list[float], cand: list[float], noise: NoiseFloor) -> Confirmed:
+        s = self.lab.cfg.search
+        k, alpha = s.retest_pairs, s.retest_alpha / s.retest_pairs
+        v = None
+        while len(diffs) < k:
+            n = 2 if not diffs and noise.dof < 2 else 1  # the first look needs a noise estimate (as a confirmation)
+            stop = self._more(e, best, commit, overrides, other, diffs, cand, n, f"of up to {k} (retest)")
+            if stop is not None:
+                return stop
+            v = paired(diffs, noise, alpha, s.min_delta)
+            if v.keep or sum(diffs) >= 0:
+                break
+        if v is None:
+            return Confirmed(DISCARD, None, "no retest pair left to run", cand)
+        why = ("kept" if v.keep else "stopped: the pairs no longer favour it" if sum(diffs) >= 0
+               else f"not kept after {len(diffs)} pairs")
+        return Confirmed(v.decision, v, f"retest ({why}, each look at alpha {s.retest_alpha}/{k}): {v.note}", cand)
+
+    def _more(self, e: Experiment, best: Best, commit: str, overrides: list[str], other: Optional[Attempts],
+              diffs: list[float], cand: list[float], n: int, of: str) -> Optional[Confirmed]:
+        """n more pairs, their differences appended to diffs (the candidate's runs to cand); a run that does not
+        stand ends it (returned)."""
+        sides = {"b": (best.commit, best.overrides, f"the best ({best.exp}) re-run"),
+                 "c": (commit, overrides, "the candidate re-run")}
+        for _ in range(n):
+            i = len(diffs)
+            got = {}
+            for side, row in self._pair(e, "bc" if i % 2 == 0 else "cb", sides, f"pair {i + 1} {of}", other):
+                if row.status != CONFIRM:
+                    return self._not_standing(row, cand)
+                got[side] = row.runs[0]
+            cand.append(got["c"])
+            diffs.append(got["c"] - got["b"])
+        return None
 
     def _pair(self, e: Experiment, order: str, sides: dict, which: str, other: Optional[Attempts]):
         """One pair's (side, row)s: order[0] on this worker and order[1] on the other at the same time, or (no

@@ -33,7 +33,7 @@ from src.lab import candidate
 from src.lab.attempts import Attempt, Attempts
 from src.lab.confirm import Confirmation
 from src.lab.context import Lab
-from src.lab.decision import decide, weak
+from src.lab.decision import Verdict, decide, weak
 from src.lab.integrity import implausible
 from src.lab.leases import Leases
 from src.lab.ledger import Experiment
@@ -185,13 +185,15 @@ class Experiments:
         with lab.lock:
             rows = lab.rows()
             st = lab.standings(rows)
-            keep = out.ok and out.val_bpb is not None and decide(out.val_bpb, st.best.val_bpb, st.margin).keep
+            screen = decide(out.val_bpb, st.best.val_bpb, st.margin) if out.ok and out.val_bpb is not None else None
+            keep = screen is not None and (screen.keep or near_miss(screen, lab.cfg.search))
             if not keep:  # discard, crash, disturbed, tampered: nothing more to run
                 self._decide(e, a, st, overrides, rows, parent)
                 self._finish(e, rows, out)
                 return
-        # would-be keeps one at a time: only their holder moves the best. Waiting for it, this worker runs
-        # nothing: the holder may borrow it for a confirmation run (it comes back before the lock is free)
+        # would-be keeps (and near misses, retested against the best) one at a time: only their holder moves the
+        # best. Waiting for it, this worker runs nothing: the holder may borrow it for a confirmation run (it comes
+        # back before the lock is free)
         with self.leases.waiting(self.worker) if self.leases else nullcontext():
             lab.advance.acquire()
         try:
@@ -252,6 +254,17 @@ class Experiments:
             e.val_bpb = sum(runs) / len(runs)  # the candidate's score; each run stays on its own row
             if c.decision == DISTURBED:
                 e.delta = None
+        elif not v.keep and not doubt and near_miss(v, s):
+            c = self._confirmation(parent).retest(e, best, e.commit, overrides, st.noise)
+            notes.append(f"a near miss: screen {v.delta:+.4f}, inside the margin {v.margin:.4f} (noise "
+                         f"{st.noise.describe()}); {c.reason}")
+            e.status = c.decision
+            if c.verdict is not None:
+                e.delta, e.margin = c.verdict.delta, c.verdict.margin
+            if c.decision == DISTURBED:
+                e.delta = None
+            runs = [out.val_bpb, *c.candidate_runs]
+            e.val_bpb = sum(runs) / len(runs)
         e.reason = "; ".join(notes)
 
     def _rebase(self, e: Experiment, a: Attempt, proposal: Proposal, st: Standings, rows: list[Experiment],
@@ -262,8 +275,8 @@ class Experiments:
         e.val_bpb, e.values, e.delta, e.margin, e.status = out.val_bpb, [out.val_bpb], v.delta, v.margin, v.decision
         moved = f"the best moved to {best.exp} ({best.commit[:7]}) while it ran on {parent[:7]}"
         if not v.keep:
-            e.reason = f"{moved}; it does not beat the new best by the margin"
-            return
+            e.reason = f"{moved}; it does not beat the new best by the margin"  # a near miss too: its pairs would
+            return  # be against a best it was not screened against
         with lab.lock:
             overrides = merge_overrides(best.overrides, proposal.overrides)
             tree.keep_ref(f"{e.exp}-screen", e.commit)  # the commit the screen run ran stays inspectable
@@ -357,6 +370,11 @@ class Experiments:
             sess.untrack(self.worker.index)
         log_row(e)
         return e
+
+
+def near_miss(v: Verdict, s) -> bool:
+    """A screen discard that beat the best by more than search.retest_within x the margin: it earns a retest."""
+    return bool(s.retest) and not v.keep and v.delta < -s.retest_within * v.margin
 
 
 def settle_baseline(e: Experiment, a: Attempt) -> None:

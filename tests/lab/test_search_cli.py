@@ -130,7 +130,8 @@ def test_ctrl_c_then_kill_9_mid_experiment_then_resume_finishes_it_once(tmp_path
     repo = make_repo(tmp_path)
     proposals = [{"description": f"matrix lr {lr}", "overrides": [f"optimizer.matrix_lr={lr}"]}
                  for lr in (0.05, 0.03, 0.06)]
-    args = search_args(tmp_path, repo, proposals, "search.max_experiments=1", "search.preflight=false")
+    args = search_args(tmp_path, repo, proposals, "search.max_experiments=1", "search.preflight=false",
+                       "search.test_split=false")
     d = repo / "outputs" / "research" / "cli"
     cmd = [sys.executable, "-m", "src.search", *args]
 

@@ -227,7 +227,8 @@ def test_the_spend_is_rebuilt_from_the_ledger_when_the_usage_file_is_gone(server
 
 TINY_SEARCH = ["device=cpu", "model.depth=2", "budget.mode=tokens", "budget.tokens=8192", "batch.total_tokens=2048",
                "batch.device_tokens=2048", "data.eval_tokens=8192", "search.baseline_repeats=1",
-               "search.preflight=false", "search.progress=false", "search.confirm=false"]  # confirmations: tested apart
+               "search.preflight=false", "search.progress=false", "search.confirm=false",  # confirmations: tested apart
+               "search.test_split=false"]  # the held-out split: tested in test_search_cli.py
 
 
 def _search(args: list[str], tmp: Path, name: str):

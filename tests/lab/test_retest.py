@@ -1,0 +1,60 @@
+"""Near misses are retested (src/lab/confirm.py Confirmation.retest, experiment.near_miss): a screen run that beat the
+best by less than the margin earns (best, candidate) pairs, one at a time, until the paired rule at
+search.retest_alpha / retest_pairs keeps it or the pairs stop favouring it. Sessions with the stand-in train, whose
+$FAKE_SHIFT moves the runs it names: the baseline's two runs 0.01 apart (sigma 0.0071, margin 0.0141).
+
+Run: python -m pytest -q tests/lab/test_retest.py
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from src.lab.decision import Verdict
+from src.lab.experiment import near_miss
+from tests.lab.test_verdicts import lab, session  # noqa: F401  (the fixture and the session runner)
+from tests.support.helpers import comment_patch, compose_search
+
+
+def test_a_near_miss_is_a_screen_discard_past_the_share_of_the_margin():
+    s = compose_search([]).search
+    assert s.retest and s.retest_within == 0.5
+    assert near_miss(Verdict("discard", -0.011, 0.0141), s)
+    assert not near_miss(Verdict("discard", -0.006, 0.0141), s)  # less than half the margin
+    assert not near_miss(Verdict("discard", +0.01, 0.0141), s)
+    assert not near_miss(Verdict("keep", -0.02, 0.0141), s)  # a would-be keep is confirmed, not retested
+    assert not near_miss(Verdict("discard", -0.011, 0.0141), SimpleNamespace(retest=False, retest_within=0.5))
+
+
+def shifts(exp: str, screen: float, pairs: float, n: int = 6) -> str:
+    """FAKE_SHIFT for an experiment: its screen run by `screen`, its candidate re-runs (exp-c1..cn) by `pairs`."""
+    return ",".join([f"{exp}:{screen}"] + [f"{exp}-c{i}:{pairs}" for i in range(1, n + 1)])
+
+
+@pytest.mark.slow  # two sessions of a dozen stand-in runs
+def test_a_real_gain_inside_the_margin_is_kept_on_its_retest_and_a_null_one_stops_early(lab, monkeypatch):
+    repo = lab["repo"]
+    # exp-001: a null change whose screen run was lucky (-0.011: a near miss); its re-runs score as the baseline
+    # exp-002: a real gain of 0.012 (under the margin) whose screen run shows it; every re-run shows it too
+    monkeypatch.setenv("FAKE_SHIFT", ",".join(["base-2:0.01", shifts("exp-001", -0.006, 0.0),
+                                               shifts("exp-002", -0.006, -0.012)]))
+    by, rows, s = session(lab, proposals=[
+        {"description": "null", "patch": comment_patch(repo, note="null change")},
+        {"description": "real", "patch": comment_patch(repo, note="a real gain, by FAKE_SHIFT")}])
+    assert by["exp-001"]["status"] == "discard", by["exp-001"]["reason"]
+    assert "near miss" in by["exp-001"]["reason"] and "no longer favour" in by["exp-001"]["reason"]
+    null_pairs = [r["exp"] for r in rows if r["exp"].startswith("exp-001-")]
+    assert sorted(null_pairs) == ["exp-001-b1", "exp-001-b2", "exp-001-c1", "exp-001-c2"]  # stopped at its first look
+    assert by["exp-002"]["status"] == "keep", by["exp-002"]["reason"]
+    assert "near miss" in by["exp-002"]["reason"] and "retest (kept" in by["exp-002"]["reason"]
+    pairs = [r for r in rows if r["exp"].startswith("exp-002-")]
+    assert 4 <= len(pairs) <= 2 * s.lab.cfg.search.retest_pairs and all(r["status"] == "confirm" for r in pairs)
+    assert float(by["exp-002"]["delta"]) == pytest.approx(-0.012, abs=1e-6)  # the pairs' mean difference
+    report = (repo / "outputs" / "research" / "v" / "report.md").read_text()  # the leaderboard says what rows rest on
+    assert f"| keep | screen + {len(pairs) // 2} pair(s) |" in report and "| discard | screen + 2 pair(s) |" in report
+    # with retests off the same real gain is a plain discard at its screen run
+    monkeypatch.setenv("FAKE_SHIFT", ",".join(["base-2:0.01", shifts("exp-001", -0.006, -0.012)]))
+    by, rows, _ = session(lab, "search.retest=false", tag="off2", proposals=[
+        {"description": "real", "patch": comment_patch(repo, note="a real gain, by FAKE_SHIFT")}])
+    assert by["exp-001"]["status"] == "discard" and not [r for r in rows if r["exp"].startswith("exp-001-")]
