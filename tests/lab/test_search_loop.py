@@ -133,7 +133,7 @@ def test_the_margin_comes_from_baseline_noise_and_a_would_be_keep_is_confirmed(l
     monkeypatch.setenv("FAKE_NOISE", "0.04")
     proposals = [{"description": "tiny lr change", "overrides": ["optimizer.matrix_lr=0.041"]},
                  {"description": "smaller batch", "overrides": ["batch.total_tokens=4096", "batch.device_tokens=4096"]}]
-    s, out = start(lab, "search.baseline_repeats=3", "search.confirm=true", "search.min_delta=0",
+    s, out = start(lab, "search.baseline_repeats=3", "search.confirm=true", "search.min_delta=0", "search.retest=false",
                    proposals=proposals)
     rows = read_tsv(sdir(lab) / "results.tsv")
     baseline = [float(r["val_bpb"]) for r in rows[:3]]
