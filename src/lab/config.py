@@ -131,9 +131,9 @@ class SearchConfig:
     # one at a time up to retest_pairs in all; keep as soon as the paired rule holds at retest_alpha / retest_pairs
     # (each look its share of retest_alpha), stop as soon as the pairs' mean no longer favours the candidate.
     retest: bool = True
-    retest_pairs: int = 6
+    retest_pairs: int = 8
     retest_alpha: float = 0.02
-    retest_within: float = 0.5
+    retest_within: float = 0.75
     stall_retries: int = 1  # a run marked `stalled`, or starved past its wall ceiling (timeout), is re-run this many times; then it is `disturbed`
     disturbed_factor: float = 2.0  # a run this many times slower than the session's fastest of its shape is disturbed
     disturbed_factor_new_shape: float = 3.0  # a shape not run yet: its MFU this many times below the session's best

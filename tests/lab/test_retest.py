@@ -19,15 +19,15 @@ from tests.support.helpers import comment_patch, compose_search
 
 def test_a_near_miss_is_a_screen_discard_past_the_share_of_the_margin():
     s = compose_search([]).search
-    assert s.retest and s.retest_within == 0.5
+    assert s.retest and s.retest_within == 0.75
     assert near_miss(Verdict("discard", -0.011, 0.0141), s)
-    assert not near_miss(Verdict("discard", -0.006, 0.0141), s)  # less than half the margin
+    assert not near_miss(Verdict("discard", -0.006, 0.0141), s)  # less than three quarters of the margin
     assert not near_miss(Verdict("discard", +0.01, 0.0141), s)
     assert not near_miss(Verdict("keep", -0.02, 0.0141), s)  # a would-be keep is confirmed, not retested
     assert not near_miss(Verdict("discard", -0.011, 0.0141), SimpleNamespace(retest=False, retest_within=0.5))
 
 
-def shifts(exp: str, screen: float, pairs: float, n: int = 6) -> str:
+def shifts(exp: str, screen: float, pairs: float, n: int = 8) -> str:
     """FAKE_SHIFT for an experiment: its screen run by `screen`, its candidate re-runs (exp-c1..cn) by `pairs`."""
     return ",".join([f"{exp}:{screen}"] + [f"{exp}-c{i}:{pairs}" for i in range(1, n + 1)])
 
