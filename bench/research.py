@@ -102,7 +102,7 @@ def session_args(name: str, extra: list[str], seed: int, k: int, budget: int, ta
 def run_one(name: str, extra: list[str], seed: int, k: int, budget: int, work: Path) -> dict:
     """One session, in a clone of its own (sessions side by side share no git locks); its figures read back from
     its ledger, state and held-out result."""
-    tag = f"{name}-s{seed}"
+    tag = f"{name}-s{seed}".replace("+", "_")  # a session name: letters, digits, _ - .
     repo = clone(work / tag)
     uses_claude = any(a in extra for a in CLAUDE_AGENTS)
     server = MessagesServer(api_key=KEY).__enter__() if uses_claude else None
@@ -255,6 +255,7 @@ def main() -> int:
     subprocess.run([sys.executable, "prepare.py"], cwd=REPO, check=True, capture_output=True)
     jobs = [(n, ovs + args.overrides, s) for s in args.seeds for n, ovs in configs.items()]  # seeds outer: mixed
     results: list[dict] = []
+    failed: list[str] = []
     lock = threading.Lock()
 
     def worker() -> None:
@@ -264,7 +265,13 @@ def main() -> int:
                     return
                 name, ovs, seed = jobs.pop(0)
             t0 = time.time()
-            r = run_one(name, ovs, seed, args.k, args.budget, work)
+            try:
+                r = run_one(name, ovs, seed, args.k, args.budget, work)
+            except Exception as err:  # a session that left no ledger: said, and the others go on
+                with lock:
+                    failed.append(f"{name} seed {seed}: {type(err).__name__}: {err} (log: {work})")
+                    print(f"[{time.strftime('%H:%M:%S')}] {failed[-1]}", flush=True)
+                continue
             with lock:
                 results.append(r)
                 print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: rc {r['returncode']}, {r['decided']} decided "
@@ -284,7 +291,9 @@ def main() -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "best_after_k.png", args.k)
     print("\n" + text + f"\n\nwritten: {out / 'table.md'}, {out / 'results.json'}, {out / 'best_after_k.png'}")
-    return 0 if all(r["returncode"] == 0 for r in results) else 1
+    for f in failed:
+        print(f"FAILED: {f}")
+    return 0 if not failed and all(r["returncode"] == 0 for r in results) else 1
 
 
 if __name__ == "__main__":

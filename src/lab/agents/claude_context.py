@@ -521,7 +521,9 @@ def dashboard(state, x: Extras) -> str:
         lines += ["", x.tuner]
     near = near_misses(state.history, b, state.margin)
     if near:
-        lines += ["", "## Near misses since the best (better, but inside the margin: combine them, or re-run one)",
+        lines += ["", "## Near misses since the best (better, but inside the margin; the lab retests one that beat the "
+                      "best by over search.retest_within of the margin, and its row says how that went: combine them, "
+                      "or propose one again)",
                   *[row_line(e) for e in near]]
     flying = getattr(state, "in_flight", None) or []
     if flying:  # search.workers > 1
