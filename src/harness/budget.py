@@ -57,21 +57,28 @@ CURVE_STEP = 0.05
 class Curve:
     """The smoothed training loss at fixed fractions of the counted budget (every CURVE_STEP of it): the same
     points for every run, so that the lab can compare runs point by point while they train. The loss is an
-    exponential moving average of the step losses (bias-corrected, beta 0.9); a step that crosses several
-    fractions (a short budget) gives them the same value."""
+    exponential moving average of the step losses (bias-corrected, beta 0.9), read at the exact fraction by linear
+    interpolation between the steps before and after it: a run of a few dozen steps lands its steps at different
+    fractions from one run to the next, and without it two runs of the same code would differ by a whole step's
+    drop in loss where the loss falls fast (measured: identical 30-s runs 0.5 apart at 10%)."""
 
     def __init__(self, beta: float = 0.9):
         self.beta, self.ema, self.n = beta, 0.0, 0
         self.points: list[tuple[float, float]] = []
+        self._last: Optional[tuple[float, float]] = None  # (progress, smoothed loss) of the previous step
 
     def add(self, progress: float, loss: float) -> list[tuple[float, float]]:
         """Record a step's loss at budget `progress` in [0, 1]; returns the fractions it crossed."""
         self.n += 1
         self.ema = self.beta * self.ema + (1 - self.beta) * loss
         smooth = self.ema / (1 - self.beta ** self.n)
+        p0, v0 = self._last if self._last is not None else (progress, smooth)
+        self._last = (progress, smooth)
         new = []
         while len(self.points) < round(1 / CURVE_STEP) and (len(self.points) + 1) * CURVE_STEP <= progress + 1e-9:
-            new.append((round((len(self.points) + 1) * CURVE_STEP, 4), smooth))
+            f = round((len(self.points) + 1) * CURVE_STEP, 4)
+            w = min(max((f - p0) / (progress - p0), 0.0), 1.0) if progress > p0 else 1.0
+            new.append((f, v0 + w * (smooth - v0)))
             self.points.append(new[-1])
         return new
 

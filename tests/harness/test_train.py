@@ -49,10 +49,19 @@ def test_the_curve_is_the_smoothed_loss_at_every_5_percent_of_the_budget():
 
     c = Curve()
     assert c.add(0.02, 5.0) == [] and c.add(0.05, 5.0) == [(0.05, 5.0)]  # bias-corrected: the mean of equal losses
-    jumped = c.add(0.21, 3.0)  # one long step crosses three points: they share its smoothed value
-    assert [f for f, _ in jumped] == [0.1, 0.15, 0.2] and len({v for _, v in jumped}) == 1 and 3.0 < jumped[0][1] < 5.0
+    jumped = c.add(0.25, 3.0)  # one long step crosses four points: read between its smoothed value and the last's
+    smooth = c.points[-1][1]
+    assert [f for f, _ in jumped] == [0.1, 0.15, 0.2, 0.25] and 3.0 < smooth < 5.0
+    assert [v for _, v in jumped] == pytest.approx([5.0 + (smooth - 5.0) * k / 4 for k in (1, 2, 3, 4)])
     c.add(1.0, 1.0)
     assert len(c.points) == 20 and c.points[-1][0] == 1.0 and c.add(1.0, 1.0) == []
+    # two runs of the same losses whose steps land at different fractions read (nearly) the same at each point
+    a, b = Curve(), Curve()
+    for k in range(1, 31):
+        a.add(k / 30, 5.0 - 3.0 * k / 30)
+        b.add(min(1.0, (k + 0.5) / 30), 5.0 - 3.0 * (k + 0.5) / 30)
+    gap = max(abs(x[1] - y[1]) for x, y in zip(a.points[:-1], b.points[:-1]))
+    assert gap < 0.025  # a step's drop in loss is 0.1; read at the step after each fraction, they were 0.05 apart
 
 
 def test_dry_run_reports_the_reference_sizes_without_data():
