@@ -127,7 +127,7 @@ def figures(repo: Path, tag: str, name: str, seed: int, rc: int, wall: float, lo
     o = outcome(repo, tag)
     d = repo / "outputs" / "research" / tag
     rows = o.rows
-    decided = [e for e in rows if e.is_experiment and e.status in ("keep", "discard")]
+    decided = [e for e in rows if e.is_experiment and e.status in ("keep", "discard", "pruned")]  # pruned: decided
     runs = [e for e in rows if e.training_seconds is not None and e.status != "invalid"]
     train_s = sum(e.training_seconds or 0.0 for e in runs)  # counted device seconds, baselines and confirmations too
     running, curve = o.standings.baseline, []
@@ -144,7 +144,7 @@ def figures(repo: Path, tag: str, name: str, seed: int, rc: int, wall: float, lo
     base, best = o.standings.baseline, o.standings.best.val_bpb
     return {"config": name, "seed": seed, "tag": tag, "returncode": rc, "wall_s": wall,
             "experiments": sum(1 for e in rows if e.is_experiment and e.counted),
-            "decided": len(decided) + sum(1 for e in rows if e.status == "pruned"),  # a pruned run is decided too
+            "decided": len(decided),
             "kept": sum(1 for e in rows if e.status == "keep"), "runs": len(runs),
             "decided_per_hour": len(decided) / (wall / 3600) if wall > 0 else 0.0,
             "training_share": train_s / wall if wall > 0 else 0.0,
