@@ -81,12 +81,16 @@ def main() -> None:
     if nulls is not None:
         null_rows = [e for e in exps(nulls) if e.status != "invalid"]
         screened = sum(1 for e in null_rows if "screen:" in e.reason)
-        rows.append(["null changes", args.nulls, len(null_rows), screened, len(nulls.kept),
+        retested = sum(1 for e in null_rows if "near miss" in e.reason or "still favours it" in e.reason)
+        rows.append(["null changes", args.nulls, len(null_rows), f"{screened} ({retested} near misses retested)",
+                     len(nulls.kept),
                      f"{len(nulls.kept)}/{len(null_rows)} false keeps", nulls.runs, nulls.standings.noise.describe()])
     print()
     print(table(["arm", "proposals", "decided", "passed the screen", "kept", "rate", "runs", "noise at the end"], [
         *rows,
-        ["real improvement", len(trials), len(gains), sum(1 for e in gains if "screen:" in e.reason or e.status == "keep"),
+        ["real improvement", len(trials), len(gains),
+         f"{sum(1 for e in gains if 'screen:' in e.reason or e.status == 'keep')} "
+         f"({sum(1 for e in gains if 'near miss' in e.reason or 'still favours it' in e.reason)} near misses retested)",
          len(kept), f"{len(kept)}/{len(gains)} kept", sum(o.runs for o in trials),
          "; ".join(o.standings.noise.describe() for o in trials)]]))
     deltas = [f"{e.exp} {e.status} delta {e.delta:+.4f} margin {e.margin:.4f}" for o in trials for e in exps(o)
