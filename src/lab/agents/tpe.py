@@ -19,7 +19,7 @@ from src.lab.agents.space import check_space, distributions, format_value, resol
 from src.lab.config import OptunaAgentConfig, SearchSpaceConfig
 from src.lab.ledger import Experiment
 from src.lab.proposal import Proposal
-from src.lab.decisions import DISCARD, KEEP
+from src.lab.decisions import DISCARD, KEEP, PRUNED
 
 log = logging.getLogger("src.lab.agents.tpe")
 
@@ -59,7 +59,10 @@ class OptunaAgent(Agent):
         self._checked = False
 
     # ------------------------------------------------------------------ learning
-    def _tell_point(self, params: dict, value: Optional[float], exp: str, by: str = "") -> None:
+    def _tell_point(self, params: dict, value: Optional[float], exp: str, by: str = "", pruned: bool = False) -> None:
+        """One finished point: COMPLETE with its val_bpb; PRUNED when the lab stopped it losing (TPE counts a pruned
+        trial worse than every completed one, so the sampler learns to avoid its region); FAIL otherwise (a crash
+        says nothing about the point's quality, and TPE leaves it out)."""
         import optuna
         from optuna.trial import TrialState
 
@@ -67,8 +70,8 @@ class OptunaAgent(Agent):
                                                      for k, v in params.items()):
             log.info("%s: point outside the current search space; not told to the sampler", exp)
             return
-        trial = optuna.trial.create_trial(params=params, distributions=self.dists, value=value,
-                                          state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
+        state = TrialState.COMPLETE if value is not None else TrialState.PRUNED if pruned else TrialState.FAIL
+        trial = optuna.trial.create_trial(params=params, distributions=self.dists, value=value, state=state,
                                           user_attrs={"exp": exp, "by": by or self.name})
         self.study.add_trial(trial)
 
@@ -93,7 +96,7 @@ class OptunaAgent(Agent):
         for e in history:
             params = (e.proposal.meta.get("params") if e.proposal else None)
             if params:
-                self._tell_point(params, self._value(e), e.exp, e.agent)
+                self._tell_point(params, self._value(e), e.exp, e.agent, pruned=e.status == PRUNED)
 
     def observe(self, e: Experiment, state: SearchState) -> None:
         from optuna.trial import TrialState
@@ -104,14 +107,14 @@ class OptunaAgent(Agent):
         trial = self.pending.pop(meta.get("trial", -1), None)
         value = self._value(e)
         if trial is None:  # asked by an earlier invocation (the in-flight experiment of a resume), or another agent's
-            self._tell_point(meta["params"], value, e.exp, e.agent)
+            self._tell_point(meta["params"], value, e.exp, e.agent, pruned=e.status == PRUNED)
             return
         trial.set_user_attr("exp", e.exp)
         trial.set_user_attr("by", self.name)
         if value is not None:
             self.study.tell(trial, value)
         else:
-            self.study.tell(trial, state=TrialState.FAIL)
+            self.study.tell(trial, state=TrialState.PRUNED if e.status == PRUNED else TrialState.FAIL)
 
     # ------------------------------------------------------------------ proposing
     def propose(self, state: SearchState) -> Proposal:

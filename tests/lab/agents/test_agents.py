@@ -108,6 +108,13 @@ def test_tpe_restores_history_and_learns_from_outcomes():
     other = build_agent(cfg.agent, cfg.search_space)
     other.observe(_row("exp-003", q, "keep", 2.7), state(history))
     assert other.study.trials[-1].value == 2.7
+    # a pruned run is PRUNED to the sampler (TPE ranks it below every completed trial), also when re-told on resume
+    r = other.propose(state(history))
+    other.observe(_row("exp-004", r, "pruned", None), state(history))
+    assert other.study.trials[-1].state.name == "PRUNED"
+    resumed = build_agent(cfg.agent, cfg.search_space)
+    resumed.restore(history + [_row("exp-004", r, "pruned", None)], state(history))
+    assert [t.state.name for t in resumed.study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
 
 
 def test_random_agent_is_reproducible_by_seed():
