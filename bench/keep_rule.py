@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from src.lab.decision import NoiseFloor, decide, paired, weak  # noqa: E402
+from src.lab.decision import NoiseFloor, decide, out_of_reach, paired, weak  # noqa: E402
 from src.lab.experiment import near_miss  # noqa: E402
 from src.lab.fakes.project import compose_search  # noqa: E402
 
@@ -45,7 +45,7 @@ def experiment(gain: float, best_runs: int, dof: int, s, retest: bool, rng: rand
             more(2 if not diffs and noise.dof < 2 else 1)
             if paired(diffs, noise, s.retest_alpha / s.retest_pairs, s.min_delta).keep:
                 return True
-            if sum(diffs) >= 0:
+            if out_of_reach(diffs, noise, s.retest_alpha / s.retest_pairs, s.min_delta, s.retest_pairs):
                 return False
         return False
 

@@ -25,7 +25,7 @@ from typing import Callable, ContextManager, Optional
 
 from src.lab.attempts import Attempts
 from src.lab.context import Lab
-from src.lab.decision import NoiseFloor, Verdict, decide, paired
+from src.lab.decision import NoiseFloor, Verdict, decide, out_of_reach, paired
 from src.lab.ledger import Experiment, confirmation_id
 from src.lab.standings import Best
 from src.lab.decisions import CONFIRM, CRASH, DISCARD, DISTURBED, OK, PENDING
@@ -84,7 +84,8 @@ class Confirmation:
 
     def retest(self, e: Experiment, best: Best, commit: str, overrides: list[str], noise: NoiseFloor) -> Confirmed:
         """A near miss (its screen run beat the best, by less than the margin): (best, candidate) pairs, one at a time,
-        until the paired rule at search.retest_alpha / retest_pairs keeps it, the pairs no longer favour it, or
+        until the paired rule at search.retest_alpha / retest_pairs keeps it, the pairs' mean could not pass it even
+        after retest_pairs pairs (out_of_reach: a mean that no longer favours it, or too small a gain), or
         retest_pairs pairs ran. Each look spends its share of retest_alpha (Bonferroni), so under no real change the
         retest keeps with probability at most retest_alpha whatever it saw on the way; the screen run is not part of
         the evidence (it was selected for being low)."""
@@ -105,12 +106,13 @@ class Confirmation:
             if stop is not None:
                 return stop
             v = paired(diffs, noise, alpha, s.min_delta)
-            if v.keep or sum(diffs) >= 0:
+            if v.keep or out_of_reach(diffs, noise, alpha, s.min_delta, k):
                 break
         if v is None:
             return Confirmed(DISCARD, None, "no retest pair left to run", cand)
         why = ("kept" if v.keep else "stopped: the pairs no longer favour it" if sum(diffs) >= 0
-               else f"not kept after {len(diffs)} pairs")
+               else f"not kept after {len(diffs)} pairs" if len(diffs) >= k
+               else f"stopped after {len(diffs)} pairs: their mean could not pass the rule even at {k}")
         return Confirmed(v.decision, v, f"retest ({why}, each look at alpha {s.retest_alpha}/{k}): {v.note}", cand)
 
     def _more(self, e: Experiment, best: Best, commit: str, overrides: list[str], other: Optional[Attempts],

@@ -109,19 +109,40 @@ def paired(diffs: list[float], floor: NoiseFloor, alpha: float, min_delta: float
     """
     n = len(diffs)
     d = sum(diffs) / n
-    ss, dof = floor.sigma ** 2 * floor.dof, floor.dof
-    if n > 1:
-        ss += sum((x - d) ** 2 for x in diffs) / 2  # Var(c - b) = 2 sigma^2
-        dof += n - 1
-    if dof == 0:
-        raise ValueError("the paired rule needs a noise estimate: a second pair, or repeats of the baseline")
-    sigma = math.sqrt(ss / dof)
+    sigma, dof = pooled_sigma(diffs, floor)
     t = t_quantile(1 - alpha, dof)
     threshold = max(min_delta, t * sigma * math.sqrt(2 / n))
     note = (f"paired confirmation: mean difference {d:+.4f} over {n} pair(s) "
             f"({', '.join(f'{x:+.4f}' for x in diffs)}); keep iff it is below -max(min_delta, t({1 - alpha:.2f}, "
             f"{dof} dof) {t:.2f} x sigma {sigma:.4f} x sqrt(2/{n})) = -{threshold:.4f}")
     return Verdict(KEEP if d < -threshold else DISCARD, d, threshold, note)
+
+
+def pooled_sigma(diffs: list[float], floor: NoiseFloor) -> tuple[float, int]:
+    """The paired rule's sigma and dof: the floor pooled with the pairs' own spread (sd of the differences / sqrt 2)."""
+    n = len(diffs)
+    d = sum(diffs) / n
+    ss, dof = floor.sigma ** 2 * floor.dof, floor.dof
+    if n > 1:
+        ss += sum((x - d) ** 2 for x in diffs) / 2  # Var(c - b) = 2 sigma^2
+        dof += n - 1
+    if dof == 0:
+        raise ValueError("the paired rule needs a noise estimate: a second pair, or repeats of the baseline")
+    return math.sqrt(ss / dof), dof
+
+
+def out_of_reach(diffs: list[float], floor: NoiseFloor, alpha: float, min_delta: float, pairs: int) -> bool:
+    """Is the paired rule out of reach for these pairs: their mean no longer favours the candidate, or (from half of
+    `pairs` on) it is below the threshold the rule would have after `pairs` pairs in all (it shrinks as
+    sqrt(2 / n))? A retest stops then: a stop that only ever discards can only lower the false-keep rate."""
+    n = len(diffs)
+    if sum(diffs) >= 0:
+        return True
+    if 2 * n < pairs:  # a mean of fewer than half the pairs is too noisy to give up on a gain it still shows
+        return False
+    sigma, dof = pooled_sigma(diffs, floor)
+    final = max(min_delta, t_quantile(1 - alpha, dof + pairs - n) * sigma * math.sqrt(2 / pairs))
+    return -sum(diffs) / n <= final
 
 
 # ---------------------------------------------------------------------------- Student's t
