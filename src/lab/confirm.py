@@ -40,6 +40,18 @@ class Confirmed:
     reason: str
     candidate_runs: list[float] = field(default_factory=list)  # val_bpb of the candidate's confirmation runs
 
+    def apply(self, e: Experiment, runs: list[float]) -> None:
+        """Onto the experiment's row: the decision, the paired rule's mean difference and threshold (none for an
+        undecided one), and val_bpb the mean of `runs` (the candidate's runs that stand for it; each stays on its
+        own row)."""
+        e.status = self.decision
+        if self.verdict is not None:
+            e.delta, e.margin = self.verdict.delta, self.verdict.margin
+        if self.decision == DISTURBED:
+            e.delta = None
+        if runs:
+            e.val_bpb = sum(runs) / len(runs)
+
 
 class Confirmation:
     def __init__(self, lab: Lab, attempts: Attempts, record: Callable[..., Experiment],
@@ -99,17 +111,14 @@ class Confirmation:
                 diffs: list[float], cand: list[float], noise: NoiseFloor) -> Confirmed:
         s = self.lab.cfg.search
         k, alpha = s.retest_pairs, s.retest_alpha / s.retest_pairs
-        v = None
-        while len(diffs) < k:
+        while True:  # at least one look: the callers leave room for one more pair (len(diffs) < k)
             n = 2 if not diffs and noise.dof < 2 else 1  # the first look needs a noise estimate (as a confirmation)
             stop = self._more(e, best, commit, overrides, other, diffs, cand, n, f"of up to {k} (retest)")
             if stop is not None:
                 return stop
             v = paired(diffs, noise, alpha, s.min_delta)
-            if v.keep or out_of_reach(diffs, noise, alpha, s.min_delta, k):
+            if v.keep or len(diffs) >= k or out_of_reach(diffs, noise, alpha, s.min_delta, k):
                 break
-        if v is None:
-            return Confirmed(DISCARD, None, "no retest pair left to run", cand)
         why = ("kept" if v.keep else "stopped: the pairs no longer favour it" if sum(diffs) >= 0
                else f"not kept after {len(diffs)} pairs" if len(diffs) >= k
                else f"stopped after {len(diffs)} pairs: their mean could not pass the rule even at {k}")

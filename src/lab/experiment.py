@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from src.lab import candidate
+from src.lab import candidate, retest
 from src.lab.attempts import Attempt, Attempts
 from src.lab.confirm import Confirmation
 from src.lab.context import Lab
@@ -104,6 +104,12 @@ class Experiments:
         with lab.lock:
             rows = lab.rows()
             st = lab.standings(rows)
+            asked_err = None
+            if job.proposal is not None and job.proposal.retest:  # an agent's retest: the change it re-runs
+                try:
+                    job = replace(job, proposal=retest.asked(rows, job.proposal, job.exp, lab.cfg.search))
+                except InvalidProposal as err:
+                    asked_err = err
             e, overrides = self._row(job, st, attach)
             fl = InFlight(exp=job.exp, attempt=job.attempt, commit=e.commit if attach else "", run_dir="",
                           started=time.time(), worker=w.index, parent=job.parent if attach else st.best.commit,
@@ -114,10 +120,16 @@ class Experiments:
             else:
                 lab.session.track(fl)
                 try:
+                    if asked_err is not None:
+                        raise asked_err
                     e.commit = self._stage(job, st.best, overrides)
                 except InvalidProposal as err:
                     return self._invalid(e, err, rows)
         try:
+            if job.proposal is not None and job.proposal.retest:
+                self._asked_retest(e, job.proposal, overrides, fl.parent)
+                w.usage.experiments += 1
+                return e
             if attach:
                 w.runner.attach(job.job, job.job_folder)
             a = self.attempts.run(job.exp, e.commit, overrides, job.attempt, lab.rows(), fl, attach=attach,
@@ -241,30 +253,19 @@ class Experiments:
                             f"({again.get('status')}: {again.get('reason', '')}) instead of {out.val_bpb}")
                 return
             notes.append(f"implausible ({doubt}): re-scored identically in a fresh process; confirming")
+        conf, c = self._confirmation(parent), None
         if v.keep and (doubt or weak(st.noise, s.confirm, s.confirm_min_dof)):
-            c = self._confirmation(parent).run(e, best, e.commit, overrides, rows, st.noise)
-            notes.append(f"screen: {v.delta:+.4f} beat the margin {v.margin:.4f} (noise {st.noise.describe()}); "
-                         f"{c.reason}")
-            e.status = c.decision
-            if c.verdict is not None:
-                e.delta, e.margin = c.verdict.delta, c.verdict.margin
+            c = conf.run(e, best, e.commit, overrides, rows, st.noise)
+            what = f"screen: {v.delta:+.4f} beat the margin {v.margin:.4f}"
+        elif not v.keep and near_miss(v, s):
+            c = conf.retest(e, best, e.commit, overrides, st.noise)
+            what = f"a near miss: screen {v.delta:+.4f}, inside the margin {v.margin:.4f}"
+        if c is not None:
+            notes.append(f"{what} (noise {st.noise.describe()}); {c.reason}")
             runs = [out.val_bpb, *c.candidate_runs]
             if doubt and c.candidate_runs:  # an implausible screen run stands for nothing: its confirmations do
                 runs, e.values = list(c.candidate_runs), []
-            e.val_bpb = sum(runs) / len(runs)  # the candidate's score; each run stays on its own row
-            if c.decision == DISTURBED:
-                e.delta = None
-        elif not v.keep and not doubt and near_miss(v, s):
-            c = self._confirmation(parent).retest(e, best, e.commit, overrides, st.noise)
-            notes.append(f"a near miss: screen {v.delta:+.4f}, inside the margin {v.margin:.4f} (noise "
-                         f"{st.noise.describe()}); {c.reason}")
-            e.status = c.decision
-            if c.verdict is not None:
-                e.delta, e.margin = c.verdict.delta, c.verdict.margin
-            if c.decision == DISTURBED:
-                e.delta = None
-            runs = [out.val_bpb, *c.candidate_runs]
-            e.val_bpb = sum(runs) / len(runs)
+            c.apply(e, runs)
         e.reason = "; ".join(notes)
 
     def _rebase(self, e: Experiment, a: Attempt, proposal: Proposal, st: Standings, rows: list[Experiment],
@@ -298,16 +299,44 @@ class Experiments:
             c = conf.run(e, best, commit, overrides, rows, st.noise)
         else:
             c = conf.rerun(e, best, commit, overrides, st.margin)
-        e.status = c.decision
-        if c.verdict is not None:
-            e.delta, e.margin = c.verdict.delta, c.verdict.margin
-        if c.decision == DISTURBED:
-            e.delta = None
         e.values = list(c.candidate_runs)  # the screen run ran the old parent: only the rebased runs stand
-        if c.candidate_runs:
-            e.val_bpb = sum(c.candidate_runs) / len(c.candidate_runs)
+        c.apply(e, c.candidate_runs)
         e.reason = (f"{moved}: rebased on it (screen on the old parent {v.delta:+.4f}, margin {v.margin:.4f}); "
                     f"{c.reason}")
+
+    def _asked_retest(self, e: Experiment, p: Proposal, overrides: list[str], parent: str) -> None:
+        """An agent's retest of an earlier near miss (src/lab/retest.py), staged on the best as `e`: no screen run,
+        the near miss's (best, candidate) pairs, under the advance lock (a keep moves the best)."""
+        lab, tree = self.lab, self.worker.tree
+        with self.leases.waiting(self.worker) if self.leases else nullcontext():
+            lab.advance.acquire()
+        try:
+            with lab.lock:
+                rows = lab.rows()
+                st = lab.standings(rows)
+                try:
+                    if st.best.commit != parent:  # the best moved while this waited: the change goes on it
+                        overrides = merge_overrides(st.best.overrides, p.overrides)
+                        tree.ensure(lab.session.repo_git, st.best.commit)
+                        e.commit = candidate.stage(lab, tree, e.exp, p, st.best, overrides)
+                        e.overrides_in_effect = overrides
+                        lab.ledger.save(e.exp, p, overrides, commit=e.commit)
+                    elif tree.head() != e.commit:  # lent meanwhile: the candidate goes back in its worktree
+                        tree.reset(e.commit)
+                except InvalidProposal as err:
+                    e.status, e.reason = CONFLICT, (f"conflict: the best moved to {st.best.exp} before the retest "
+                                                    f"of {p.retest} started, and its change cannot go on it: {err}")
+                    self._finish(e, rows, None)
+                    return
+            e.sigma, e.dof = st.noise.sigma, st.noise.dof
+            c = self._confirmation(st.best.commit).retest(e, st.best, e.commit, overrides, st.noise)
+            e.values = list(c.candidate_runs)  # no screen run: the pairs' candidate runs are its runs
+            c.apply(e, c.candidate_runs)
+            e.reason = f"a retest of {p.retest} asked by the agent, against {st.best.exp}: {c.reason}"
+            with lab.lock:
+                self._finish(e, rows, None)
+        finally:
+            lab.advance.release()
 
     def _confirmation(self, parent: str) -> Confirmation:
         """Confirmation runs of this worker's experiment: rows of their own, marked with the worker that ran each."""

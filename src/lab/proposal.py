@@ -38,6 +38,9 @@ class Proposal:
     overrides: list[str] = field(default_factory=list)  # Hydra key=value (or group=option), relative to the best
     patch: Optional[str] = None  # unified diff against the best commit, touching only editable files
     meta: dict = field(default_factory=dict)  # agent-private data that must survive a resume (TPE params, ...)
+    # instead of a new change: an earlier near miss (exp-NNN) to run again in (best, candidate) pairs; the lab fills
+    # in its change (src/lab/retest.py)
+    retest: str = ""
 
     @property
     def kind(self) -> str:
@@ -53,10 +56,10 @@ class Proposal:
         """Build from a plain dict (a replay file entry, an LLM tool call), with errors an author can act on."""
         if not isinstance(d, dict):
             raise InvalidProposal(f"a proposal must be a mapping with description/hypothesis/overrides/patch; got {d!r:.200}")
-        unknown = set(d) - {"description", "hypothesis", "overrides", "patch", "meta"}
+        unknown = set(d) - {"description", "hypothesis", "overrides", "patch", "meta", "retest"}
         if unknown:
             raise InvalidProposal(f"unknown proposal field(s) {sorted(unknown)}; expected description, hypothesis, "
-                                  "overrides (list of key=value), patch (unified diff)")
+                                  "overrides (list of key=value), patch (unified diff), or retest (exp-NNN)")
         ovs = d.get("overrides") or []
         if isinstance(ovs, str):
             ovs = ovs.split()
@@ -65,11 +68,12 @@ class Proposal:
         patch = d.get("patch") or None
         if patch is not None and not isinstance(patch, str):
             raise InvalidProposal("patch must be a unified diff as one string")
+        retest = str(d.get("retest") or "").strip()  # the lab fills in the change of the experiment it names
         desc = str(d.get("description") or "").strip()
         if not desc:
-            desc = " ".join(str(o) for o in ovs) or "code patch"
+            desc = f"retest of {retest}" if retest else " ".join(str(o) for o in ovs) or "code patch"
         return cls(description=desc, hypothesis=str(d.get("hypothesis") or "").strip(),
-                   overrides=[str(o) for o in ovs], patch=patch, meta=dict(d.get("meta") or {}))
+                   overrides=[str(o) for o in ovs], patch=patch, meta=dict(d.get("meta") or {}), retest=retest)
 
 
 # ---------------------------------------------------------------------------- overrides

@@ -40,6 +40,8 @@ def evidence(e: Experiment, rows: list[Experiment]) -> str:
     if e.status == BASELINE:
         return "baseline run"
     pairs = sum(1 for r in rows if r.status == CONFIRM and r.exp.startswith(f"{e.exp}-c"))
+    if e.proposal is not None and e.proposal.retest:  # an agent's retest of a near miss: no screen run of its own
+        return f"{pairs} pair(s), retesting {e.proposal.retest}"
     return f"screen + {pairs} pair(s)" if pairs else "screen only"
 
 

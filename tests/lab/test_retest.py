@@ -58,3 +58,40 @@ def test_a_real_gain_inside_the_margin_is_kept_on_its_retest_and_a_null_one_stop
     by, rows, _ = session(lab, "search.retest=false", tag="off2", proposals=[
         {"description": "real", "patch": comment_patch(repo, note="a real gain, by FAKE_SHIFT")}])
     assert by["exp-001"]["status"] == "discard" and not [r for r in rows if r["exp"].startswith("exp-001-")]
+
+
+@pytest.mark.slow  # a session of a dozen stand-in runs
+def test_an_agent_asks_for_a_retest_of_a_near_miss_once(lab, monkeypatch):
+    repo = lab["repo"]
+    # exp-001: a real gain of 0.012 whose screen run shows only 0.006 against the baselines' mean (under
+    # retest_within of the margin: the lab does not retest it); exp-002 asks for its retest, whose candidate runs
+    # show the gain
+    monkeypatch.setenv("FAKE_SHIFT", ",".join(["base-2:0.01", "exp-001:-0.001"] +
+                                              [f"exp-002-c{i}:-0.012" for i in range(1, 9)]))
+    by, rows, s = session(lab, proposals=[
+        {"description": "real", "patch": comment_patch(repo, note="a real gain, by FAKE_SHIFT")},
+        {"retest": "exp-001", "hypothesis": "it beat the best by 0.006: a small real gain?"},
+        {"retest": "exp-001"},  # once per experiment
+        {"retest": "base-1"},
+        {"retest": "exp-002"},  # a keep is no near miss
+    ])
+    assert by["exp-001"]["status"] == "discard" and "near miss" not in by["exp-001"]["reason"]
+    assert not [r for r in rows if r["exp"].startswith("exp-001-")]
+    e = by["exp-002"]
+    assert e["status"] == "keep" and e["description"] == "retest of exp-001: real", e
+    assert "a retest of exp-001 asked by the agent" in e["reason"] and "retest (kept" in e["reason"]
+    assert e["run_status"] in ("", "-") and float(e["delta"]) == pytest.approx(-0.012, abs=1e-6)
+    pairs = [r for r in rows if r["exp"].startswith("exp-002-")]
+    assert len(pairs) >= 4 and all(r["status"] == "confirm" for r in pairs)  # pairs only: no screen run of its own
+    assert s.lab.standings().best.exp == "exp-002"
+    assert by["exp-003"]["status"] == "invalid" and "retested already, as exp-002 (keep)" in by["exp-003"]["reason"]
+    assert by["exp-004"]["status"] == "invalid" and "not an experiment of this session" in by["exp-004"]["reason"]
+    assert by["exp-005"]["status"] == "invalid" and "only a near miss" in by["exp-005"]["reason"]
+    report = (repo / "outputs" / "research" / "v" / "report.md").read_text()
+    assert f"| keep | {len(pairs) // 2} pair(s), retesting exp-001 |" in report
+    # with retests off the lab refuses the request
+    monkeypatch.setenv("FAKE_SHIFT", "base-2:0.01,exp-001:-0.001")
+    by, _, _ = session(lab, "search.retest=false", tag="off3", proposals=[
+        {"description": "real", "patch": comment_patch(repo, note="a real gain, by FAKE_SHIFT")},
+        {"retest": "exp-001"}])
+    assert by["exp-002"]["status"] == "invalid" and "search.retest=false" in by["exp-002"]["reason"]

@@ -81,21 +81,25 @@ def parse_input(data: Any) -> Proposal:
     for k in ("description", "hypothesis"):
         if not isinstance(data.get(k), str) or not data[k].strip():
             raise InvalidProposal(f"`{k}` is required and must be a non-empty string")
+    retest = data.get("retest") or ""
+    if not isinstance(retest, str):
+        raise InvalidProposal("`retest` must be the id of a near miss, e.g. \"exp-007\"")
     ovs = data.get("overrides", [])
     if not isinstance(ovs, list) or not all(isinstance(o, str) and o.strip() for o in ovs):
         raise InvalidProposal(f"`overrides` must be a list of 'key=value' strings; got {json.dumps(ovs)[:200]}")
     patch = data.get("patch")
     if patch is not None and not isinstance(patch, str):
         raise InvalidProposal("`patch` must be one string holding a unified diff")
-    if not ovs and not (patch or "").strip():
-        raise InvalidProposal("the proposal has neither overrides nor a patch; give at least one")
+    if not ovs and not (patch or "").strip() and not retest.strip():
+        raise InvalidProposal("the proposal has neither overrides nor a patch; give at least one (or `retest`)")
     ideas = data.get("next_ideas") or []
     if isinstance(ideas, str):
         ideas = [ideas]
     if not isinstance(ideas, list):
         raise InvalidProposal("`next_ideas` must be a list of short strings")
     p = Proposal.from_dict({"description": data["description"], "hypothesis": data["hypothesis"],
-                            "overrides": ovs, "patch": patch if (patch or "").strip() else None})
+                            "overrides": ovs, "patch": patch if (patch or "").strip() else None,
+                            "retest": retest.strip()})
     p.meta = {"learned": str(data.get("learned") or "").strip()[:2000],
               "next_ideas": [str(i).strip()[:500] for i in ideas if str(i).strip()][:12]}
     if str(data.get("analysis") or "").strip():

@@ -60,6 +60,11 @@ _PROPERTIES = {
               "description": "A unified diff in git format (--- a/src/research/model.py, +++ b/src/research/model.py, @@ hunks with 3 "
                              "lines of context) against the editable files exactly as shown. Empty or omitted for a "
                              "pure config change."},
+    "retest": {"type": "string",
+               "description": "Instead of a new change: the id of a near miss from the near-miss list (e.g. "
+                              "\"exp-007\") to run again in (best, candidate) pairs against the current best; the lab "
+                              "re-runs its change as it was (leave overrides and patch empty). Once per experiment. "
+                              "Empty or omitted otherwise."},
 }
 FIELDS = set(_PROPERTIES)
 DESCRIPTION = (
@@ -67,14 +72,15 @@ DESCRIPTION = (
     "description and a hypothesis, plus what you learned and your next ideas (your research journal). The lab "
     "checks it (overrides must compose, the patch must apply to the files as shown and touch only editable "
     "files), trains it for the fixed budget and tells you the outcome (val_bpb, delta to the best, kept or "
-    "discarded, steps, tokens/s, memory) in the next turn.")
+    "discarded, steps, tokens/s, memory) in the next turn. Or, instead of a new change, ask for a retest of a "
+    "near miss (`retest`).")
 
 
 def tool_schema(analysis: bool, strict: bool) -> dict:
     """The tool: `analysis` first when the model does not think before answering; `strict` constrains its input
     to the schema (then every object is closed and the list fields are required, possibly empty)."""
     props = {k: v for k, v in _PROPERTIES.items() if analysis or k != "analysis"}
-    required = [k for k in props if k != "patch"] if strict else \
+    required = [k for k in props if k not in ("patch", "retest")] if strict else \
         [k for k in ("analysis", "learned", "description", "hypothesis") if k in props]
     tool = {"name": TOOL_NAME, "description": DESCRIPTION,
             "input_schema": {"type": "object", "properties": props, "required": required,
@@ -523,7 +529,7 @@ def dashboard(state, x: Extras) -> str:
     if near:
         lines += ["", "## Near misses since the best (better, but inside the margin; the lab retests one that beat the "
                       "best by over search.retest_within of the margin, and its row says how that went: combine them, "
-                      "or propose one again)",
+                      "or ask for a retest of one with no pairs yet, `retest`: its id, once per experiment)",
                   *[row_line(e) for e in near]]
     flying = getattr(state, "in_flight", None) or []
     if flying:  # search.workers > 1

@@ -2,7 +2,8 @@
 
 The file is YAML (a list of proposals, or a mapping with a `proposals:` list) or JSONL (one
 proposal per line). Each proposal: description, hypothesis, overrides (list of key=value),
-patch (a unified diff) or patch_file (a path relative to the replay file). On resume it
+patch (a unified diff) or patch_file (a path relative to the replay file); or retest: exp-NNN, a near miss
+to run again in pairs against the best (src/lab/retest.py). On resume it
 continues after the last proposal the ledger holds.
 
 Usage: python -m src.search agent=replay agent.file=demo.yaml
@@ -82,6 +83,6 @@ class ReplayAgent(Agent):
             return None
         p = self.proposals[self.cursor]
         p = Proposal(p.description, p.hypothesis, list(p.overrides), p.patch,
-                     {**p.meta, "agent": "replay", "replay_index": self.cursor, "file": str(self.path)})
+                     {**p.meta, "agent": "replay", "replay_index": self.cursor, "file": str(self.path)}, p.retest)
         self.cursor += 1
         return p

@@ -85,9 +85,17 @@ def test_options_are_checked_and_the_tool_schema_is_closed():
             schema = tool_schema(analysis, strict)["input_schema"]
             assert schema["additionalProperties"] is False and ("analysis" in schema["properties"]) is analysis
             assert set(schema["required"]) >= {"description", "hypothesis", "learned"}
+            assert "retest" in schema["properties"] and "retest" not in schema["required"]
     with pytest.raises(InvalidProposal, match="next_ideas"):
         parse_input({**idea(1), "next_ideas": 3})
     assert parse_input({**idea(1), "patch": ""}).patch is None  # strict mode may send an empty patch
+    # a retest of a near miss instead of a new change: the lab fills in the change (src/lab/retest.py)
+    p = parse_input({**idea(1), "overrides": [], "retest": "exp-003"})
+    assert p.retest == "exp-003" and p.overrides == [] and p.patch is None
+    with pytest.raises(InvalidProposal, match="neither overrides nor a patch"):
+        parse_input({**idea(1), "overrides": [], "retest": ""})
+    with pytest.raises(InvalidProposal, match="`retest` must be"):
+        parse_input({**idea(1), "retest": 3})
 
 
 # ---------------------------------------------------------------------------- failures by status, type and code
