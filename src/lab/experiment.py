@@ -203,12 +203,7 @@ class Experiments:
                 self._decide(e, a, st, overrides, rows, parent)
                 self._finish(e, rows, out)
                 return
-        # would-be keeps (and near misses, retested against the best) one at a time: only their holder moves the
-        # best. Waiting for it, this worker runs nothing: the holder may borrow it for a confirmation run (it comes
-        # back before the lock is free)
-        with self.leases.waiting(self.worker) if self.leases else nullcontext():
-            lab.advance.acquire()
-        try:
+        with self._advancing():
             if self.worker.tree.head() != e.commit:  # lent meanwhile: the candidate goes back in its worktree
                 self.worker.tree.reset(e.commit)
             with lab.lock:
@@ -220,8 +215,18 @@ class Experiments:
                 self._rebase(e, a, proposal, st, rows, parent)
             with lab.lock:
                 self._finish(e, rows, out)
+
+    @contextmanager
+    def _advancing(self):
+        """The advance lock: would-be keeps (and near misses, retested against the best) one at a time, so only its
+        holder moves the best. Waiting for it, this worker runs nothing: the holder may borrow it for a confirmation
+        run (it comes back before the lock is free)."""
+        with self.leases.waiting(self.worker) if self.leases else nullcontext():
+            self.lab.advance.acquire()
+        try:
+            yield
         finally:
-            lab.advance.release()
+            self.lab.advance.release()
 
     def _decide(self, e: Experiment, a: Attempt, st: Standings, overrides: list[str], rows: list[Experiment],
                 parent: str) -> None:
@@ -308,9 +313,7 @@ class Experiments:
         """An agent's retest of an earlier near miss (src/lab/retest.py), staged on the best as `e`: no screen run,
         the near miss's (best, candidate) pairs, under the advance lock (a keep moves the best)."""
         lab, tree = self.lab, self.worker.tree
-        with self.leases.waiting(self.worker) if self.leases else nullcontext():
-            lab.advance.acquire()
-        try:
+        with self._advancing():
             with lab.lock:
                 rows = lab.rows()
                 st = lab.standings(rows)
@@ -335,8 +338,6 @@ class Experiments:
             e.reason = f"a retest of {p.retest} asked by the agent, against {st.best.exp}: {c.reason}"
             with lab.lock:
                 self._finish(e, rows, None)
-        finally:
-            lab.advance.release()
 
     def _confirmation(self, parent: str) -> Confirmation:
         """Confirmation runs of this worker's experiment: rows of their own, marked with the worker that ran each."""

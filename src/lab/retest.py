@@ -13,7 +13,7 @@ Usage: p = asked(rows, proposal, "exp-012", cfg.search)   # the proposal filled 
 """
 from __future__ import annotations
 
-from src.lab.decisions import CONFIRM, DISCARD, KEEP
+from src.lab.decisions import CONFIRM, DISCARD, INTERRUPTED, INVALID
 from src.lab.ledger import Experiment
 from src.lab.proposal import InvalidProposal, Proposal
 
@@ -37,7 +37,7 @@ def asked(rows: list[Experiment], p: Proposal, exp: str, s) -> Proposal:
     if pairs:
         raise InvalidProposal(f"{x} already had pairs run against the best ({', '.join(pairs)}): its verdict stands")
     done = next((e for e in rows if e.exp != exp and e.proposal is not None and e.proposal.retest == x
-                 and e.status in (KEEP, DISCARD)), None)
+                 and e.status not in (INVALID, INTERRUPTED)), None)  # one that ran at all: disturbed ones included
     if done is not None:
         raise InvalidProposal(f"{x} was retested already, as {done.exp} ({done.status}): an experiment is retested "
                               "once (each retest may keep a null change with probability search.retest_alpha)")

@@ -13,6 +13,9 @@ import pytest
 
 from src.lab.decision import Verdict
 from src.lab.experiment import near_miss
+from src.lab.ledger import Experiment
+from src.lab.proposal import InvalidProposal, Proposal
+from src.lab.retest import asked
 from tests.lab.test_verdicts import lab, session  # noqa: F401  (the fixture and the session runner)
 from tests.support.helpers import comment_patch, compose_search
 
@@ -25,6 +28,34 @@ def test_a_near_miss_is_a_screen_discard_past_the_share_of_the_margin():
     assert not near_miss(Verdict("discard", +0.01, 0.0141), s)
     assert not near_miss(Verdict("keep", -0.02, 0.0141), s)  # a would-be keep is confirmed, not retested
     assert not near_miss(Verdict("discard", -0.011, 0.0141), SimpleNamespace(retest=False, retest_within=0.5))
+
+
+def test_a_retest_request_is_checked_against_the_ledger_and_granted_once():
+    s = compose_search([]).search
+    change = Proposal("real", "h", ["optimizer.matrix_lr=0.05"])
+    rows = [Experiment(exp="base-1", status="baseline", description="baseline"),
+            Experiment(exp="exp-001", status="discard", description="real", delta=-0.006, proposal=change),
+            Experiment(exp="exp-002", status="discard", description="worse", delta=+0.01, proposal=change),
+            Experiment(exp="exp-003", status="discard", description="paired", delta=-0.011, proposal=change),
+            Experiment(exp="exp-003-c1", status="confirm", description="pair")]
+    ask = Proposal("", "", retest="exp-001")
+    p = asked(rows, ask, "exp-004", s)  # the change it re-runs, whatever came with the request
+    assert (p.overrides, p.patch, p.retest, p.description) == (change.overrides, None, "exp-001", "retest of exp-001: real")
+    for x, why in (("base-1", "not an experiment"), ("exp-009", "not an experiment"), ("exp-002", "only a near miss"),
+                   ("exp-003", "already had pairs run")):
+        with pytest.raises(InvalidProposal, match=why):
+            asked(rows, Proposal("", "", retest=x), "exp-004", s)
+    # granted once: an earlier request that ran, even one the machine disturbed, uses it up; an invalid one does not
+    for status, refused in (("invalid", False), ("interrupted", False), ("disturbed", True), ("discard", True)):
+        earlier = Experiment(exp="exp-004", status=status, description="retest", proposal=p)
+        if refused:
+            with pytest.raises(InvalidProposal, match="retested already, as exp-004"):
+                asked(rows + [earlier], ask, "exp-005", s)
+        else:
+            assert asked(rows + [earlier], ask, "exp-005", s).retest == "exp-001"
+    assert asked(rows + [Experiment(exp="exp-004", status="discard", description="r", proposal=p)], ask, "exp-004", s)
+    with pytest.raises(InvalidProposal, match="search.retest=false"):
+        asked(rows, ask, "exp-004", compose_search(["search.retest=false"]).search)
 
 
 def shifts(exp: str, screen: float, pairs: float, n: int = 8) -> str:
