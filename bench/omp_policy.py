@@ -3,10 +3,10 @@
 Runs the same fixed-token CPU training (`python -m src.train budget=tokens score=caller`:
 deterministic, the same tokens every time) under each OpenMP setting, quiet and beside one busy
 process per core, interleaved in one sitting, and measures the training (clock start to checkpoint:
-its wall seconds and CPU seconds, from the run's summary) and the whole process from outside (wall,
-and user + sys CPU seconds from the kernel's rusage). A budget counted in CPU time is fair
-under load only if a neighbour leaves the CPU a given amount of training costs where it was; a
-setting that spins burns CPU while it waits. Prints one row per setting and condition (medians).
+its wall seconds, CPU seconds and the budget's counted device seconds, from the run's summary) and the
+whole process from outside (wall, and user + sys CPU seconds from the kernel's rusage). A budget
+counted in CPU time is fair under load only if a neighbour leaves the CPU a given amount of training
+costs where it was; a setting that spins burns CPU while it waits. Prints one row per setting and condition (medians).
 
 Usage: python bench/omp_policy.py [--tokens 262144] [--repeats 2] [--settings gomp,passive,spin10k]
 """
@@ -47,9 +47,9 @@ def one_run(tokens: int, env_extra: dict, overrides: list[str]) -> dict:
         if proc.returncode != 0:
             sys.exit(f"run failed ({proc.returncode}):\n{proc.stderr.read().decode()[-3000:]}")
         s = json.loads((Path(d) / "summary.json").read_text())
-    threads = s.get("budget_threads", 1)
     return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "train_wall": s["train_wall_seconds"],
-            "train_cpu": s["training_seconds"] * threads, "tokens": s["total_tokens_M"] * 1e6}
+            "counted": s["training_seconds"], "train_cpu": s.get("device_cpu_seconds", float("nan")),
+            "tokens": s["total_tokens_M"] * 1e6}
 
 
 def busy(n: int) -> list[subprocess.Popen]:
@@ -81,15 +81,16 @@ def main() -> None:
                         h.wait()
                 rows.setdefault((name, cond), []).append(res)
                 print(f"  [{r + 1}/{args.repeats}] {name:>9} {cond:>5}: train wall {res['train_wall']:6.1f} s  train cpu "
-                      f"{res['train_cpu']:6.1f} s  process wall {res['wall']:6.1f} s cpu {res['cpu']:6.1f} s", flush=True)
-    print(f"\n{'setting':>9} {'cond':>5} {'train_wall':>10} {'train_cpu':>9} {'cpu/wall':>8} {'proc_wall':>9} "
-          f"{'proc_cpu':>8}   (medians, seconds; training = clock start to checkpoint)")
+                      f"{res['train_cpu']:6.1f} s  counted {res['counted']:6.1f} s  process wall {res['wall']:6.1f} s cpu {res['cpu']:6.1f} s", flush=True)
+    print(f"\n{'setting':>9} {'cond':>5} {'train_wall':>10} {'train_cpu':>9} {'counted':>8} {'counted/wall':>12} "
+          f"{'proc_wall':>9} {'proc_cpu':>8}   (medians, seconds; training = clock start to checkpoint; counted = "
+          "the budget's device seconds)")
     table = []
     for (name, cond), rs in rows.items():
-        med = {k: statistics.median(x[k] for x in rs) for k in ("wall", "cpu", "train_wall", "train_cpu")}
+        med = {k: statistics.median(x[k] for x in rs) for k in ("wall", "cpu", "train_wall", "train_cpu", "counted")}
         table.append({"setting": name, "cond": cond, **med, "runs": rs})
-        print(f"{name:>9} {cond:>5} {med['train_wall']:10.1f} {med['train_cpu']:9.1f} "
-              f"{med['train_cpu'] / med['train_wall']:8.2f} {med['wall']:9.1f} {med['cpu']:8.1f}")
+        print(f"{name:>9} {cond:>5} {med['train_wall']:10.1f} {med['train_cpu']:9.1f} {med['counted']:8.1f} "
+              f"{med['counted'] / med['train_wall']:12.2f} {med['wall']:9.1f} {med['cpu']:8.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"tokens": args.tokens, "rows": table}, indent=2))
     print(f"written: {args.out}")

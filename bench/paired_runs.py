@@ -2,7 +2,8 @@
 
 Each arm is a commit checked out as a git worktree (`.` is this checkout as it stands). Every round runs
 `python -m src.train budget.seconds=S <overrides>` once per arm, in an order that rotates from round to round,
-so drift hits every arm alike. Reports per run the status, val_bpb, tokens trained, counted training seconds,
+so drift hits every arm alike. An arm at another commit reads its own data cache, prepared by its own
+prepare.py before the first round (the prepared format changes between commits). Reports per run the status, val_bpb, tokens trained, counted training seconds,
 the scorer's seconds and the whole-process wall time (start to exit); then per arm the medians, and for each
 arm against the first its paired median differences (wall seconds, val_bpb) and token ratio.
 
@@ -11,6 +12,7 @@ Usage: python bench/paired_runs.py --arm wallclock=4459143 --arm now=. [--rounds
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -18,6 +20,14 @@ import tempfile
 from pathlib import Path
 
 from sessions import REPO, table, timed_train, worktree
+
+
+def own_cache(cwd: Path, cache: Path) -> dict:
+    """The environment of an arm with its own data cache, prepared there by the arm's own prepare.py."""
+    env = {"OVERNIGHT_CACHE": str(cache)}
+    subprocess.run([sys.executable, "prepare.py"], cwd=cwd, env={**os.environ, **env}, check=True,
+                   capture_output=True)
+    return env
 
 
 def main() -> int:
@@ -30,6 +40,7 @@ def main() -> int:
     arms = [a.split("=", 1) for a in args.arm]
     tmp = Path(tempfile.mkdtemp(prefix="paired-runs-"))
     dirs = {name: worktree(commit, tmp / name) for name, commit in arms}
+    envs = {name: own_cache(dirs[name], tmp / f"{name}-cache") for name, commit in arms if commit != "."}
     runs: dict[str, list[dict]] = {name: [] for name, _ in arms}
     rows = []
     try:
@@ -37,7 +48,7 @@ def main() -> int:
             order = arms[r % len(arms):] + arms[: r % len(arms)]
             for name, _ in order:
                 s = timed_train(dirs[name], [f"budget.seconds={args.seconds}", "progress=false", *args.overrides],
-                                tmp / "runs" / f"{name}-{r + 1}")
+                                tmp / "runs" / f"{name}-{r + 1}", envs.get(name))
                 runs[name].append(s)
                 row = [name, r + 1, s.get("status"), f"{s.get('val_bpb', float('nan')):.4f}",
                        f"{s.get('total_tokens_M', 0):.3f}", f"{s.get('training_seconds', 0):.1f}",

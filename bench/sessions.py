@@ -9,6 +9,7 @@ Usage (from a bench script): from sessions import clone, run_search, outcome, ta
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -99,12 +100,12 @@ def worktree(commit: str, where: Path) -> Path:
     return where
 
 
-def timed_train(cwd: Path, args: list[str], out: Path) -> dict:
-    """`python -m src.train <args> hydra.run.dir=<out>` in `cwd`: its summary, plus the whole process's wall seconds
-    (`wall`), exit code and output tail (no summary: the status says so)."""
+def timed_train(cwd: Path, args: list[str], out: Path, env: dict | None = None) -> dict:
+    """`python -m src.train <args> hydra.run.dir=<out>` in `cwd` (with `env` added to the environment): its summary,
+    plus the whole process's wall seconds (`wall`), exit code and output tail (no summary: the status says so)."""
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "src.train", *args, f"hydra.run.dir={out}"], cwd=cwd,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
     try:
         s = json.loads((Path(out) / "summary.json").read_text())
     except (OSError, ValueError):

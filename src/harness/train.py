@@ -1,7 +1,7 @@
 """One timed training run: build the GPT, train it for a fixed budget, score val_bpb.
 
-compose config -> resolve device/dtype -> build model + optimizer -> warm up (not
-counted) -> train until the budget is spent -> evaluate val_bpb -> print the summary
+compose config -> resolve device/dtype -> start the device clock -> build model + optimizer ->
+warm up -> train until the budget is spent (all of it counted) -> evaluate val_bpb -> print the summary
 block and write summary.json in the run's Hydra output dir -> end the MLflow run.
 
 Every run is an MLflow run (src/harness/tracking.py); a sweep (-m) is one parent run with a child
