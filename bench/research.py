@@ -108,7 +108,7 @@ def run_one(name: str, extra: list[str], seed: int, k: int, budget: int, work: P
     server = MessagesServer(api_key=KEY).__enter__() if uses_claude else None
     try:
         if server is not None:
-            server.responder = ScriptedResearcher(seed=seed, repo=repo, patch_every=0)
+            server.responder = ScriptedResearcher(seed=seed, repo=repo, patch_every=0, retest_share=0.5)
         args = session_args(name, extra, seed, k, budget, tag, work, server)
         env = {**os.environ, "ANTHROPIC_API_KEY": KEY}
         log = work / f"{tag}.log"

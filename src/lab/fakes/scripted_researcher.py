@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -46,17 +47,43 @@ IDEAS = [
 ]
 
 
+NEAR_MISSES = "## Near misses since the best"
+
+
+def near_miss_ids(text: str) -> list[str]:
+    """The experiment ids of the prompt's near-miss list, best first (what a researcher would read there)."""
+    if NEAR_MISSES not in text:
+        return []
+    section = text.split(NEAR_MISSES, 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^- (exp-\d+) ", section, flags=re.M)
+
+
+def prompt_text(content) -> str:
+    """The text of a user message's content (a string, or text and tool-result blocks)."""
+    if isinstance(content, str):
+        return content
+    out = []
+    for b in content:
+        inner = b.get("content") if b.get("type") == "tool_result" else b.get("text")
+        out.append(inner if isinstance(inner, str) else prompt_text(inner or []))
+    return "\n".join(out)
+
+
 class ScriptedResearcher:
     """A responder for MessagesServer: proposal i is IDEAS[...] with thinking of ~thinking_chars characters.
-    `refuse`: request numbers answered with a refusal; `patch_every`: every n-th proposal is a patch too."""
+    `refuse`: request numbers answered with a refusal; `patch_every`: every n-th proposal is a patch too;
+    `retest_share`: when the prompt lists a near miss not asked about before, the share of turns that ask for
+    its retest instead (the top one), as a researcher reading the list might."""
 
     def __init__(self, seed: int = 0, thinking_chars: int = 3600, repo: Optional[Path] = None, patch_every: int = 0,
-                 refuse: tuple[int, ...] = ()):
+                 refuse: tuple[int, ...] = (), retest_share: float = 0.0):
         self.rng = random.Random(seed)
         self.thinking_chars = thinking_chars
         self.repo = repo
         self.patch_every = patch_every
         self.refuse = set(refuse)
+        self.retest_share = retest_share
+        self.asked: list[str] = []  # near misses it asked to retest
         self.proposals = 0
 
     def __call__(self, body: dict, n: int) -> dict:
@@ -66,6 +93,14 @@ class ScriptedResearcher:
         self.proposals += 1
         ovs, why = IDEAS[self.rng.randrange(len(IDEAS))]
         last = body["messages"][-1]["content"]
+        fresh = [x for x in near_miss_ids(prompt_text(last)) if x not in self.asked]
+        if fresh and self.rng.random() < self.retest_share:
+            self.asked.append(fresh[0])
+            return tool_use({"learned": f"Outcome {i}: {fresh[0]} beat the best inside the margin.",
+                             "next_ideas": [d for _, d in self.rng.sample(IDEAS, 3)],
+                             "description": f"retest {fresh[0]}", "retest": fresh[0],
+                             "hypothesis": f"H{i}: {fresh[0]} is a real small gain that one run could not show."},
+                            thinking=f"{fresh[0]} is the best near miss; more runs will tell.")
         seen = next((b["content"][:60] for b in last if b.get("type") == "tool_result"), "the baseline")
         words = ("Looking at the latest outcome and the history table: the margin is what matters, and in a "
                  "time budget throughput decides the number of steps. ")

@@ -14,7 +14,7 @@ import pytest
 from src.lab.agents.base import Best
 from src.lab.agents.claude import JOURNAL_FILE
 from src.lab.agents.claude_context import LossCurves, curve_lines, history_table, last_failure, near_misses
-from tests.support.claude import BASE, SHA, agent_for, good, last_user, make_state, row, step, worktree
+from tests.support.claude import BASE, SHA, agent_for, good, last_user, make_state, outcome, row, step, worktree
 
 
 def test_the_journal_is_written_to_the_session_and_shown_every_turn(server, key, tmp_path):
@@ -79,3 +79,25 @@ def test_the_history_table_condenses_older_rows_to_fit_its_size():
     rows = BASE + [row(f"exp-{i:03d}", "discard", 2.6, 0.1, desc="x" * 300) for i in range(1, 50)]
     t = history_table(rows, 3000)
     assert len(t) <= 3000 and "older rows condensed: " in t and "| exp-049 |" in t
+
+
+def test_the_scripted_researcher_asks_for_a_retest_of_the_near_miss_it_reads_once(server, key, tmp_path):
+    """The stand-in Claude of the benches (src/lab/fakes/scripted_researcher.py) reads the near-miss list of the real
+    prompt and asks for the top one's retest, through the real tool call and parser, and never twice."""
+    from src.lab.fakes.scripted_researcher import ScriptedResearcher
+    wt = worktree(tmp_path)
+    server.responder = ScriptedResearcher(seed=1, retest_share=1.0)
+    agent = agent_for(server)
+    hist = BASE + [row("exp-001", "discard", 2.52, 0.02), row("exp-002", "discard", 2.497, -0.003),
+                   row("exp-003", "discard", 2.495, -0.005)]
+    agent.restore(hist, make_state(wt, hist))
+    first = agent.propose(make_state(wt, hist))
+    assert first.retest == "exp-003" and first.overrides == []  # the best near miss
+    hist.append(outcome(first, "exp-004", "discard", 2.50, 0.0))
+    agent.observe(hist[-1], make_state(wt, hist))
+    second = agent.propose(make_state(wt, hist))
+    assert second.retest == "exp-002"  # the next one, not exp-003 again
+    hist.append(outcome(second, "exp-005", "discard", 2.50, 0.0))
+    agent.observe(hist[-1], make_state(wt, hist))
+    third = agent.propose(make_state(wt, hist))
+    assert not third.retest and third.overrides  # nothing left to ask about: an idea of its own
