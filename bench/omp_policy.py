@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SETTINGS = {  # name -> environment of the train process ("" leaves libgomp's own default: spin 300k, then sleep)
-    "gomp": {"OMP_WAIT_POLICY": ""},
+SETTINGS = {  # name -> environment of the train process (gomp: libgomp's own default, spin 300k, then sleep)
+    "gomp": {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "300000"},
     "active": {"OMP_WAIT_POLICY": "ACTIVE"},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "spin1k": {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "1000"},
