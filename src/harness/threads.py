@@ -1,15 +1,16 @@
 """How the CPU's OpenMP threads wait: chosen so that a neighbour on the cores cannot change what training costs.
 
 The budget on CPU is CPU time (src/harness/budget.py). OpenMP threads that spin while they wait for
-work burn CPU doing nothing, and far more of it when another process holds the cores (libgomp's default,
-300k spins before it sleeps: 3.6x the CPU for the same training beside one busy process; 100k spins:
-1.7x). Threads that sleep at once (OMP_WAIT_POLICY=PASSIVE) cost about the same CPU quiet or not, but
-every wait pays a wake-up: the same training took 13.7 s of wall and 12.2 counted s. A short spin
-(GOMP_SPINCOUNT=10000, a few microseconds) rides out most waits and sleeps through the long ones: 11.9 s
-of wall and 11.6 counted s quiet, 12.1 counted s beside one busy process per core (PASSIVE: 11.6)
-(`python bench/omp_policy.py`, 262,144 tokens at 2 threads, medians of 2; docs/LOG.md). `apply()` sets
-the defaults below for the training process before torch is imported, unless the user set them or set
-OMP_WAIT_POLICY (which decides the spinning itself).
+work burn CPU doing nothing, and far more of it when another process holds the cores (measured here:
+3.6x the CPU for the same training beside one busy process). Threads that sleep when idle cost the
+same CPU quiet or not. `apply()` sets the defaults below for the training process before torch is
+imported, unless the user set them; bench/omp_policy.py measures the choice.
+
+Tried and rejected: a short spin (GOMP_SPINCOUNT=10000) made a fixed-token run 13% faster in wall time
+quiet and looked neutral beside a busy process in bench/omp_policy.py, but the default 30-s run beside one
+busy process per core then trained 20% fewer tokens in its counted 30 s (0.506M against 0.631M quiet,
+val_bpb +0.15; PASSIVE in the same sitting: 0.65M either way), `python bench/budget_load.py runs`
+(docs/LOG.md, 2026-12-07 seventh session).
 
 Usage: from src.harness import threads; threads.apply()   (before `import torch`)
 """
@@ -17,13 +18,11 @@ from __future__ import annotations
 
 import os
 
-DEFAULTS = {"GOMP_SPINCOUNT": "10000"}
-POLICY = "OMP_WAIT_POLICY"  # when set (ACTIVE / PASSIVE), libgomp's spin count follows it and ours is not set
+DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def apply(environ=os.environ) -> dict:
-    """Set the defaults that are not set already (none while OMP_WAIT_POLICY is set); returns the settings in force."""
-    if not environ.get(POLICY):
-        for k, v in DEFAULTS.items():
-            environ.setdefault(k, v)
-    return {k: environ[k] for k in (POLICY, *DEFAULTS) if environ.get(k)}
+    """Set the defaults that are not set already; returns the settings in force."""
+    for k, v in DEFAULTS.items():
+        environ.setdefault(k, v)
+    return {k: environ[k] for k in DEFAULTS}
