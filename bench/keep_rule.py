@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from src.lab.decision import NoiseFloor, decide, out_of_reach, paired, weak  # noqa: E402
+from src.lab.decision import NoiseFloor, decide, paired, retest_batch, retest_look, weak  # noqa: E402
 from src.lab.experiment import near_miss  # noqa: E402
 from src.lab.fakes.project import compose_search  # noqa: E402
 
@@ -40,14 +40,12 @@ def experiment(gain: float, best_runs: int, dof: int, s, retest: bool, rng: rand
     def more(n: int) -> None:
         diffs.extend(rng.gauss(-gain, 1) - rng.gauss(0, 1) for _ in range(n))
 
-    def retests() -> bool:
-        while len(diffs) < s.retest_pairs:
-            more(2 if not diffs and noise.dof < 2 else 1)
-            if paired(diffs, noise, s.retest_alpha / s.retest_pairs, s.min_delta).keep:
-                return True
-            if out_of_reach(diffs, noise, s.retest_alpha / s.retest_pairs, s.min_delta, s.retest_pairs):
-                return False
-        return False
+    def retests() -> bool:  # the session's loop (src/lab/confirm.py _retest): a look after each batch of pairs
+        while True:
+            more(retest_batch(diffs, noise))
+            v, done = retest_look(diffs, noise, s)
+            if done:
+                return v.keep
 
     if v.keep:
         if not weak(noise, s.confirm, s.confirm_min_dof):
@@ -55,7 +53,7 @@ def experiment(gain: float, best_runs: int, dof: int, s, retest: bool, rng: rand
         more(s.confirm_pairs if noise.dof >= 2 else max(2, s.confirm_pairs))
         if paired(diffs, noise, s.confirm_alpha, s.min_delta).keep:
             return True, 2 * len(diffs)
-        kept = retest and s.retest and sum(diffs) < 0 and retests()
+        kept = retest and s.retest and sum(diffs) < 0 and len(diffs) < s.retest_pairs and retests()
         return kept, 2 * len(diffs)
     if retest and near_miss(v, s):
         return retests(), 2 * len(diffs)

@@ -25,7 +25,7 @@ from typing import Callable, ContextManager, Optional
 
 from src.lab.attempts import Attempts
 from src.lab.context import Lab
-from src.lab.decision import NoiseFloor, Verdict, decide, out_of_reach, paired
+from src.lab.decision import NoiseFloor, Verdict, decide, paired, retest_batch, retest_look
 from src.lab.ledger import Experiment, confirmation_id
 from src.lab.standings import Best
 from src.lab.decisions import CONFIRM, CRASH, DISCARD, DISTURBED, OK, PENDING
@@ -110,14 +110,14 @@ class Confirmation:
     def _retest(self, e: Experiment, best: Best, commit: str, overrides: list[str], other: Optional[Attempts],
                 diffs: list[float], cand: list[float], noise: NoiseFloor) -> Confirmed:
         s = self.lab.cfg.search
-        k, alpha = s.retest_pairs, s.retest_alpha / s.retest_pairs
+        k = s.retest_pairs
         while True:  # at least one look: the callers leave room for one more pair (len(diffs) < k)
-            n = 2 if not diffs and noise.dof < 2 else 1  # the first look needs a noise estimate (as a confirmation)
-            stop = self._more(e, best, commit, overrides, other, diffs, cand, n, f"of up to {k} (retest)")
+            stop = self._more(e, best, commit, overrides, other, diffs, cand, retest_batch(diffs, noise),
+                              f"of up to {k} (retest)")
             if stop is not None:
                 return stop
-            v = paired(diffs, noise, alpha, s.min_delta)
-            if v.keep or len(diffs) >= k or out_of_reach(diffs, noise, alpha, s.min_delta, k):
+            v, done = retest_look(diffs, noise, s)
+            if done:
                 break
         why = ("kept" if v.keep else "stopped: the pairs no longer favour it" if sum(diffs) >= 0
                else f"not kept after {len(diffs)} pairs" if len(diffs) >= k

@@ -145,6 +145,21 @@ def out_of_reach(diffs: list[float], floor: NoiseFloor, alpha: float, min_delta:
     return -sum(diffs) / n <= final
 
 
+def retest_batch(diffs: list[float], floor: NoiseFloor) -> int:
+    """Pairs to run before a retest's next look: two at the first look while the noise floor has fewer than two
+    degrees of freedom (the pairs' own spread is the estimate then), else one."""
+    return 2 if not diffs and floor.dof < 2 else 1
+
+
+def retest_look(diffs: list[float], floor: NoiseFloor, s) -> tuple[Verdict, bool]:
+    """A retest's look after its latest pair (search config `s`): the paired rule at retest_alpha / retest_pairs
+    (Bonferroni over the looks), and whether the retest ends here (kept, all pairs run, or out of reach). The
+    session (src/lab/confirm.py) and the simulation (bench/keep_rule.py) both run retests through this."""
+    k, alpha = s.retest_pairs, s.retest_alpha / s.retest_pairs
+    v = paired(diffs, floor, alpha, s.min_delta)
+    return v, v.keep or len(diffs) >= k or out_of_reach(diffs, floor, alpha, s.min_delta, k)
+
+
 # ---------------------------------------------------------------------------- Student's t
 
 
