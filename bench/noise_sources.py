@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -28,9 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from src.lab.decisions import BASELINE, CONFIRM, DISCARD, KEEP  # noqa: E402
-from src.lab.ledger import Ledger  # noqa: E402
+from src.lab.ledger import Ledger, parse_confirmation_id  # noqa: E402
 
-PAIR_ROW = re.compile(r"(exp-\d+)-([bc])(\d+)$")
 
 
 def runs_of(session: Path) -> list[tuple[tuple, int, float, float, str]]:
@@ -75,9 +73,9 @@ def pairs_of(session: Path) -> dict[str, list[tuple[float, float]]]:
     """Per experiment, its confirmation pairs (best's run, candidate's run), in pair order."""
     sides: dict[str, dict[tuple[str, int], float]] = defaultdict(dict)
     for e in Ledger(session).rows():
-        m = PAIR_ROW.match(e.exp)
+        m = parse_confirmation_id(e.exp)
         if m and e.status == CONFIRM and e.val_bpb is not None:
-            sides[m[1]][(m[2], int(m[3]))] = e.values[0] if e.values else e.val_bpb
+            sides[m[0]][(m[1], m[2])] = e.values[0] if e.values else e.val_bpb
     out = {}
     for exp, d in sides.items():
         n = max(i for _, i in d)

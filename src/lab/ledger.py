@@ -259,3 +259,13 @@ def next_baselines(rows: list[Experiment], in_flight: Iterable[str], n: int) -> 
 def confirmation_id(rows: list[Experiment], exp: str, side: str) -> str:
     """exp-004-c1 (the candidate re-run), exp-004-b1 (the best re-run); numbered on across resumes."""
     return f"{exp}-{side}{sum(1 for e in rows if e.exp.startswith(f'{exp}-{side}')) + 1}"
+
+
+CONFIRMATION_ID = re.compile(r"(exp-\d+)-([bc])(\d+)$")
+
+
+def parse_confirmation_id(exp: str) -> Optional[tuple[str, str, int]]:
+    """'exp-004-c2' -> ('exp-004', 'c', 2): the experiment, the side (b: the best, c: the candidate) and the pair;
+    None for any other row id."""
+    m = CONFIRMATION_ID.match(exp)
+    return (m[1], m[2], int(m[3])) if m else None
