@@ -171,7 +171,8 @@ HELD_OUT = ("val*", "test*")  # the token files only the scorer reads
 
 def held_out_files(cfg: "DataConfig") -> list[Path]:
     """The validation and test token files of every data set prepared in the cache (the configured one and
-    $OVERNIGHT_CACHE's): what the training process hides from itself before research code runs."""
+    $OVERNIGHT_CACHE's), and every raw download they were prepared from (which holds their text too): what the
+    training process hides from itself before research code runs (it reads only the prepared train split)."""
     from src.harness.paths import cache_dir
 
     found = set()
@@ -181,6 +182,7 @@ def held_out_files(cfg: "DataConfig") -> list[Path]:
         except OSError:  # not there, or already hidden (a later job of a sweep in one process)
             continue
         found |= {f for d in dirs for pattern in HELD_OUT for f in d.glob(pattern) if f.is_file()}
+        found |= {f for f in (root / "downloads").rglob("*") if f.is_file()}  # the raw text they were cut from
     return sorted(found)
 
 

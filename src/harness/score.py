@@ -90,10 +90,15 @@ def make_twin(x: torch.Tensor, source: torch.Tensor, rng: random.Random) -> Twin
     that nothing the model has not been shown yet is shown early)."""
     B, T = x.shape
     perm = torch.tensor(rng.sample(range(B), B), dtype=torch.long)
-    cuts = torch.tensor([rng.randrange(0, T - 1) for _ in range(B)], dtype=torch.long)
+    # a row's last position is compared only where nothing of the row changes (cut T-1): an eighth of the rows, so
+    # that a model reading the next row at a row's end (its first token is the last position's target) is seen
+    cuts = torch.tensor([T - 1 if rng.random() < 0.125 else rng.randrange(0, T - 1) for _ in range(B)],
+                        dtype=torch.long)
     ids = x[perm].clone()
     for i in range(B):
         c = int(cuts[i])
+        if c == T - 1:
+            continue  # the whole row as scored, among other rows: batch independence at every position
         s = rng.randrange(0, max(1, source.numel() - T))
         ids[i, c + 1:] = source[s + c + 1: s + T]
         if ids[i, c + 1] == x[perm[i], c + 1]:  # the future must change right after the cut

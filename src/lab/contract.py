@@ -13,8 +13,8 @@ The rules (search.contract, src/lab/config.py ContractConfig):
   (torch.load, the RNG state, ...); no `_private` name of a library module or object;
 - introspection: no dunder outside allowed_dunders (__class__, __dict__, __globals__...), no
   frame or code attribute on any object, no builtin of forbidden_names (type, vars, setattr...),
-  getattr/hasattr only with a literal name (the one exception: `getattr(x, f.name)` over
-  dataclasses.fields), no str.format field that walks attributes;
+  getattr/hasattr only called, with a literal name (the one exception: `getattr(x, f.name)` over
+  dataclasses.fields), never handed on as a value; no str.format field that walks attributes;
 - values: a module or a library class is named, called, subclassed, checked with isinstance
   or used as an annotation, never handed on as a value (argument, default, return, container),
   so no alias through a call or a closure hides it; a name that stands for a library object is
@@ -203,6 +203,7 @@ class _Checker(ast.NodeVisitor):
         self.names: dict[str, Ref] = {}  # file-wide: a name bound to a library object
         self.defining: set[int] = set()  # the Name/alias nodes that bind those names
         self.value_ok: set[int] = set()  # nodes where a module or library class may stand
+        self.called: set[int] = set()  # nodes called as functions (getattr and hasattr may stand only there)
         self.field_vars: set[str] = set()  # loop variables over dataclasses.fields(...)
         self.memo: dict[int, Ref | None] = {}
         self.quiet = False
@@ -301,6 +302,8 @@ class _Checker(ast.NodeVisitor):
         elif node.id in self.cfg.forbidden_names:
             verb = "rebinds the builtin" if not isinstance(node.ctx, ast.Load) else "uses"
             self.bad(node, f"{verb} {node.id}, which reaches the process, files or introspection")
+        elif node.id in ("getattr", "hasattr") and id(node) not in self.called:  # `g = getattr`, map(getattr, ...)
+            self.bad(node, f"hands on the builtin {node.id} as a value (or rebinds it); call it with a literal name")
         if not isinstance(node.ctx, ast.Load):
             self.judge_binding(node, node.id)
         else:
@@ -330,6 +333,7 @@ class _Checker(ast.NodeVisitor):
 
     def visit_Call(self, node: ast.Call) -> None:
         self.value_ok.add(id(node.func))
+        self.called.add(id(node.func))
         fn = node.func.id if isinstance(node.func, ast.Name) else None
         if fn in ("getattr", "hasattr") and node.args:
             self.value_ok.add(id(node.args[0]))

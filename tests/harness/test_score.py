@@ -68,8 +68,14 @@ def test_a_model_that_looks_one_token_ahead_or_at_the_other_rows_is_told_apart()
     def batch(x):
         return m(x) + m(x).mean(dim=0, keepdim=True)
 
+    def next_row(x):  # a row's last target is the next row's first token: peek at it (red team, 2026-12-07)
+        out = m(x).clone()
+        out[:-1, -1] += 30.0 * F.one_hot(x[1:, 0], V).float()
+        return out
+
     assert twin_diff(ahead, mc, "fp32") > 1.0
     assert twin_diff(batch, mc, "fp32") > 0.0
+    assert twin_diff(next_row, mc, "fp32", rows=32) > 1.0
 
 
 def test_the_audit_twins_a_share_of_the_full_batches_and_repeats_at_the_end():
