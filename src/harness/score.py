@@ -44,7 +44,7 @@ from typing import Iterator, NamedTuple, Optional
 import torch
 from tqdm import tqdm
 
-from src.harness.config import TrainConfig, to_object
+from src.harness.config import DataConfig, TrainConfig, to_object
 from src.harness.data import load_prepared, val_tokens
 from src.harness.device import Runtime
 from src.harness.evaluate import bpb_from_sums, token_nats, windows
@@ -369,16 +369,22 @@ class ModelFailed(RuntimeError):
 
 
 def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optional[random.Random] = None,
-                     split: str = "val") -> dict:
+                     split: str = "val", spec: Optional[dict] = None) -> dict:
     """Load the validation data, have the hosts build the model, score every window with the checks woven in;
     returns the result (status ok | tampered | nan). Raises Tampered, or ModelFailed when the model crashed.
-    split="test": the held-out test split instead (same windows, same checks; `val_bpb` is then its figure)."""
+    split="test": the held-out test split instead (same windows, same checks; `val_bpb` is then its figure).
+    spec (score_client.eval_spec): the data set, row length, eval batch and threads to score with, from whoever
+    started this process; the checkpoint's config (written after research code ran) only builds the model."""
     from omegaconf import OmegaConf
 
     t0 = _now()
     rng = rng or random.SystemRandom()
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = to_object(OmegaConf.create(ckpt["config"]), TrainConfig)
+    if spec:  # what the judge reads and how it cuts the windows: never what the research code may have edited
+        cfg.data = to_object(OmegaConf.create(spec["data"]), DataConfig)
+        cfg.model.sequence_len, cfg.eval_batch_tokens = int(spec["sequence_len"]), spec.get("eval_batch_tokens")
+        cfg.device.threads = spec.get("threads")
     # The hosts share the run's slot (device.threads): on a CPU slot of 2+ threads both compute at once, each on
     # half of it (two one-thread forward passes side by side beat one two-thread pass: 0.89x the time, measured
     # here); this process judges a reply while the hosts compute the next, on one thread of its own.
@@ -450,6 +456,10 @@ def main() -> int:
         split = "val"
     hosts = [Host("A"), Host("B")]  # before the nonce is read: a forked host holds nothing of the judge's
     nonce = sys.stdin.readline().strip()
+    try:  # how to score, from whoever started this process (score_client.eval_spec); null: the checkpoint says
+        spec = json.loads(sys.stdin.readline() or "null")
+    except ValueError:
+        spec = None
     out = sys.stdout
     out.write(f"{READY}\n")
     out.flush()
@@ -460,7 +470,7 @@ def main() -> int:
         return 0
     t0 = _now()
     try:
-        result = score_checkpoint(Path(path), hosts, split=split)
+        result = score_checkpoint(Path(path), hosts, split=split, spec=spec if isinstance(spec, dict) else None)
     except Tampered as e:
         result = {"status": TAMPERED, "val_bpb": float("nan"), "reason": str(e)}
     except Exception as e:  # the research code crashed while being loaded or run, or a host died

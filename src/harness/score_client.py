@@ -9,6 +9,7 @@ Usage: scorer = Scorer(cwd, log_path, env, cpus).start(); ...; verdict = scorer.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import os
 import secrets
 import select
@@ -42,6 +43,17 @@ def stop(proc, *pipes) -> None:
         proc.wait(timeout=5)
 
 
+def eval_spec(cfg) -> dict:
+    """How a run is scored, fixed by whoever starts the scorer from a config no research code could touch (the lab's
+    session config; a standalone run's own, before its research code is imported): the data set, the row length,
+    the eval batch and the slot's threads. The judge takes these from here, never from the checkpoint, whose config
+    the training process wrote after its research code ran (red team 2026-12-07: a model that set its own
+    ModelConfig.sequence_len past the split's length was scored as one long row without a twin)."""
+    d = cfg if isinstance(cfg, dict) else asdict(cfg)
+    return {"data": dict(d["data"]), "sequence_len": int(d["model"]["sequence_len"]),
+            "eval_batch_tokens": d.get("eval_batch_tokens"), "threads": (d.get("device") or {}).get("threads")}
+
+
 def apply_verdict(summary: dict, verdict: dict) -> None:
     """The scorer's verdict into a run's summary: val_bpb and the scoring figures, and for anything but ok the
     status tampered (or crash) with the scorer's reason. The one mapping a standalone run and the lab's runner share."""
@@ -66,11 +78,12 @@ class Scorer:
     """
 
     def __init__(self, cwd: Path, log_path: Optional[Path] = None, env: Optional[dict] = None, cpus: tuple = (),
-                 split: str = "val"):
+                 split: str = "val", spec: Optional[dict] = None):
         """cpus: the cores to pin it to (a lab worker's slot, Linux); () = wherever the OS puts it.
-        split: val, or test (the held-out split: the lab's end-of-session figure, never a training run's)."""
+        split: val, or test (the held-out split: the lab's end-of-session figure, never a training run's).
+        spec: how to score (`eval_spec`); None: the checkpoint's own config says (tests of the scorer alone)."""
         self.cwd, self.log_path, self.env, self.cpus = Path(cwd), log_path, env, tuple(cpus)
-        self.split = split
+        self.split, self.spec = split, spec
         self.nonce = secrets.token_hex(16)
         self.proc: Optional[Popen] = None
 
@@ -86,7 +99,7 @@ class Scorer:
         finally:
             if log:
                 log.close()
-        self.proc.stdin.write(f"{self.nonce}\n".encode())
+        self.proc.stdin.write(f"{self.nonce}\n{json.dumps(self.spec)}\n".encode())
         self.proc.stdin.flush()
         return self
 

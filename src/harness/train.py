@@ -49,6 +49,7 @@ from src.harness.paths import REPO
 from src.harness.provenance import provenance
 from src.harness.sandbox import SandboxError, install as install_sandbox
 from src.harness.score import CHECKPOINT, Scorer, apply_verdict, save_checkpoint
+from src.harness.score_client import eval_spec
 from src.harness.snapshot import library_changes, library_snapshot
 from src.harness.status import CRASH, DRY_RUN, KILLED, NAN, OK, OOM, STALLED, TAMPERED, TIMEOUT
 from src.harness.sweep import job_run_name
@@ -298,8 +299,8 @@ class TimedRun:
         torch.manual_seed(cfg.seed)
         self.B, self.accum = derive_batch(cfg)
         # the scorer process imports torch now, while this one trains; it sees only the checkpoint
-        self.scorer = Scorer(REPO, out_dir / "score.log" if out_dir else None).start() \
-            if cfg.score == "process" else None
+        self.scorer = Scorer(REPO, out_dir / "score.log" if out_dir else None, spec=eval_spec(cfg)).start() \
+            if cfg.score == "process" else None  # how to score: this config, before any research code could edit it
         self.memory = Memory(self.rt)  # device.memory_limit_mb, enforced from here on
         self.tracker = Tracker(cfg.tracking, out_dir, tags={"mlflow.source.name": "src.train",
                                                             "output_dir": str(out_dir or "")})

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from src.harness.score_client import CHECKPOINT, Scorer
+from src.harness.score_client import CHECKPOINT, Scorer, eval_spec
 from src.harness.status import OK
 from src.lab.decisions import BASELINE, CONFIRM, KEEP
 from src.lab.ledger import Experiment, Ledger
@@ -78,13 +78,13 @@ def _worktree(repo: Path, commit: str):
 
 
 def _score_side(repo: Path, commit: str, runs: list[tuple[str, Path, float]], log_dir: Path, env: Optional[dict],
-                cpus: tuple) -> list[dict]:
+                cpus: tuple, spec: Optional[dict] = None) -> list[dict]:
     tree, remove = _worktree(repo, commit)
     out = []
     try:
         for name, ckpt, val in runs:
             t0 = time.monotonic()
-            r = Scorer(tree, log_dir / f"test-{name}.log", env, cpus, split="test").start().score(ckpt)
+            r = Scorer(tree, log_dir / f"test-{name}.log", env, cpus, split="test", spec=spec).start().score(ckpt)
             out.append({"run": name, "val_bpb": val, "test_bpb": r.get("val_bpb") if r.get("status") == OK else None,
                         "status": r.get("status"), "reason": r.get("reason", ""),
                         "seconds": round(time.monotonic() - t0, 1)})
@@ -120,13 +120,14 @@ def held_out(session_dir: Path, rows: Optional[list[Experiment]] = None, env: Op
     if cached is not None and not force and cached.get("key") == key:
         return cached
     repo = Path(state.repo)
+    spec = eval_spec(state.baseline) if state.baseline else None  # the session's config, not the checkpoints'
     log.info("held-out test split: scoring %d baseline and %d best checkpoint(s) (no decision read it)",
              len(base), len(best))
     sides = {"baseline": {"commit": state.base_commit, "exp": "baseline",
-                          "runs": _score_side(repo, state.base_commit, base, d / "runs", env, cpus)}}
+                          "runs": _score_side(repo, state.base_commit, base, d / "runs", env, cpus, spec)}}
     if best:
         sides["best"] = {"commit": st.best.commit, "exp": st.best.exp,
-                         "runs": _score_side(repo, st.best.commit, best, d / "runs", env, cpus)}
+                         "runs": _score_side(repo, st.best.commit, best, d / "runs", env, cpus, spec)}
     else:  # the best is the baseline: no gain on either split
         sides["best"] = dict(sides["baseline"])
     for side in sides.values():

@@ -36,6 +36,7 @@ from src.lab.ledger import Ledger
 from src.lab.preflight import code_at, preflight
 from src.lab.proposal import override_key
 from src.lab.resume import explicit_keys, reconcile, record_knobs, restore_baseline, restore_knobs
+from src.harness.score_client import eval_spec
 from src.lab.runner import Runner
 from src.lab.runs import open_session_runs
 from src.lab.session import Session, SessionError
@@ -123,9 +124,14 @@ class Search:
 
             folder = launcher.folder or (str(self.session.dir / "submitit") if self.session is not None else None)
             return SubmititRunner(cwd, s.env_strip, s.env_keep, command=self.train_command, extra_env=env,
-                                  launcher=launcher, folder=folder)
+                                  launcher=launcher, folder=folder, eval_spec=self.eval_spec())
         return Runner(cwd, s.env_strip, s.env_keep, command=self.train_command, extra_env=env, cpus=cpus,
-                      budget=self.device_budget())
+                      budget=self.device_budget(), eval_spec=self.eval_spec())
+
+    def eval_spec(self) -> Optional[dict]:
+        """How every run of the session is scored (the data set, row length, eval batch, threads), from the session's
+        config: the scorer never takes them from a checkpoint (src/harness/score_client.py eval_spec)."""
+        return eval_spec(self.lab.base_config) if self.lab is not None else None
 
     def device_budget(self) -> Optional[DeviceBudget]:
         """The session's time budget as each run's device time is checked against it (tokens mode: not checked)."""

@@ -216,10 +216,12 @@ class Runner:
 
     def __init__(self, cwd: Path, strip=ENV_STRIP, keep=(), command: Optional[list[str]] = None,
                  stop_grace_s: float = 15.0, score_checkpoints: Optional[bool] = None,
-                 extra_env: Optional[dict] = None, cpus: tuple = (), budget: Optional[DeviceBudget] = None):
+                 extra_env: Optional[dict] = None, cpus: tuple = (), budget: Optional[DeviceBudget] = None,
+                 eval_spec: Optional[dict] = None):
         """extra_env: a worker's device slot (CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS), for its runs and scorers;
         cpus: the cores they are pinned to (search.workers > 1 on CPU; Linux); budget: the session's time budget,
-        which every run's device time is checked against from outside (None: not checked)."""
+        which every run's device time is checked against from outside (None: not checked); eval_spec: how every
+        checkpoint is scored (score_client.eval_spec of the session's config; None: as the checkpoint says)."""
         self.cwd = Path(cwd)
         self.env = clean_env(dict(os.environ), strip, keep)
         self.env["PYTHONUNBUFFERED"] = "1"
@@ -231,6 +233,7 @@ class Runner:
         self.interrupted = threading.Event()  # set from another thread (search.workers > 1: Ctrl-C): stop the run
         self._pid: Optional[int] = None
         self.budget = budget
+        self.eval_spec = eval_spec
         self.cores = len(self.cpus) or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                         else os.cpu_count() or 1)
 
@@ -262,7 +265,7 @@ class Runner:
         scorer = None
         if score and self.score_checkpoints:
             overrides = [*overrides, "score=caller"]
-            scorer = Scorer(self.cwd, run_dir / "score.log", self.env, self.cpus).start()
+            scorer = Scorer(self.cwd, run_dir / "score.log", self.env, self.cpus, spec=self.eval_spec).start()
         try:
             out = self._train(overrides, run_dir, timeout_s, on_start, on_curve)
             if scorer is not None:
@@ -380,7 +383,8 @@ class Runner:
         Without checkpoints (the tests' stand-in train) the run's own figure is all there is."""
         if not self.score_checkpoints:
             return {"status": OK, "val_bpb": out.val_bpb}
-        return Scorer(self.cwd, out.run_dir / "rescore.log", self.env, self.cpus).start().score(out.checkpoint)
+        return Scorer(self.cwd, out.run_dir / "rescore.log", self.env, self.cpus,
+                      spec=self.eval_spec).start().score(out.checkpoint)
 
     def _tampering(self, out: Outcome) -> str:
         """What the runner itself saw that the run's report cannot explain: '' when nothing."""
