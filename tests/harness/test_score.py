@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from src.harness.config import TrainConfig
 from src.harness.score import SPLIT_ENV, Audit, Scorer, make_twin, save_checkpoint, twin_mismatch
+from src.harness.score_client import eval_spec
 from src.harness.train import config_dict
 from src.lab.fakes.redteam import replace
 from src.research.model import GPT, GPTConfig
@@ -191,3 +192,27 @@ def test_rebinding_the_loss_in_a_host_cannot_change_the_score(project):
     rebound = score_with(project, after_imports("F.cross_entropy = lambda *a, **k: 0.0\n"
                                                 "torch.Tensor.double = lambda self: self.float()\n"))
     assert rebound["status"] == "ok" and rebound["val_bpb"] == pytest.approx(honest["val_bpb"], abs=0), rebound
+
+
+@pytest.mark.slow
+def test_the_judge_scores_as_its_starter_says_not_as_the_checkpoint_config_says(project, tmp_path):
+    """Red team 2026-12-07: research code kept the harness's ModelConfig and set sequence_len past the split's length,
+    so the judge (reading the checkpoint's config) scored one long row and made no twin. Started with the run's
+    spec (score_client.eval_spec of a config no research code touched), the judge cuts the same windows, with the
+    same checks and the same figure, whatever the checkpoint's config says."""
+    repo, ckpt = project
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    honest = TrainConfig()
+    honest.model = dataclasses.replace(honest.model, **TINY)
+    honest.data.eval_tokens, honest.device.threads = 65536, 1
+    edited = dict(raw, config={**raw["config"], "model": {**raw["config"]["model"], "sequence_len": 1 << 22},
+                               "data": {**raw["config"]["data"], "eval_tokens": 1024}})
+    torch.save(edited, tmp_path / "edited.pt")
+    spec = eval_spec(honest)
+    plain = Scorer(repo, spec=spec).start().score(ckpt, timeout_s=600)
+    v = Scorer(repo, spec=spec).start().score(tmp_path / "edited.pt", timeout_s=600)
+    assert plain["status"] == v["status"] == "ok", (plain, v)
+    assert v["checks"]["batches"] == plain["checks"]["batches"] > 8 and v["checks"]["twins"] >= 4
+    assert abs(v["val_bpb"] - plain["val_bpb"]) < 0.01  # (the edited config also widens the S layers' windows)
+    unchecked = Scorer(repo).start().score(tmp_path / "edited.pt", timeout_s=600)  # as the checkpoint says: the hole
+    assert unchecked["checks"]["batches"] == 1 and unchecked["checks"]["twins"] == 0, unchecked
