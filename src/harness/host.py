@@ -9,6 +9,7 @@ on the scored batches themselves (score.py). A host cannot reach the judge, the 
   lets it read only Python, the libraries and the experiment's own code (not the data cache, not the run
   dirs, not /proc of other processes), write nothing, execute nothing, open no TCP connection, signal or
   ptrace no process outside itself; an audit hook refuses processes and sockets;
+- it has no gradient machinery (no_gradients): it cannot train while it is being scored;
 - it talks only through the two pipes it was given.
 
 Protocol (binary, on the fds given by --req-fd/--rep-fd): the judge first sends one JSON line
@@ -51,6 +52,35 @@ def read_exact(f, n: int) -> bytes:
             raise EOFError
         got += k
     return buf
+
+
+NO_GRADIENTS = ("the model host computes logits and nothing else: no gradients here (training while being scored "
+                "is compute outside the run's budget)")
+
+
+def no_gradients() -> None:
+    """Take the gradient machinery away from this process before the research code is imported: backward passes,
+    torch.autograd.grad and its functional forms, forward-mode AD and torch.func's transforms all raise. Red team
+    of 2026-12-07: a model that stashed training batches in a buffer trained on them in its first scored forward
+    call (enable_grad inside no_grad, 25 Adam steps) and was kept; the judge's checks pass on such a model, since
+    every later call sees the same trained weights. (Training by forward passes alone stays possible, at the cost of
+    many passes per update; the scorer's timeout bounds it.)"""
+    import torch.autograd.forward_ad
+    import torch.autograd.functional
+    import torch.func
+
+    def refuse(*args, **kwargs):
+        raise SandboxError(NO_GRADIENTS)
+
+    torch.Tensor.backward = refuse
+    torch.autograd.backward = torch.autograd.grad = refuse
+    torch.autograd.forward_ad.make_dual = refuse
+    for mod, names in ((torch.autograd.functional, ("vjp", "jvp", "jacobian", "hessian", "vhp", "hvp")),
+                       (torch.func, ("grad", "grad_and_value", "vjp", "jvp", "jacrev", "jacfwd", "hessian",
+                                     "linearize"))):
+        for name in names:
+            if hasattr(mod, name):
+                setattr(mod, name, refuse)
 
 
 def build(ckpt: dict, research_dir: Path):
@@ -117,6 +147,7 @@ def main(argv=None) -> int:
         sandbox = restrict([research_dir, *hello.get("read", [])], deny_tcp=True, scope_signals=True,
                            cuda=ckpt["device"] == "cuda")
         install_sandbox(research_dir / "research", sockets=True)
+        no_gradients()
         cfg, model = build(ckpt, research_dir)
         device, dtype = torch.device(ckpt["device"]), DTYPES[ckpt["dtype"]]
         rt = Runtime(device=device, dtype=dtype, compile=False, peak_flops=0.0, name=ckpt["device"])

@@ -216,3 +216,16 @@ def test_the_judge_scores_as_its_starter_says_not_as_the_checkpoint_config_says(
     assert abs(v["val_bpb"] - plain["val_bpb"]) < 0.01  # (the edited config also widens the S layers' windows)
     unchecked = Scorer(repo).start().score(tmp_path / "edited.pt", timeout_s=600)  # as the checkpoint says: the hole
     assert unchecked["checks"]["batches"] == 1 and unchecked["checks"]["twins"] == 0, unchecked
+
+
+@pytest.mark.slow
+def test_a_model_that_trains_while_it_is_scored_is_tampered(project):
+    """Red team 2026-12-07: a model trained itself in its first scored forward call (enable_grad inside the host's
+    no_grad, a few optimizer steps on a stash); the host has no gradient machinery, so it is refused, in every form."""
+    for step in ("(self.lm_head.weight * 0).sum().backward()",
+                 "torch.autograd.grad((self.lm_head.weight ** 2).sum(), [self.lm_head.weight])",
+                 "torch.func.grad(lambda w: (w ** 2).sum())(self.lm_head.weight)"):
+        code = (f"        if not self.training:\n            with torch.enable_grad():\n                {step}\n"
+                + LOGITS)
+        v = score_with(project, replace(LOGITS, code))
+        assert v["status"] == "tampered" and "no gradients" in v["reason"], (step, v)
