@@ -69,18 +69,20 @@ def no_gradients() -> None:
     import torch.autograd.functional
     import torch.func
 
-    def refuse(*args, **kwargs):
-        raise SandboxError(NO_GRADIENTS)
+    def refuser(name: str):  # one function object per name: torch's compiler keys its rules by object
+        def refuse(*args, **kwargs):
+            raise SandboxError(f"{name}: {NO_GRADIENTS}")
+        refuse.__name__ = refuse.__qualname__ = name
+        return refuse
 
-    torch.Tensor.backward = refuse
-    torch.autograd.backward = torch.autograd.grad = refuse
-    torch.autograd.forward_ad.make_dual = refuse
-    for mod, names in ((torch.autograd.functional, ("vjp", "jvp", "jacobian", "hessian", "vhp", "hvp")),
+    torch.Tensor.backward = refuser("Tensor.backward")
+    for mod, names in ((torch.autograd, ("backward", "grad")), (torch.autograd.forward_ad, ("make_dual",)),
+                       (torch.autograd.functional, ("vjp", "jvp", "jacobian", "hessian", "vhp", "hvp")),
                        (torch.func, ("grad", "grad_and_value", "vjp", "jvp", "jacrev", "jacfwd", "hessian",
                                      "linearize"))):
         for name in names:
             if hasattr(mod, name):
-                setattr(mod, name, refuse)
+                setattr(mod, name, refuser(f"{mod.__name__}.{name}"))
 
 
 def build(ckpt: dict, research_dir: Path):
