@@ -263,14 +263,18 @@ def run(cfg: TrainConfig, out_dir: Path | None = None, hide_held_out: bool = Tru
     hide_held_out=False: leave the held-out splits readable (a sweep's jobs share processes, and a later job's
     scorer, started by this process, must read them)."""
     if cfg.dry_run:
-        return dry_run(cfg)
+        return dry_run(cfg, hide_held_out)
     return TimedRun(cfg, out_dir, hide_held_out).run()
 
 
-def dry_run(cfg: TrainConfig) -> dict:
-    """Build the model on the meta device (its own checks of the knobs) and print what it is: no data, no training."""
+def dry_run(cfg: TrainConfig, hide_held_out: bool = True) -> dict:
+    """Build the model on the meta device (its own checks of the knobs) and print what it is: no data, no training.
+    The research code is imported behind the same sandbox as in a timed run (red team 2026-12-07: it was not)."""
     rt = resolve(cfg.device)
     _, accum = derive_batch(cfg)
+    if hide_held_out:
+        hide(held_out_files(cfg.data))
+    install_sandbox(RESEARCH_DIR)
     r = research()
     with torch.device("meta"):
         r.GPT(r.GPTConfig.from_model_config(cfg.model, cfg.data.vocab_size))
