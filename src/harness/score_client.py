@@ -9,12 +9,12 @@ Usage: scorer = Scorer(cwd, log_path, env, cpus).start(); ...; verdict = scorer.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 import os
 import secrets
 import select
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from subprocess import PIPE, Popen, TimeoutExpired
 from typing import Optional

@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from src.harness.score_client import eval_spec
 from src.lab.agents import Agent, build_agent
 from src.lab.baseline import run_baseline
 from src.lab.config import SearchAppConfig, check_search
@@ -36,7 +37,6 @@ from src.lab.ledger import Ledger
 from src.lab.preflight import code_at, preflight
 from src.lab.proposal import override_key
 from src.lab.resume import explicit_keys, reconcile, record_knobs, restore_baseline, restore_knobs
-from src.harness.score_client import eval_spec
 from src.lab.runner import Runner
 from src.lab.runs import open_session_runs
 from src.lab.session import Session, SessionError

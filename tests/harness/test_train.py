@@ -94,3 +94,20 @@ def test_missing_data_names_the_prepare_command(tmp_path):
     assert proc.returncode == 1
     assert "python prepare.py data=shakespeare" in proc.stderr
     assert "Traceback" not in proc.stderr  # a user error, not a crash dump
+
+
+def test_a_dry_run_imports_the_research_code_behind_the_sandbox(shakespeare, tmp_path):
+    """dry_run=true imports the research code too (the lab's preflight): behind the same sandbox as a timed run, so
+    research code that reads the validation split at import fails there (red team 2026-12-07: it did not)."""
+    import subprocess
+    import sys
+
+    from src.lab.fakes.project import make_repo
+    repo = make_repo(tmp_path)
+    model = repo / "src" / "research" / "model.py"
+    val = next(shakespeare.glob("val*"))
+    imports = "import torch.nn.functional as F\n"
+    model.write_text(model.read_text().replace(imports, imports + f"_VAL = open({str(val)!r}, 'rb').read()\n", 1))
+    out = subprocess.run([sys.executable, "-m", "src.train", "dry_run=true", "tracking.enabled=false"], cwd=repo,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "PermissionError" in out.stdout + out.stderr, (out.stdout + out.stderr)[-2000:]
