@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from src.lab.agents.claude_context import NEAR_MISSES
 from src.lab.fakes.messages_server import MessagesServer, error, refusal, tool_use
 from src.lab.fakes.project import comment_patch, compose_search, fake_command, make_repo, read_tsv
 
@@ -45,9 +46,6 @@ IDEAS = [
     (["model.window_pattern=L"], "full attention everywhere: the context is short anyway"),
     (["optimizer.momentum_warmup_steps=100"], "reach the final momentum sooner"),
 ]
-
-
-NEAR_MISSES = "## Near misses since the best"
 
 
 def near_miss_ids(text: str) -> list[str]:
@@ -94,7 +92,7 @@ class ScriptedResearcher:
         ovs, why = IDEAS[self.rng.randrange(len(IDEAS))]
         last = body["messages"][-1]["content"]
         fresh = [x for x in near_miss_ids(prompt_text(last)) if x not in self.asked]
-        if fresh and self.rng.random() < self.retest_share:
+        if fresh and self.retest_share > 0 and self.rng.random() < self.retest_share:  # no draw when off
             self.asked.append(fresh[0])
             return tool_use({"learned": f"Outcome {i}: {fresh[0]} beat the best inside the margin.",
                              "next_ideas": [d for _, d in self.rng.sample(IDEAS, 3)],
