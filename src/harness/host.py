@@ -9,14 +9,17 @@ on the scored batches themselves (score.py). A host cannot reach the judge, the 
   lets it read only Python, the libraries and the experiment's own code (not the data cache, not the run
   dirs, not /proc of other processes), write nothing, execute nothing, open no TCP connection, signal or
   ptrace no process outside itself; an audit hook refuses processes and sockets;
-- it has no gradient machinery (no_gradients): it cannot train while it is being scored;
+- it has no gradient machinery (no_gradients), and the judge counts its CPU time from the kernel (a few batches'
+  worth beyond its forward passes, score.py): it cannot train while it is being scored;
 - it talks only through the two pipes it was given.
 
 Protocol (binary, on the fds given by --req-fd/--rep-fd): the judge first sends one JSON line
-{"checkpoint", "threads", "read"}; the host replies one JSON line {"ok": true, "vocab": V, "sandbox": ...,
-"threads": N} or {"ok": false, "error"}. Then for each request a 16-byte header (rows, length as two
-little-endian int64) and rows x length int64 ids; the reply is an 8-byte status (0 ok, 1 the model raised,
-2 not logits) and rows x length x V float32 logits, or on error a nonzero status followed by one JSON line.
+{"checkpoint", "threads", "read"}; the host replies with a JSON line {"stage": "research", "cpu_s": its CPU
+seconds so far} just before it imports the research code (what follows is the research code's CPU time, which
+the judge bounds), then one JSON line {"ok": true, "vocab": V, "sandbox": ..., "threads": N} or {"ok": false,
+"error"} (the stage line is missing when it failed before). Then for each request a 16-byte header (rows,
+length as two little-endian int64) and rows x length int64 ids; the reply is an 8-byte status (0 ok, 1 the model
+raised, 2 not logits) and rows x length x V float32 logits, or on error a nonzero status followed by one JSON line.
 Requests are answered in order (the judge may send the next before it has judged a reply). EOF on the request
 pipe ends the host.
 
@@ -29,6 +32,7 @@ import json
 import os
 import struct
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -63,8 +67,8 @@ def no_gradients() -> None:
     torch.autograd.grad and its functional forms, forward-mode AD and torch.func's transforms all raise. Red team
     of 2026-12-07: a model that stashed training batches in a buffer trained on them in its first scored forward
     call (enable_grad inside no_grad, 25 Adam steps) and was kept; the judge's checks pass on such a model, since
-    every later call sees the same trained weights. (Training by forward passes alone stays possible, at the cost of
-    many passes per update; the scorer's timeout bounds it.)"""
+    every later call sees the same trained weights. (Training by forward passes alone, hand-written gradients
+    included, stays possible: the judge bounds it by the host's CPU time, score.HOST_FACTOR and CALL_FACTOR.)"""
     import torch.autograd.forward_ad
     import torch.autograd.functional
     import torch.func
@@ -150,6 +154,9 @@ def main(argv=None) -> int:
                            cuda=ckpt["device"] == "cuda")
         install_sandbox(research_dir / "research", sockets=True)
         no_gradients()
+        # the CPU time spent so far is the harness's; from here on it is the research code's (the judge bounds it)
+        rep.write((json.dumps({"stage": "research", "cpu_s": time.process_time()}) + "\n").encode())
+        rep.flush()
         cfg, model = build(ckpt, research_dir)
         device, dtype = torch.device(ckpt["device"]), DTYPES[ckpt["dtype"]]
         rt = Runtime(device=device, dtype=dtype, compile=False, peak_flops=0.0, name=ckpt["device"])

@@ -18,7 +18,10 @@ the pass starts (a failure is the status `tampered` with the reason):
   positions escapes one twin row with probability 1 - q, all of them with (1 - q) ** twin_rows (in the verdict);
 - no state across calls: scored batches are sent again later in the pass (the last at its end) to both hosts,
   and must give bitwise the same logits (a host remembers only what it was shown; the other never saw it);
-- the floor: a val_bpb below the data set's floor (data.bpb_floor) is refused, never scored as a result.
+- the floor: a val_bpb below the data set's floor (data.bpb_floor) is refused, never scored as a result;
+- compute: on a CPU slot each host's CPU seconds, read from the kernel, must stay within what its forward passes
+  need (HOST_FACTOR, CALL_FACTOR below): a model that trains before its first reply (hand-written gradients need
+  no autograd) gives the same logits everywhere, so only its CPU time tells.
 The pass is pipelined: the next request goes out as soon as a reply is read, so a host's forward pass runs
 while this process judges the reply before it (the loss and the checks cost no wall time of their own).
 
@@ -57,6 +60,54 @@ from src.harness.score_client import CHECKPOINT, MARKER, READY, SPLIT_ENV, Score
 FLOOR, NOISE_FACTOR = 1e-4, 20.0
 CAP = {torch.float32: 1e-2, torch.bfloat16: 0.15, torch.float16: 0.05}
 _now = time.perf_counter
+# What a model host may spend on a CPU slot, in CPU seconds the kernel counts (all its threads, read from /proc by
+# this process, out of the host's reach). A model that works before its first reply (training by hand-written
+# gradients, say) gives every logit from the same trained model, so the twins and repeats agree; what gives it away
+# is its CPU time. Two bounds (docs/protection.md has the measured figures):
+# - in all: LOAD_S + LOAD_S_PER_M per million parameters for building the model (the research code's imports,
+#   construction, weights), then HOST_FACTOR x the training run's CPU seconds per trained token for every token it
+#   is asked for, plus SLACK_S; checked while the host computes, so a host past it is stopped at once. An honest
+#   forward pass costs 0.18-0.30 of a training step's forward + backward + update per token (measured here; more
+#   where the run trains on shorter rows than it is scored on, hence the wide margin);
+# - per call: no reply may cost more than CALL_FACTOR x the host's median CPU seconds per token of its replies
+#   (+ CALL_SLACK_S), the first one included with the model's construction (+ the load allowance). Work that
+#   changes the logits must be done before the first reply (after it, the twins and repeats see the change), so this
+#   bounds it by a few batches' worth, however expensive the run made its training per token.
+HOST_FACTOR, LOAD_S, LOAD_S_PER_M, SLACK_S = 1.0, 1.0, 0.05, 1.0
+CALL_FACTOR, CALL_SLACK_S, MIN_CALLS = 3.0, 0.25, 4
+try:
+    _TICK = os.sysconf("SC_CLK_TCK")
+except (AttributeError, ValueError, OSError):
+    _TICK = 100
+
+
+def cpu_seconds(pid: int) -> Optional[float]:
+    """User + system CPU seconds of a process and all its threads, from the kernel (Linux); None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class HostBudget(NamedTuple):
+    """A host's CPU allowance (see HOST_FACTOR): load_s for building the model, HOST_FACTOR x train_per_token_s
+    (the run's training CPU seconds per token) per token asked for."""
+    load_s: float
+    train_per_token_s: float
+
+    @staticmethod
+    def of(cost: Optional[dict], params: int) -> Optional["HostBudget"]:
+        """From the training run's cost ({"cpu_s": CPU seconds of its counted training, "tokens": tokens trained},
+        score_client.training_cost); None without one (no bound: the scorer's timeout is all there is)."""
+        try:
+            cpu, tokens = float(cost["cpu_s"]), float(cost["tokens"])
+        except (TypeError, KeyError, ValueError):
+            return None
+        if not (math.isfinite(cpu) and cpu > 0 and tokens > 0):
+            return None
+        return HostBudget(LOAD_S + LOAD_S_PER_M * params / 1e6, cpu / tokens)
 
 
 class Tampered(Exception):
@@ -241,6 +292,11 @@ class Host:
             os.close(w2)
         self.req, self.rep = os.fdopen(w1, "wb"), os.fdopen(r2, "rb", buffering=0)
         self.vocab = 0
+        self.budget: Optional[HostBudget] = None  # its CPU allowance (None: unbounded)
+        self.research_cpu0: Optional[float] = None  # its CPU seconds when the research code's import began
+        self.tokens = 0  # tokens asked of it so far
+        self.load_cpu_s: Optional[float] = None  # the research code's CPU seconds to build the model
+        self.calls: list[tuple[int, float]] = []  # per reply: (tokens, the host's CPU seconds when it was read)
         self.sent: list[tuple[int, int]] = []  # the shapes of the requests not yet received, oldest first
         self.wait_s = self.transfer_s = 0.0  # waiting for the model; reading its logits
 
@@ -276,10 +332,17 @@ class Host:
         self.req.write((json.dumps({"checkpoint": str(checkpoint), "threads": threads}) + "\n").encode())
         self.req.flush()
         reply = self._line()
+        if reply.get("stage") == "research":  # the host's CPU time up to here was the harness's
+            own = self.cpu_s()
+            said = float(reply.get("cpu_s") or 0.0)
+            self.research_cpu0 = min(said, own) if own is not None else said
+            reply = self._line()
         if reply.get("refused"):
             raise Tampered(f"the sandbox refused the model while it was built: {reply.get('error')}")
         if not reply.get("ok"):
             raise ModelFailed(f"the model did not load: {reply.get('error', 'the model host died')}")
+        own = self.cpu_s()
+        self.load_cpu_s = own - self.research_cpu0 if own is not None and self.research_cpu0 is not None else None
         self.vocab, self.threads = int(reply["vocab"]), reply.get("threads")
         return str(reply.get("sandbox", ""))
 
@@ -289,11 +352,74 @@ class Host:
         self.req.write(HEADER.pack(rows, length) + x.to(torch.int64).contiguous().numpy().tobytes())
         self.req.flush()
         self.sent.append((rows, length))
+        self.tokens += rows * length
+
+    def cpu_s(self) -> Optional[float]:
+        """The host's CPU seconds so far (all its threads), as the kernel counts them; None off Linux."""
+        return cpu_seconds(self.proc.pid)
+
+    def allowed_s(self) -> Optional[float]:
+        """The CPU seconds this host may have used by now (HostBudget), or None when it is not bounded."""
+        if self.budget is None or self.research_cpu0 is None:
+            return None
+        return (self.research_cpu0 + self.budget.load_s + SLACK_S
+                + HOST_FACTOR * self.budget.train_per_token_s * self.tokens)
+
+    def check(self) -> None:
+        """Tampered when the host has used more CPU than it is allowed (training or searching while scored)."""
+        allowed = self.allowed_s()
+        if allowed is None:
+            return
+        used = self.cpu_s()
+        if used is not None and used > allowed:
+            self.proc.kill()
+            raise Tampered(f"model host {self.name} used {used - self.research_cpu0:.1f} CPU s of research code for "
+                           f"{self.tokens:,} tokens of logits, more than the {allowed - self.research_cpu0:.1f} s "
+                           f"allowed ({self.budget.load_s:.1f} s to build the model + {SLACK_S:.0f} s + "
+                           f"{HOST_FACTOR:g} x the {self.budget.train_per_token_s * 1e6:.2f} CPU us per token its "
+                           "training cost): a model computes its logits and nothing else while it is scored; "
+                           "work done here is compute outside the run's budget")
+
+    def call_costs(self) -> list[tuple[int, float]]:
+        """(tokens, CPU seconds) of each reply: the first one's includes building the model."""
+        out, before = [], self.research_cpu0
+        for tokens, cpu in self.calls:
+            out.append((tokens, cpu - before))
+            before = cpu
+        return out
+
+    def check_calls(self, params: int) -> None:
+        """Tampered when one reply cost more than CALL_FACTOR x the host's median per token (module comment)."""
+        costs = self.call_costs()
+        if len(costs) < MIN_CALLS:
+            return
+        rates = sorted(c / t for t, c in costs[1:])
+        median = rates[len(rates) // 2]
+        load = LOAD_S + LOAD_S_PER_M * params / 1e6
+        for i, (tokens, cpu) in enumerate(costs):
+            allowed = CALL_FACTOR * median * tokens + CALL_SLACK_S + (load if i == 0 else 0.0)
+            if cpu > allowed:
+                what = "building the model and its first reply" if i == 0 else f"its reply {i + 1}"
+                raise Tampered(f"model host {self.name} spent {cpu:.2f} CPU s on {what} ({tokens:,} tokens), more "
+                               f"than the {allowed:.2f} s allowed ({CALL_FACTOR:g} x its median {median * 1e6:.2f} CPU "
+                               "us per token over its replies, + the model's construction for the first): a model "
+                               "computes its logits and nothing else while it is scored; work done here is compute "
+                               "outside the run's budget")
+
+    def await_reply(self) -> None:
+        """Block until the host has something to say, checking its CPU allowance every 0.2 s meanwhile."""
+        if self.budget is None:
+            return
+        fd = self.rep.fileno()
+        while not select.select([fd], [], [], 0.2)[0]:
+            self.check()
+        self.check()
 
     def receive(self) -> torch.Tensor:
         """The logits of the oldest request not yet received."""
         rows, length = self.sent.pop(0)
         t0 = _now()
+        self.await_reply()
         status = STATUS.unpack(self._exact(STATUS.size))[0]
         t1 = _now()
         self.wait_s += t1 - t0
@@ -303,6 +429,8 @@ class Host:
             raise ModelFailed(self._line().get("error", "the model failed"))
         buf = self._exact(rows * length * self.vocab * 4)
         self.transfer_s += _now() - t1
+        if self.research_cpu0 is not None and (cpu := self.cpu_s()) is not None:  # idle now: nothing more is sent yet
+            self.calls.append((rows * length, cpu))
         return torch.frombuffer(buf, dtype=torch.float32).view(rows, length, self.vocab)
 
     def _exact(self, n: int) -> bytearray:
@@ -312,6 +440,7 @@ class Host:
             raise ModelFailed(f"the model host {self.name} died (exit code {self.proc.poll()})") from None
 
     def _line(self) -> dict:
+        self.await_reply()
         line = b""
         while not line.endswith(b"\n"):
             c = self.rep.read(1)
@@ -354,7 +483,10 @@ def replies(requests: list[Request], width: int) -> Iterator[tuple[Request, torc
         else:  # whichever host answers first
             fds = {requests[k].host.rep.fileno(): (h, requests[k].host) for h, k in busy.items()}
             t0 = _now()
-            h, host = fds[select.select(list(fds), [], [])[0][0]]
+            while not (ready := select.select(list(fds), [], [], 0.2)[0]):
+                for _, other in fds.values():  # none answered yet: are they computing logits, or more?
+                    other.check()
+            h, host = fds[ready[0]]
             host.wait_s += _now() - t0
         k = busy.pop(h)
         done[k] = requests[k].host.receive()
@@ -369,12 +501,14 @@ class ModelFailed(RuntimeError):
 
 
 def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optional[random.Random] = None,
-                     split: str = "val", spec: Optional[dict] = None) -> dict:
+                     split: str = "val", spec: Optional[dict] = None, cost: Optional[dict] = None) -> dict:
     """Load the validation data, have the hosts build the model, score every window with the checks woven in;
     returns the result (status ok | tampered | nan). Raises Tampered, or ModelFailed when the model crashed.
     split="test": the held-out test split instead (same windows, same checks; `val_bpb` is then its figure).
     spec (score_client.eval_spec): the data set, row length, eval batch and threads to score with, from whoever
-    started this process; the checkpoint's config (written after research code ran) only builds the model."""
+    started this process; the checkpoint's config (written after research code ran) only builds the model.
+    cost (score_client.training_cost): what the run's training cost, from its starter; on a CPU slot it bounds the
+    CPU time each host may spend (HostBudget), checked while the host computes."""
     from omegaconf import OmegaConf
 
     t0 = _now()
@@ -393,6 +527,10 @@ def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optiona
     torch.set_num_threads(1)
     data = load_prepared(cfg.data, splits=(split,))  # the judge alone reads it; the hosts cannot
     val, token_bytes = val_tokens(data, cfg.data.eval_tokens), torch.from_numpy(data.token_bytes)
+    params = sum(t.numel() for t in ckpt["model"].values() if isinstance(t, torch.Tensor))
+    budget = HostBudget.of(cost, params) if ckpt["device"] == "cpu" and cpu_seconds(os.getpid()) is not None else None
+    for h in hosts:
+        h.budget = budget
     sandbox = [h.open(path, max(1, slot // width) if ckpt["device"] == "cpu" else cfg.device.threads) for h in hosts]
     if any(h.vocab != cfg.data.vocab_size for h in hosts):
         raise Tampered(f"the model's vocabulary is not the data's ({cfg.data.vocab_size})")
@@ -434,6 +572,10 @@ def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optiona
                 kept[i] = logits
             bar.update(1)
     bar.close()
+    for h in hosts:  # the whole pass within the allowance, the last reply included; no reply far dearer than most
+        h.check()
+        if ckpt["device"] == "cpu":
+            h.check_calls(params)
     bpb = bpb_from_sums(total_nats, total_bytes)
     if not math.isfinite(bpb):
         return {"status": NAN, "val_bpb": float("nan"), "reason": "val_bpb is not finite"}
@@ -445,9 +587,27 @@ def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optiona
     return {"status": OK, "val_bpb": bpb, "split": split, "reason": "", "device": ckpt["device"], "dtype": ckpt["dtype"],
             "threads": (hosts[0].threads or 1) * width if ckpt["device"] == "cpu" else None,  # the hosts' at once
             "checks": {"batches": len(plan), "twins": len(audit.twins), "twin_rows": audit.twin_rows,
-                       "repeats": sum(map(len, audit.repeat_of.values())) * len(hosts), "sandbox": sandbox[0]},
+                       "repeats": sum(map(len, audit.repeat_of.values())) * len(hosts), "sandbox": sandbox[0],
+                       "hosts": host_figures(hosts)},
             "seconds": {"load": t_load - t0, "score": t_end - t_load, "wait": sum(h.wait_s for h in hosts),
                         "transfer": sum(h.transfer_s for h in hosts)}}
+
+
+def median_rate(h: Host) -> Optional[float]:
+    rates = sorted(c / t * 1e6 for t, c in h.call_costs()[1:])
+    return rates[len(rates) // 2] if rates else None
+
+
+def host_figures(hosts: list[Host]) -> dict:
+    """Per host: tokens asked of it, the research code's CPU seconds (building the model + the pass) and what it was
+    allowed (None when unbounded or off Linux)."""
+    used = [(h.cpu_s() - h.research_cpu0) if h.cpu_s() is not None and h.research_cpu0 is not None else None
+            for h in hosts]
+    firsts = [(h.call_costs()[0][1] if h.calls else None) for h in hosts]
+    return {"tokens": [h.tokens for h in hosts], "research_cpu_s": used, "load_cpu_s": [h.load_cpu_s for h in hosts],
+            "first_call_cpu_s": firsts, "median_call_us_per_token": [median_rate(h) for h in hosts],
+            "allowed_cpu_s": [(h.allowed_s() - h.research_cpu0) if h.allowed_s() is not None else None for h in hosts],
+            "train_us_per_token": hosts[0].budget.train_per_token_s * 1e6 if hosts[0].budget else None}
 
 
 def main() -> int:
@@ -468,9 +628,14 @@ def main() -> int:
         for h in hosts:
             h.close()
         return 0
+    try:  # what the run's training cost (score_client.training_cost); null or missing: the hosts are not bounded
+        cost = json.loads(sys.stdin.readline() or "null")
+    except ValueError:
+        cost = None
     t0 = _now()
     try:
-        result = score_checkpoint(Path(path), hosts, split=split, spec=spec if isinstance(spec, dict) else None)
+        result = score_checkpoint(Path(path), hosts, split=split, spec=spec if isinstance(spec, dict) else None,
+                                  cost=cost if isinstance(cost, dict) else None)
     except Tampered as e:
         result = {"status": TAMPERED, "val_bpb": float("nan"), "reason": str(e)}
     except Exception as e:  # the research code crashed while being loaded or run, or a host died

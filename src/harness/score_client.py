@@ -54,6 +54,15 @@ def eval_spec(cfg) -> dict:
             "eval_batch_tokens": d.get("eval_batch_tokens"), "threads": (d.get("device") or {}).get("threads")}
 
 
+def training_cost(cpu_s: Optional[float], tokens: Optional[float]) -> Optional[dict]:
+    """What a run's training cost, for the judge's bound on its model hosts: CPU seconds of its counted training (the
+    launcher's kernel count in the lab; the process's own in a standalone run) and the tokens it trained on. None
+    when either is unknown or zero (the hosts are then bounded only by the scorer's timeout)."""
+    if not cpu_s or not tokens or cpu_s <= 0 or tokens <= 0:
+        return None
+    return {"cpu_s": float(cpu_s), "tokens": float(tokens)}
+
+
 def apply_verdict(summary: dict, verdict: dict) -> None:
     """The scorer's verdict into a run's summary: val_bpb and the scoring figures, and for anything but ok the
     status tampered (or crash) with the scorer's reason. The one mapping a standalone run and the lab's runner share."""
@@ -118,12 +127,14 @@ class Scorer:
                 return True
         return False
 
-    def score(self, checkpoint: Path, timeout_s: float = 1800.0) -> dict:
-        """The verdict on `checkpoint`: {status: ok|tampered|crash|nan|timeout, val_bpb, reason, ...}."""
+    def score(self, checkpoint: Path, timeout_s: float = 1800.0, cost: Optional[dict] = None) -> dict:
+        """The verdict on `checkpoint`: {status: ok|tampered|crash|nan|timeout, val_bpb, reason, ...}.
+        cost: what the run's training cost (training_cost); it bounds the CPU time the model hosts may spend."""
         if self.proc is None:
             self.start()
         try:
-            out, _ = self.proc.communicate(f"{Path(checkpoint).resolve()}\n".encode(), timeout=timeout_s)
+            out, _ = self.proc.communicate(f"{Path(checkpoint).resolve()}\n{json.dumps(cost)}\n".encode(),
+                                           timeout=timeout_s)
         except TimeoutExpired:
             self.close()
             return {"status": TIMEOUT, "val_bpb": float("nan"), "reason": f"scoring took over {timeout_s:.0f} s"}

@@ -49,7 +49,7 @@ from src.harness.paths import REPO
 from src.harness.provenance import provenance
 from src.harness.sandbox import SandboxError, install as install_sandbox
 from src.harness.score import CHECKPOINT, Scorer, apply_verdict, save_checkpoint
-from src.harness.score_client import eval_spec
+from src.harness.score_client import eval_spec, training_cost
 from src.harness.snapshot import library_changes, library_snapshot
 from src.harness.status import CRASH, DRY_RUN, KILLED, NAN, OK, OOM, STALLED, TAMPERED, TIMEOUT
 from src.harness.sweep import job_run_name
@@ -449,7 +449,8 @@ class TimedRun:
         if os.environ.get(FREEZE_ENV) == "1":  # the launcher counts the process tree and copies the checkpoint
             os.kill(os.getpid(), signal.SIGSTOP)
         if self.scorer is not None:
-            score(self.scorer, ckpt, self.summary)
+            cpu = self.summary.get("device_cpu_seconds")  # this process's own count (a standalone run is not a verdict)
+            score(self.scorer, ckpt, self.summary, training_cost(cpu, self.clock.tokens if self.clock else 0))
 
     # ------------------------------------------------------------------ callbacks
     def tracking_ready(self) -> None:
@@ -585,9 +586,9 @@ def config_dict(cfg: TrainConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
-def score(scorer: Scorer, ckpt: Path, summary: dict) -> None:
+def score(scorer: Scorer, ckpt: Path, summary: dict, cost: dict | None = None) -> None:
     """The scorer's verdict into the summary: val_bpb, or the status tampered/crash with its reason."""
-    apply_verdict(summary, scorer.score(ckpt))
+    apply_verdict(summary, scorer.score(ckpt, cost=cost))
 
 
 def main():

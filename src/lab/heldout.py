@@ -41,10 +41,11 @@ MAX_RUNS = 2  # checkpoints scored per side (the mean of two runs; each costs a 
 
 
 def run_checkpoints(runs_dir: Path, rows: list[Experiment], commit: str, baseline: bool,
-                    limit: int = MAX_RUNS) -> list[tuple[str, Path, float]]:
-    """(run name, checkpoint, val_bpb) of up to `limit` finished runs of `commit` whose checkpoint is still
-    there: the baseline rows, or the best's own rows (its screen run and confirmation runs, not the baseline
-    side of its pairs). Only a run whose summary says it ran that commit counts (a rebased screen run did not)."""
+                    limit: int = MAX_RUNS) -> list[tuple[str, Path, float, Optional[dict]]]:
+    """(run name, checkpoint, val_bpb, what its training cost) of up to `limit` finished runs of `commit` whose
+    checkpoint is still there: the baseline rows, or the best's own rows (its screen run and confirmation runs, not
+    the baseline side of its pairs). Only a run whose summary says it ran that commit counts (a rebased screen run
+    did not)."""
     found = []
     for e in rows:
         if e.commit != commit or e.val_bpb is None or not math.isfinite(e.val_bpb):
@@ -60,7 +61,7 @@ def run_checkpoints(runs_dir: Path, rows: list[Experiment], commit: str, baselin
                 continue
             ckpt = d / FROZEN if (d / FROZEN).is_file() else d / CHECKPOINT
             if summary.get("status") == OK and summary.get("git_sha") == commit and ckpt.is_file():
-                found.append((d.name, ckpt, float(summary.get("val_bpb", e.val_bpb))))
+                found.append((d.name, ckpt, float(summary.get("val_bpb", e.val_bpb)), summary.get("train_cost")))
                 break
     return found[-limit:]
 
@@ -77,14 +78,16 @@ def _worktree(repo: Path, commit: str):
     return path, remove
 
 
-def _score_side(repo: Path, commit: str, runs: list[tuple[str, Path, float]], log_dir: Path, env: Optional[dict],
+def _score_side(repo: Path, commit: str, runs: list[tuple[str, Path, float, Optional[dict]]], log_dir: Path,
+                env: Optional[dict],
                 cpus: tuple, spec: Optional[dict] = None) -> list[dict]:
     tree, remove = _worktree(repo, commit)
     out = []
     try:
-        for name, ckpt, val in runs:
+        for name, ckpt, val, cost in runs:
             t0 = time.monotonic()
-            r = Scorer(tree, log_dir / f"test-{name}.log", env, cpus, split="test", spec=spec).start().score(ckpt)
+            r = Scorer(tree, log_dir / f"test-{name}.log", env, cpus, split="test", spec=spec).start().score(
+                ckpt, cost=cost)
             out.append({"run": name, "val_bpb": val, "test_bpb": r.get("val_bpb") if r.get("status") == OK else None,
                         "status": r.get("status"), "reason": r.get("reason", ""),
                         "seconds": round(time.monotonic() - t0, 1)})

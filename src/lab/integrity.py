@@ -76,6 +76,15 @@ def outside_seconds(freeze: dict, start: dict, cores: int) -> tuple[float, str]:
     return slot_seconds(cpu, loop, threads), how + f", {loop:.2f} of them on its training loop's thread"
 
 
+def counted_cpu(launch: Optional[dict], start: Optional[dict]) -> Optional[float]:
+    """CPU seconds of the run's process tree from the clock's start to the freeze, as the launcher read them from the
+    kernel; None when either end is missing."""
+    freeze = (launch or {}).get("freeze")
+    if not freeze or start is None:
+        return None
+    return freeze["cpu"] - start["cpu_seconds"]
+
+
 def device_overrun(launch: dict, start: Optional[dict], budget: DeviceBudget, cores: int) -> str:
     """'' when the run's device time, counted from outside, fits the budget; else why not (the run is tampered).
     Only CPU runs are counted this way; on a GPU the in-process event clock is all there is."""

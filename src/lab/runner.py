@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from src.lab.config import ENV_STRIP
-from src.lab.integrity import DeviceBudget, clock_start, counted_in_process, device_overrun, frozen_mismatch
+from src.lab.integrity import (DeviceBudget, clock_start, counted_cpu, counted_in_process, device_overrun,
+                               frozen_mismatch)
 from src.lab.session import atomic_write
 from src.harness.budget import CURVE_LINE
 from src.harness.launch import tree, waited
 from src.harness.pinning import pin
-from src.harness.score_client import CHECKPOINT, Scorer, apply_verdict
+from src.harness.score_client import CHECKPOINT, Scorer, apply_verdict, training_cost
 from src.lab.decisions import CRASH, INTERRUPTED, OK, PRUNED, STALLED, TAMPERED, TIMEOUT
 
 ALWAYS_STRIP = ("MLFLOW_RUN_ID",)  # would attach the child to whatever run the parent has open
@@ -369,8 +370,11 @@ class Runner:
                 f"over its budget, as the harness's own clock counted too: {why[len(OVERRUN):]}; the loop stops "
                 "between steps, so the model's construction and each step must fit in what is left: make them cheaper")}
         else:
+            cost = training_cost(counted_cpu(out.launch, clock_start(out.run_dir / "run.log")),
+                                 float(out.summary.get("total_tokens_M") or 0.0) * 1e6)
+            out.summary["train_cost"] = cost  # the rescore and the held-out scoring bound the hosts by it too
             verdict = {"status": TAMPERED, "val_bpb": float("nan"), "reason": why} if why else \
-                scorer.score(out.checkpoint)
+                scorer.score(out.checkpoint, cost=cost)
         atomic_write(out.run_dir / "score.json", json.dumps(verdict, indent=2))
         apply_verdict(out.summary, verdict)
         if verdict.get("status") != OK:
@@ -384,7 +388,7 @@ class Runner:
         if not self.score_checkpoints:
             return {"status": OK, "val_bpb": out.val_bpb}
         return Scorer(self.cwd, out.run_dir / "rescore.log", self.env, self.cpus,
-                      spec=self.eval_spec).start().score(out.checkpoint)
+                      spec=self.eval_spec).start().score(out.checkpoint, cost=out.summary.get("train_cost"))
 
     def _tampering(self, out: Outcome) -> str:
         """What the runner itself saw that the run's report cannot explain: '' when nothing."""

@@ -111,6 +111,8 @@ def test_the_runner_and_scorer_catch_the_attack_at_run_time(repo, tmp_path, atta
     out = run_patched(repo, tmp_path, attack)
     assert out.status == "tampered", (out.status, out.error_line, out.log_tail[-2000:])
     assert out.val_bpb is None and out.error_line
+    if attack.kind == "compute while scored":  # the runner handed the judge the run's own training cost
+        assert "CPU s" in out.error_line and "training cost" in out.error_line, out.error_line
 
 
 def honest_groups(size: int = 4) -> list[list]:
