@@ -73,8 +73,8 @@ _now = time.perf_counter
 #   (+ CALL_SLACK_S), the first one included with the model's construction (+ the load allowance). Work that
 #   changes the logits must be done before the first reply (after it, the twins and repeats see the change), so this
 #   bounds it by a few batches' worth, however expensive the run made its training per token.
-HOST_FACTOR, LOAD_S, LOAD_S_PER_M, SLACK_S = 1.0, 1.0, 0.05, 1.0
-CALL_FACTOR, CALL_SLACK_S, MIN_CALLS = 3.0, 0.25, 4
+HOST_FACTOR, LOAD_S, LOAD_S_PER_M, SLACK_S = 1.0, 0.5, 0.05, 1.0
+CALL_FACTOR, CALL_SLACK_S, MIN_CALLS = 2.0, 0.25, 4
 try:
     _TICK = os.sysconf("SC_CLK_TCK")
 except (AttributeError, ValueError, OSError):
