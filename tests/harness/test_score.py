@@ -92,6 +92,37 @@ def test_the_audit_twins_a_share_of_the_full_batches_and_repeats_at_the_end():
     assert a.twins != b.twins  # a new draw every pass
 
 
+def test_the_host_cpu_rules_from_a_runs_cost_and_its_replies():
+    """The arithmetic of the hosts' CPU bounds (score.py): the total from the training's cost per token, and the
+    per-reply rule against the host's own median, the first reply carrying the model's construction."""
+    from types import SimpleNamespace
+
+    from src.harness import score
+    from src.harness.score_client import training_cost
+
+    assert training_cost(None, 1e5) is None and training_cost(10.0, 0) is None and training_cost(0.0, 1e5) is None
+    cost = training_cost(10.0, 1e5)
+    b = score.HostBudget.of(cost, params=2_000_000)
+    assert b.train_per_token_s == pytest.approx(1e-4)
+    assert b.load_s == pytest.approx(score.LOAD_S + 2 * score.LOAD_S_PER_M)
+    assert score.HostBudget.of(None, 10) is None and score.HostBudget.of({"cpu_s": "x", "tokens": 1}, 10) is None
+
+    def host(first: float, rest: float, n: int = 8, tokens: int = 8192):
+        costs = [(tokens, first)] + [(tokens, rest)] * (n - 1)
+        return SimpleNamespace(name="A", call_costs=lambda: costs)
+
+    score.Host.check_calls(host(0.2, 0.2), params=0)  # honest: the first reply costs what the others do
+    score.Host.check_calls(host(score.CALL_FACTOR * 0.2 + score.CALL_SLACK_S + score.LOAD_S - 0.01, 0.2), params=0)
+    with pytest.raises(score.Tampered, match="first reply"):  # work before the first reply beyond the allowance
+        score.Host.check_calls(host(score.CALL_FACTOR * 0.2 + score.CALL_SLACK_S + score.LOAD_S + 0.05, 0.2), params=0)
+    bad = host(0.2, 0.2)
+    costs = bad.call_costs()
+    costs[5] = (8192, 2.0)  # one expensive reply in the middle
+    with pytest.raises(score.Tampered, match="its reply 6"):
+        score.Host.check_calls(SimpleNamespace(name="A", call_costs=lambda: costs), params=0)
+    score.Host.check_calls(host(5.0, 0.2, n=score.MIN_CALLS - 1), params=0)  # too few replies to judge by
+
+
 # ---------------------------------------------------------------------------- the judge and its hosts, for real
 
 TINY = {"depth": 2, "sequence_len": 128}
