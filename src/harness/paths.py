@@ -20,3 +20,5 @@ def default_cache_dir() -> str:
 def cache_dir() -> Path:
     """The data cache, expanded: prepared shards, tokenizer, downloads and the device probe."""
     return Path(default_cache_dir()).expanduser()
+
+HIDE_ROOTS_ENV = "OVERNIGHT_HIDE_ROOTS"  # set by the lab's runner: folders of saved models a run hides (train.py)

@@ -52,6 +52,7 @@ from src.harness.data import load_prepared, val_tokens
 from src.harness.device import Runtime
 from src.harness.evaluate import bpb_from_sums, token_nats, windows
 from src.harness.host import BROKEN, HEADER, STATUS, read_exact
+from src.harness.model_facts import model_facts
 from src.harness.status import CRASH, NAN, OK, TAMPERED
 # the starting side lives apart (no torch for the lab); re-exported: train.py and the tests import it from here
 from src.harness.score_client import CHECKPOINT, MARKER, READY, SPLIT_ENV, Scorer, apply_verdict, stop  # noqa: F401
@@ -63,18 +64,18 @@ _now = time.perf_counter
 # What a model host may spend on a CPU slot, in CPU seconds the kernel counts (all its threads, read from /proc by
 # this process, out of the host's reach). A model that works before its first reply (training by hand-written
 # gradients, say) gives every logit from the same trained model, so the twins and repeats agree; what gives it away
-# is its CPU time. Two bounds (docs/protection.md has the measured figures):
-# - in all: LOAD_S + LOAD_S_PER_M per million parameters for building the model (the research code's imports,
-#   construction, weights), then HOST_FACTOR x the training run's CPU seconds per trained token for every token it
-#   is asked for, plus SLACK_S; checked while the host computes, so a host past it is stopped at once. An honest
-#   forward pass costs 0.18-0.30 of a training step's forward + backward + update per token (measured here; more
-#   where the run trains on shorter rows than it is scored on, hence the wide margin);
-# - per call: no reply may cost more than CALL_FACTOR x the host's median CPU seconds per token of its replies
-#   (+ CALL_SLACK_S), the first one included with the model's construction (+ the load allowance). Work that
-#   changes the logits must be done before the first reply (after it, the twins and repeats see the change), so this
-#   bounds it by a few batches' worth, however expensive the run made its training per token.
-HOST_FACTOR, LOAD_S, LOAD_S_PER_M, SLACK_S = 1.0, 0.5, 0.05, 1.0
-CALL_FACTOR, CALL_SLACK_S, MIN_CALLS = 2.0, 0.25, 4
+# is its CPU time. Work that changes the logits has to be done before the first reply (after it, the twins and
+# repeats see the change), so the rules bound each reply (docs/protection.md has the measured figures):
+# - each reply, checked every 0.2 s while the host computes it (a host past it is stopped at once): HOST_FACTOR x
+#   the run's training CPU seconds per trained token (or the session's baseline's, whichever is more: a recipe that
+#   draws rows it does not train on pays less per drawn token) for each token asked, + CALL_SLACK_S; the first
+#   reply also LOAD_S + LOAD_S_PER_M per million nominal parameters (model_facts of the config) for building the
+#   model. An honest forward pass costs 0.18-0.30 of a training step's forward + backward + update per token
+#   (measured here). What is left is about one training step's compute, and a run can raise it only by wasting its
+#   own training;
+# - at the end of the pass, each reply within CALL_FACTOR x the host's median CPU seconds per token (+ the same
+#   slack and load): tighter still, for a model that does not also waste work on every reply.
+HOST_FACTOR, CALL_FACTOR, CALL_SLACK_S, LOAD_S, LOAD_S_PER_M, MIN_CALLS = 0.6, 2.0, 0.1, 0.25, 0.05, 4
 try:
     _TICK = os.sysconf("SC_CLK_TCK")
 except (AttributeError, ValueError, OSError):
@@ -92,22 +93,24 @@ def cpu_seconds(pid: int) -> Optional[float]:
 
 
 class HostBudget(NamedTuple):
-    """A host's CPU allowance (see HOST_FACTOR): load_s for building the model, HOST_FACTOR x train_per_token_s
-    (the run's training CPU seconds per token) per token asked for."""
+    """A host's CPU allowance (see HOST_FACTOR): load_s for building the model (first reply), HOST_FACTOR x
+    per_token_s (training CPU seconds per token) for each token asked of it, per reply."""
     load_s: float
-    train_per_token_s: float
+    per_token_s: float
 
     @staticmethod
-    def of(cost: Optional[dict], params: int) -> Optional["HostBudget"]:
-        """From the training run's cost ({"cpu_s": CPU seconds of its counted training, "tokens": tokens trained},
-        score_client.training_cost); None without one (no bound: the scorer's timeout is all there is)."""
+    def of(cost: Optional[dict], nominal_params: int) -> Optional["HostBudget"]:
+        """From the training run's cost ({"cpu_s": CPU seconds of its counted training, "tokens": tokens trained,
+        "floor_per_token_s": the session baseline's, optional}, score_client.training_cost); None without one (no
+        bound: the scorer's timeout is all there is)."""
         try:
             cpu, tokens = float(cost["cpu_s"]), float(cost["tokens"])
-        except (TypeError, KeyError, ValueError):
+            floor = float(cost.get("floor_per_token_s") or 0.0)
+        except (TypeError, KeyError, ValueError, AttributeError):
             return None
-        if not (math.isfinite(cpu) and cpu > 0 and tokens > 0):
+        if not (math.isfinite(cpu) and cpu > 0 and tokens > 0 and math.isfinite(floor)):
             return None
-        return HostBudget(LOAD_S + LOAD_S_PER_M * params / 1e6, cpu / tokens)
+        return HostBudget(LOAD_S + LOAD_S_PER_M * nominal_params / 1e6, max(cpu / tokens, floor))
 
 
 class Tampered(Exception):
@@ -295,6 +298,7 @@ class Host:
         self.budget: Optional[HostBudget] = None  # its CPU allowance (None: unbounded)
         self.research_cpu0: Optional[float] = None  # its CPU seconds when the research code's import began
         self.tokens = 0  # tokens asked of it so far
+        self.pending = 0  # tokens of the request it is computing (0: idle)
         self.load_cpu_s: Optional[float] = None  # the research code's CPU seconds to build the model
         self.calls: list[tuple[int, float]] = []  # per reply: (tokens, the host's CPU seconds when it was read)
         self.sent: list[tuple[int, int]] = []  # the shapes of the requests not yet received, oldest first
@@ -353,32 +357,38 @@ class Host:
         self.req.flush()
         self.sent.append((rows, length))
         self.tokens += rows * length
+        self.pending = rows * length
 
     def cpu_s(self) -> Optional[float]:
         """The host's CPU seconds so far (all its threads), as the kernel counts them; None off Linux."""
         return cpu_seconds(self.proc.pid)
 
     def allowed_s(self) -> Optional[float]:
-        """The CPU seconds this host may have used by now (HostBudget), or None when it is not bounded."""
+        """The CPU seconds the reply it is computing may cost (HostBudget), or None when it is not bounded."""
         if self.budget is None or self.research_cpu0 is None:
             return None
-        return (self.research_cpu0 + self.budget.load_s + SLACK_S
-                + HOST_FACTOR * self.budget.train_per_token_s * self.tokens)
+        load = self.budget.load_s if not self.calls else 0.0
+        return HOST_FACTOR * self.budget.per_token_s * self.pending + CALL_SLACK_S + load
 
     def check(self) -> None:
-        """Tampered when the host has used more CPU than it is allowed (training or searching while scored)."""
+        """Tampered when the reply it is computing (the first with the model's construction) has cost more CPU than
+        it is allowed: training or searching while scored."""
         allowed = self.allowed_s()
         if allowed is None:
             return
         used = self.cpu_s()
-        if used is not None and used > allowed:
+        if used is None:
+            return
+        since = used - (self.calls[-1][1] if self.calls else self.research_cpu0)
+        if since > allowed:
             self.proc.kill()
-            raise Tampered(f"model host {self.name} used {used - self.research_cpu0:.1f} CPU s of research code for "
-                           f"{self.tokens:,} tokens of logits, more than the {allowed - self.research_cpu0:.1f} s "
-                           f"allowed ({self.budget.load_s:.1f} s to build the model + {SLACK_S:.0f} s + "
-                           f"{HOST_FACTOR:g} x the {self.budget.train_per_token_s * 1e6:.2f} CPU us per token its "
-                           "training cost): a model computes its logits and nothing else while it is scored; "
-                           "work done here is compute outside the run's budget")
+            what = "building the model and its first reply" if not self.calls else f"its reply {len(self.calls) + 1}"
+            raise Tampered(f"model host {self.name} spent {since:.2f} CPU s on {what} ({self.pending:,} tokens), "
+                           f"more than the {allowed:.2f} s allowed ({HOST_FACTOR:g} x the "
+                           f"{self.budget.per_token_s * 1e6:.2f} CPU us per token its training cost"
+                           + (f", + {self.budget.load_s:.2f} s to build the model" if not self.calls else "")
+                           + "): a model computes its logits and nothing else while it is scored; work done here is "
+                           "compute outside the run's budget")
 
     def call_costs(self) -> list[tuple[int, float]]:
         """(tokens, CPU seconds) of each reply: the first one's includes building the model."""
@@ -388,14 +398,14 @@ class Host:
             before = cpu
         return out
 
-    def check_calls(self, params: int) -> None:
+    def check_calls(self, nominal_params: int) -> None:
         """Tampered when one reply cost more than CALL_FACTOR x the host's median per token (module comment)."""
         costs = self.call_costs()
         if len(costs) < MIN_CALLS:
             return
         rates = sorted(c / t for t, c in costs[1:])
         median = rates[len(rates) // 2]
-        load = LOAD_S + LOAD_S_PER_M * params / 1e6
+        load = LOAD_S + LOAD_S_PER_M * nominal_params / 1e6
         for i, (tokens, cpu) in enumerate(costs):
             allowed = CALL_FACTOR * median * tokens + CALL_SLACK_S + (load if i == 0 else 0.0)
             if cpu > allowed:
@@ -431,6 +441,7 @@ class Host:
         self.transfer_s += _now() - t1
         if self.research_cpu0 is not None and (cpu := self.cpu_s()) is not None:  # idle now: nothing more is sent yet
             self.calls.append((rows * length, cpu))
+        self.pending = 0
         return torch.frombuffer(buf, dtype=torch.float32).view(rows, length, self.vocab)
 
     def _exact(self, n: int) -> bytearray:
@@ -527,7 +538,10 @@ def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optiona
     torch.set_num_threads(1)
     data = load_prepared(cfg.data, splits=(split,))  # the judge alone reads it; the hosts cannot
     val, token_bytes = val_tokens(data, cfg.data.eval_tokens), torch.from_numpy(data.token_bytes)
-    params = sum(t.numel() for t in ckpt["model"].values() if isinstance(t, torch.Tensor))
+    try:  # the nominal size of the config's model: what the checkpoint holds besides (a padding buffer) buys nothing
+        params = model_facts(cfg.model, cfg.data.vocab_size).num_params
+    except ValueError:
+        params = 0
     budget = HostBudget.of(cost, params) if ckpt["device"] == "cpu" and cpu_seconds(os.getpid()) is not None else None
     for h in hosts:
         h.budget = budget
@@ -598,6 +612,15 @@ def median_rate(h: Host) -> Optional[float]:
     return rates[len(rates) // 2] if rates else None
 
 
+def max_reply_share(h: Host) -> Optional[float]:
+    """The largest share of its allowance any reply of the host used (None when unbounded)."""
+    if h.budget is None or not h.calls:
+        return None
+    shares = [c / (HOST_FACTOR * h.budget.per_token_s * t + CALL_SLACK_S + (h.budget.load_s if i == 0 else 0.0))
+              for i, (t, c) in enumerate(h.call_costs())]
+    return max(shares)
+
+
 def host_figures(hosts: list[Host]) -> dict:
     """Per host: tokens asked of it, the research code's CPU seconds (building the model + the pass) and what it was
     allowed (None when unbounded or off Linux)."""
@@ -606,8 +629,8 @@ def host_figures(hosts: list[Host]) -> dict:
     firsts = [(h.call_costs()[0][1] if h.calls else None) for h in hosts]
     return {"tokens": [h.tokens for h in hosts], "research_cpu_s": used, "load_cpu_s": [h.load_cpu_s for h in hosts],
             "first_call_cpu_s": firsts, "median_call_us_per_token": [median_rate(h) for h in hosts],
-            "allowed_cpu_s": [(h.allowed_s() - h.research_cpu0) if h.allowed_s() is not None else None for h in hosts],
-            "train_us_per_token": hosts[0].budget.train_per_token_s * 1e6 if hosts[0].budget else None}
+            "max_reply_over_allowed": [max_reply_share(h) for h in hosts],
+            "allowed_us_per_token": HOST_FACTOR * hosts[0].budget.per_token_s * 1e6 if hosts[0].budget else None}
 
 
 def main() -> int:

@@ -54,13 +54,18 @@ def eval_spec(cfg) -> dict:
             "eval_batch_tokens": d.get("eval_batch_tokens"), "threads": (d.get("device") or {}).get("threads")}
 
 
-def training_cost(cpu_s: Optional[float], tokens: Optional[float]) -> Optional[dict]:
+def training_cost(cpu_s: Optional[float], tokens: Optional[float], floor_per_token_s: Optional[float] = None
+                  ) -> Optional[dict]:
     """What a run's training cost, for the judge's bound on its model hosts: CPU seconds of its counted training (the
-    launcher's kernel count in the lab; the process's own in a standalone run) and the tokens it trained on. None
-    when either is unknown or zero (the hosts are then bounded only by the scorer's timeout)."""
+    launcher's kernel count in the lab; the process's own in a standalone run) and the tokens it trained on, and
+    the session baseline's CPU seconds per token when known (the judge allows the larger). None when the run's
+    figures are unknown or zero (the hosts are then bounded only by the scorer's timeout)."""
     if not cpu_s or not tokens or cpu_s <= 0 or tokens <= 0:
         return None
-    return {"cpu_s": float(cpu_s), "tokens": float(tokens)}
+    out = {"cpu_s": float(cpu_s), "tokens": float(tokens)}
+    if floor_per_token_s and floor_per_token_s > 0:
+        out["floor_per_token_s"] = float(floor_per_token_s)
+    return out
 
 
 def apply_verdict(summary: dict, verdict: dict) -> None:

@@ -45,7 +45,7 @@ from src.harness.landlock import hide
 from src.harness.launch import FREEZE_ENV
 from src.harness.memory import Memory, cache_path, candidates, is_oom, oom_message
 from src.harness.model_facts import ModelFacts, model_facts
-from src.harness.paths import REPO
+from src.harness.paths import HIDE_ROOTS_ENV, REPO
 from src.harness.provenance import provenance
 from src.harness.sandbox import SandboxError, install as install_sandbox
 from src.harness.score import CHECKPOINT, Scorer, apply_verdict, save_checkpoint
@@ -400,8 +400,8 @@ class TimedRun:
         private_tmp()  # temporary files go where the sandbox leaves writing alone
         with contextlib.suppress(OSError):
             cache_path().parent.mkdir(parents=True, exist_ok=True)  # the micro-batch cache's folder, likewise
-        if self.hide_held_out:  # the held-out splits: unreadable from here on (Landlock)
-            self.summary["sandbox"] = hide(held_out_files(self.cfg.data)).reason
+        if self.hide_held_out:  # the held-out splits and other runs' checkpoints: unreadable from here on (Landlock)
+            self.summary["sandbox"] = hide(held_out_files(self.cfg.data) + other_checkpoints(self.out_dir)).reason
         else:
             self.summary["sandbox"] = "held-out splits not hidden: a sweep's jobs share processes (a session never does)"
         install_sandbox(RESEARCH_DIR)
@@ -522,6 +522,27 @@ class TimedRun:
                 path.write_text(json.dumps(s, indent=2, default=str))
             self._result.update(s)
             return s
+
+
+CHECKPOINTS = (".pt", ".pth", ".safetensors", ".ckpt", ".bin")
+
+
+def other_checkpoints(out_dir: Path | None) -> list[Path]:
+    """Every saved model under this project's output folders (and those the lab names in $OVERNIGHT_HIDE_ROOTS) but
+    this run's own: what the training process hides from itself with the held-out splits. Red team of 2026-12-07
+    (eighth session): a step recipe loaded the best earlier run's frozen checkpoint and was kept at -0.47, each
+    confirmation run starting from the best so far: training outside the budget."""
+    roots = {REPO / "outputs", *(Path(r) for r in os.environ.get(HIDE_ROOTS_ENV, "").split(os.pathsep) if r)}
+    own = Path(os.path.realpath(out_dir)) if out_dir else None
+    found = set()
+    for root in roots:
+        for d, _, files in os.walk(root):
+            for name in files:
+                if name.endswith(CHECKPOINTS):
+                    real = Path(os.path.realpath(os.path.join(d, name)))
+                    if not (own is not None and own in real.parents) and real.is_file():
+                        found.add(real)
+    return sorted(found)
 
 
 def private_tmp() -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+from collections import Counter
 import importlib
 import re
 import sys
@@ -189,6 +190,26 @@ def _const_getattr(node: ast.AST) -> tuple[ast.AST, str] | None:
     return None
 
 
+def _rebound(tree: ast.Module, names: set[str], loops: Counter) -> set[str]:
+    """The names bound anywhere in the file other than as the target of a loop over dataclasses.fields(...) (an
+    assignment, a parameter, a with/except/import name, a def): for those, `x.name` is whatever the code put there.
+    Red team 2026-12-07 (eighth session): `for f in fields(C): pass` then `f = Box("__globals__")`; getattr(obj,
+    f.name) passed as the fields() idiom."""
+    stores: Counter = Counter()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            stores[node.id] += 1
+        elif isinstance(node, ast.arg):
+            stores[node.arg] += 1
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            stores[node.name] += 1
+        elif isinstance(node, ast.alias):
+            stores[(node.asname or node.name).split(".")[0]] += 1
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            stores[node.name] += 1
+    return {n for n in names if stores[n] != loops[n]}
+
+
 def _is_tensor_class(obj: object) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, type) and issubclass(obj, torch.Tensor)
@@ -204,7 +225,8 @@ class _Checker(ast.NodeVisitor):
         self.defining: set[int] = set()  # the Name/alias nodes that bind those names
         self.value_ok: set[int] = set()  # nodes where a module or library class may stand
         self.called: set[int] = set()  # nodes called as functions (getattr and hasattr may stand only there)
-        self.field_vars: set[str] = set()  # loop variables over dataclasses.fields(...)
+        self.field_vars: set[str] = set()  # loop variables over dataclasses.fields(...), never bound otherwise
+        self.field_loops: Counter = Counter()  # how many such loops bind each
         self.memo: dict[int, Ref | None] = {}
         self.quiet = False
 
@@ -216,6 +238,7 @@ class _Checker(ast.NodeVisitor):
     def run(self, tree: ast.Module) -> list[str]:
         self.quiet = True
         self.bind(tree)
+        self.field_vars -= _rebound(tree, self.field_vars, self.field_loops)
         self.quiet, self.memo = False, {}
         self.visit(tree)
         return self.problems
@@ -239,6 +262,7 @@ class _Checker(ast.NodeVisitor):
             ref = self.resolve(node.iter.func) if isinstance(node.iter, ast.Call) else None
             if ref is not None and ref.dotted == "dataclasses.fields" and isinstance(node.target, ast.Name):
                 self.field_vars.add(node.target.id)
+                self.field_loops[node.target.id] += 1
         for child in ast.iter_child_nodes(node):
             self.bind(child)
 
@@ -340,7 +364,14 @@ class _Checker(ast.NodeVisitor):
             if _const_getattr(node) is not None:
                 self.judge_value(node, self.resolve(node))
             elif not self.fields_idiom(node):
-                self.bad(node, f"{fn}() with a computed name; name the attribute (getattr is resolved like `x.name`)")
+                a = node.args[1] if len(node.args) > 1 else None
+                if isinstance(a, ast.Attribute) and isinstance(a.value, ast.Name) and a.value.id in self.field_loops:
+                    self.bad(node, f"{fn}(x, {a.value.id}.name): {a.value.id} loops over dataclasses.fields() but is "
+                                   "also bound elsewhere in the file, so its .name can be anything; give the loop "
+                                   "variable a name of its own")
+                else:
+                    self.bad(node, f"{fn}() with a computed name; name the attribute (getattr is resolved like "
+                                   "`x.name`)")
         elif fn in ("isinstance", "issubclass") and len(node.args) == 2:
             self.allow_values(node.args[1])
         elif getattr(self.resolve(node.func), "dotted", None) in CLASS_TAKING:

@@ -17,6 +17,7 @@ Usage: summary = Search(cfg, base_overrides, cli=command_line).run()     (python
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -126,7 +127,31 @@ class Search:
             return SubmititRunner(cwd, s.env_strip, s.env_keep, command=self.train_command, extra_env=env,
                                   launcher=launcher, folder=folder, eval_spec=self.eval_spec())
         return Runner(cwd, s.env_strip, s.env_keep, command=self.train_command, extra_env=env, cpus=cpus,
-                      budget=self.device_budget(), eval_spec=self.eval_spec())
+                      budget=self.device_budget(), eval_spec=self.eval_spec(), host_floor=self.host_floor,
+                      hide_roots=self.hide_roots())
+
+    def hide_roots(self) -> tuple:
+        """Where the saved models of other runs lie (the session's folder, the repo's outputs): each run hides them."""
+        if self.session is None:
+            return ()
+        return (str(self.session.dir), str(Path(self.session.state.repo) / "outputs"))
+
+    def host_floor(self) -> Optional[float]:
+        """The median training CPU seconds per token of the session's scored baseline runs (their summary's
+        train_cost): the least the judge allows any run's model hosts per token (src/harness/score.py HostBudget).
+        None until a baseline run is in."""
+        if self.session is None:
+            return None
+        rates = []
+        for f in sorted((self.session.dir / "runs").glob("base-*/summary.json")):
+            try:
+                summary = json.loads(f.read_text())
+                cost = summary.get("train_cost") or {}
+                if summary.get("status") == "ok" and summary.get("git_sha") == self.session.state.base_commit:
+                    rates.append(float(cost["cpu_s"]) / float(cost["tokens"]))
+            except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+                continue
+        return sorted(rates)[len(rates) // 2] if rates else None
 
     def eval_spec(self) -> Optional[dict]:
         """How every run of the session is scored (the data set, row length, eval batch, threads), from the session's

@@ -31,6 +31,7 @@ from src.lab.session import atomic_write
 from src.harness.budget import CURVE_LINE
 from src.harness.launch import tree, waited
 from src.harness.pinning import pin
+from src.harness.paths import HIDE_ROOTS_ENV
 from src.harness.score_client import CHECKPOINT, Scorer, apply_verdict, training_cost
 from src.lab.decisions import CRASH, INTERRUPTED, OK, PRUNED, STALLED, TAMPERED, TIMEOUT
 
@@ -218,11 +219,16 @@ class Runner:
     def __init__(self, cwd: Path, strip=ENV_STRIP, keep=(), command: Optional[list[str]] = None,
                  stop_grace_s: float = 15.0, score_checkpoints: Optional[bool] = None,
                  extra_env: Optional[dict] = None, cpus: tuple = (), budget: Optional[DeviceBudget] = None,
-                 eval_spec: Optional[dict] = None):
+                 eval_spec: Optional[dict] = None, host_floor: Optional[Callable[[], Optional[float]]] = None,
+                 hide_roots: tuple = ()):
         """extra_env: a worker's device slot (CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS), for its runs and scorers;
         cpus: the cores they are pinned to (search.workers > 1 on CPU; Linux); budget: the session's time budget,
         which every run's device time is checked against from outside (None: not checked); eval_spec: how every
-        checkpoint is scored (score_client.eval_spec of the session's config; None: as the checkpoint says)."""
+        checkpoint is scored (score_client.eval_spec of the session's config; None: as the checkpoint says);
+        host_floor: the session baseline's training CPU seconds per token (None until known), the least the judge
+        allows a run's model hosts per token (a recipe that draws rows it does not train on pays less per token);
+        hide_roots: folders whose saved models every run hides from itself (the session's, the repo's outputs), as
+        well as the other runs' folders beside its own."""
         self.cwd = Path(cwd)
         self.env = clean_env(dict(os.environ), strip, keep)
         self.env["PYTHONUNBUFFERED"] = "1"
@@ -235,6 +241,8 @@ class Runner:
         self._pid: Optional[int] = None
         self.budget = budget
         self.eval_spec = eval_spec
+        self.host_floor = host_floor
+        self.hide_roots = tuple(str(r) for r in hide_roots)
         self.cores = len(self.cpus) or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                         else os.cpu_count() or 1)
 
@@ -280,6 +288,7 @@ class Runner:
                on_start: Optional[Callable[[int], None]],
                on_curve: Optional[Callable[[float, float], str]] = None) -> Outcome:
         cmd = [*self.command, *overrides, f"hydra.run.dir={run_dir}"]
+        env = {**self.env, HIDE_ROOTS_ENV: os.pathsep.join([*self.hide_roots, str(run_dir.parent)])}
         (run_dir / "command.txt").write_text(f"cd {shlex.quote(str(self.cwd))} && {shlex.join(cmd)}\n")
         log_path = run_dir / "run.log"
         r, w = os.pipe()  # the launcher's report: the training process never holds this pipe
@@ -288,7 +297,7 @@ class Runner:
         t0 = time.monotonic()
         try:
             with open(log_path, "ab") as log:
-                proc = subprocess.Popen([*launch, *cmd], cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+                proc = subprocess.Popen([*launch, *cmd], cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                         preexec_fn=_child_setup(self.cpus), pass_fds=(w,))
         finally:
@@ -371,7 +380,8 @@ class Runner:
                 "between steps, so the model's construction and each step must fit in what is left: make them cheaper")}
         else:
             cost = training_cost(counted_cpu(out.launch, clock_start(out.run_dir / "run.log")),
-                                 float(out.summary.get("total_tokens_M") or 0.0) * 1e6)
+                                 float(out.summary.get("total_tokens_M") or 0.0) * 1e6,
+                                 self.host_floor() if self.host_floor is not None else None)
             out.summary["train_cost"] = cost  # the rescore and the held-out scoring bound the hosts by it too
             verdict = {"status": TAMPERED, "val_bpb": float("nan"), "reason": why} if why else \
                 scorer.score(out.checkpoint, cost=cost)

@@ -93,34 +93,37 @@ def test_the_audit_twins_a_share_of_the_full_batches_and_repeats_at_the_end():
 
 
 def test_the_host_cpu_rules_from_a_runs_cost_and_its_replies():
-    """The arithmetic of the hosts' CPU bounds (score.py): the total from the training's cost per token, and the
-    per-reply rule against the host's own median, the first reply carrying the model's construction."""
+    """The arithmetic of the hosts' CPU bounds (score.py): each reply against the training's cost per token (or the
+    session baseline's, whichever is more), the load allowance from the nominal size, and the per-reply rule
+    against the host's own median, the first reply carrying the model's construction."""
     from types import SimpleNamespace
 
     from src.harness import score
     from src.harness.score_client import training_cost
 
     assert training_cost(None, 1e5) is None and training_cost(10.0, 0) is None and training_cost(0.0, 1e5) is None
-    cost = training_cost(10.0, 1e5)
-    b = score.HostBudget.of(cost, params=2_000_000)
-    assert b.train_per_token_s == pytest.approx(1e-4)
+    b = score.HostBudget.of(training_cost(10.0, 1e5), nominal_params=2_000_000)
+    assert b.per_token_s == pytest.approx(1e-4)
     assert b.load_s == pytest.approx(score.LOAD_S + 2 * score.LOAD_S_PER_M)
+    floored = score.HostBudget.of(training_cost(1.0, 1e5, floor_per_token_s=5e-5), nominal_params=0)
+    assert floored.per_token_s == pytest.approx(5e-5)  # a run that paid less per drawn token: the baseline's
+    assert score.HostBudget.of(training_cost(10.0, 1e5, 5e-5), 0).per_token_s == pytest.approx(1e-4)  # the larger
     assert score.HostBudget.of(None, 10) is None and score.HostBudget.of({"cpu_s": "x", "tokens": 1}, 10) is None
 
     def host(first: float, rest: float, n: int = 8, tokens: int = 8192):
         costs = [(tokens, first)] + [(tokens, rest)] * (n - 1)
         return SimpleNamespace(name="A", call_costs=lambda: costs)
 
-    score.Host.check_calls(host(0.2, 0.2), params=0)  # honest: the first reply costs what the others do
-    score.Host.check_calls(host(score.CALL_FACTOR * 0.2 + score.CALL_SLACK_S + score.LOAD_S - 0.01, 0.2), params=0)
+    edge = score.CALL_FACTOR * 0.2 + score.CALL_SLACK_S + score.LOAD_S
+    score.Host.check_calls(host(0.2, 0.2), nominal_params=0)  # honest: the first reply costs what the others do
+    score.Host.check_calls(host(edge - 0.01, 0.2), nominal_params=0)
     with pytest.raises(score.Tampered, match="first reply"):  # work before the first reply beyond the allowance
-        score.Host.check_calls(host(score.CALL_FACTOR * 0.2 + score.CALL_SLACK_S + score.LOAD_S + 0.05, 0.2), params=0)
-    bad = host(0.2, 0.2)
-    costs = bad.call_costs()
+        score.Host.check_calls(host(edge + 0.05, 0.2), nominal_params=0)
+    costs = host(0.2, 0.2).call_costs()
     costs[5] = (8192, 2.0)  # one expensive reply in the middle
     with pytest.raises(score.Tampered, match="its reply 6"):
-        score.Host.check_calls(SimpleNamespace(name="A", call_costs=lambda: costs), params=0)
-    score.Host.check_calls(host(5.0, 0.2, n=score.MIN_CALLS - 1), params=0)  # too few replies to judge by
+        score.Host.check_calls(SimpleNamespace(name="A", call_costs=lambda: costs), nominal_params=0)
+    score.Host.check_calls(host(5.0, 0.2, n=score.MIN_CALLS - 1), nominal_params=0)  # too few replies to judge by
 
 
 # ---------------------------------------------------------------------------- the judge and its hosts, for real
@@ -288,13 +291,17 @@ def test_a_model_that_computes_more_than_its_logits_while_scored_is_stopped(proj
     wasted its training to raise its per-token cost) is refused at the end of the pass."""
     honest = score_with(project)
     h = honest["checks"]["hosts"]
-    assert h["allowed_cpu_s"] == [None, None] and all(c > 0 for c in h["research_cpu_s"])  # unbounded: no cost given
+    assert h["max_reply_over_allowed"] == [None, None] and all(c > 0 for c in h["research_cpu_s"])  # no cost given
     per_token = max(c / t for c, t in zip(h["research_cpu_s"], h["tokens"]))
     cost = {"cpu_s": 4.0 * per_token * 1e6, "tokens": 1e6}  # a training step costs about 4 forward passes (measured)
     bounded = score_with(project, cost=cost)
     assert bounded["status"] == "ok" and bounded["val_bpb"] == honest["val_bpb"], bounded
-    b = bounded["checks"]["hosts"]
-    assert all(u < a for u, a in zip(b["research_cpu_s"], b["allowed_cpu_s"])), b
+    assert all(x < 1.0 for x in bounded["checks"]["hosts"]["max_reply_over_allowed"]), bounded["checks"]["hosts"]
+    # a recipe that draws rows it does not train on pays less per drawn token than a forward pass costs: the session
+    # baseline's figure is the floor (the lab's runner hands it on)
+    cheap = {"cpu_s": 0.1 * per_token * 1e6, "tokens": 1e6}
+    floored = score_with(project, cost={**cheap, "floor_per_token_s": 4.0 * per_token})
+    assert floored["status"] == "ok" and floored["val_bpb"] == honest["val_bpb"], floored
     short = score_with(project, after("    def forward(self, idx", FIT.format(n=20)))
     assert short["status"] == "ok" and short["val_bpb"] != honest["val_bpb"], short  # the checks alone pass it
     t0 = time.monotonic()

@@ -115,6 +115,39 @@ def test_the_runner_and_scorer_catch_the_attack_at_run_time(repo, tmp_path, atta
         assert "CPU s" in out.error_line and "training cost" in out.error_line, out.error_line
 
 
+def test_a_run_hides_every_saved_model_but_its_own(tmp_path, monkeypatch):
+    """What a run hides besides the held-out splits (src/harness/train.py other_checkpoints): every saved model under
+    the folders the lab names and the project's outputs, but those in its own run folder."""
+    from src.harness.paths import HIDE_ROOTS_ENV
+    from src.harness.train import other_checkpoints
+
+    own, other = tmp_path / "runs" / "exp-002", tmp_path / "runs" / "exp-001"
+    for d in (own, other, tmp_path / "older" / "x"):
+        d.mkdir(parents=True)
+    for f in (own / "checkpoint.pt", other / "checkpoint.frozen.pt", tmp_path / "older" / "x" / "model.safetensors",
+              other / "summary.json"):
+        f.write_bytes(b"0")
+    monkeypatch.setenv(HIDE_ROOTS_ENV, os.pathsep.join([str(tmp_path / "runs"), str(tmp_path / "older")]))
+    root = tmp_path.resolve()
+    found = {f.relative_to(root).as_posix() for f in other_checkpoints(own) if root in f.parents}
+    assert {"runs/exp-001/checkpoint.frozen.pt", "older/x/model.safetensors"} <= found
+    assert not any(f.startswith("runs/exp-002") or f.endswith(".json") for f in found)
+
+
+@pytest.mark.slow  # subprocesses: real processes
+def test_a_run_cannot_read_the_checkpoint_of_another_run(repo, tmp_path):
+    """Red team 2026-12-07 (eighth session): a step recipe loaded the best earlier run's frozen checkpoint (a warm
+    start from weights trained by other runs: training outside the budget, kept at -0.47, each confirmation run
+    starting from the best so far). The runner has every run hide the saved models beside its own folder."""
+    other = tmp_path / "exp-001" / "checkpoint.frozen.pt"
+    other.parent.mkdir()
+    other.write_bytes(b"weights")
+    patch = SimpleNamespace(name="read another run's checkpoint", path="src/research/step.py",
+                            transform=prepend(f"_W = open({str(other)!r}, 'rb').read()\n"))
+    out = run_patched(repo, tmp_path, patch)
+    assert out.status == "tampered" and "PermissionError" in out.error_line, (out.status, out.error_line)
+
+
 def honest_groups(size: int = 4) -> list[list]:
     """The honest patches in groups that apply together (each patch's anchors still found after the others of
     its group), at most `size` a group: one scored run per group instead of one per patch (suite time)."""
