@@ -240,7 +240,9 @@ def test_the_judge_scores_as_its_starter_says_not_as_the_checkpoint_config_says(
     honest = TrainConfig()
     honest.model = dataclasses.replace(honest.model, **TINY)
     honest.data.eval_tokens, honest.device.threads = 65536, 1
-    edited = dict(raw, config={**raw["config"], "model": {**raw["config"]["model"], "sequence_len": 1 << 22},
+    # past the split's length (the red team used 2 ** 22; the host's construction of a rotary table that long is now
+    # refused by itself, as CPU time before the first reply: src/harness/score.py CALL_FACTOR)
+    edited = dict(raw, config={**raw["config"], "model": {**raw["config"]["model"], "sequence_len": 1 << 17},
                                "data": {**raw["config"]["data"], "eval_tokens": 1024}})
     torch.save(edited, tmp_path / "edited.pt")
     spec = eval_spec(honest)
