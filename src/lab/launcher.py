@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from src.harness.paths import HIDE_ROOTS_ENV
 from src.lab.config import ENV_STRIP
 from src.lab.runner import Outcome, RunInterrupted, Runner, alive
 from src.lab.decisions import INTERRUPTED, KILLED, TIMEOUT
@@ -140,7 +141,9 @@ class SubmititRunner(Runner):
     def _submit(self, cmd: list[str], run_dir: Path, timeout_s: float) -> JobHandle:
         submitit = _submitit()
         log_path = run_dir / "run.log"
-        shell = f"{self.env_prefix()}exec {shlex.join(cmd)} >> {shlex.quote(str(log_path))} 2>&1"
+        hide = os.pathsep.join([*self.hide_roots, str(run_dir.parent)])  # other runs' saved models (train.py)
+        shell = (f"{self.env_prefix()}export {HIDE_ROOTS_ENV}={shlex.quote(hide)}; "
+                 f"exec {shlex.join(cmd)} >> {shlex.quote(str(log_path))} 2>&1")
         fn = submitit.helpers.CommandFunction(["bash", "-c", shell], verbose=False, cwd=str(self.cwd))
         job = self.executor(timeout_s).submit(fn)
         kind = "local" if self.launcher.name == "submitit_local" else "slurm"

@@ -125,7 +125,8 @@ class Search:
 
             folder = launcher.folder or (str(self.session.dir / "submitit") if self.session is not None else None)
             return SubmititRunner(cwd, s.env_strip, s.env_keep, command=self.train_command, extra_env=env,
-                                  launcher=launcher, folder=folder, eval_spec=self.eval_spec())
+                                  launcher=launcher, folder=folder, eval_spec=self.eval_spec(),
+                                  host_floor=self.host_floor, hide_roots=self.hide_roots())
         return Runner(cwd, s.env_strip, s.env_keep, command=self.train_command, extra_env=env, cpus=cpus,
                       budget=self.device_budget(), eval_spec=self.eval_spec(), host_floor=self.host_floor,
                       hide_roots=self.hide_roots())
