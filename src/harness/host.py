@@ -87,6 +87,18 @@ def no_gradients() -> None:
         for name in names:
             if hasattr(mod, name):
                 setattr(mod, name, refuser(f"{mod.__name__}.{name}"))
+    # the engine itself, which the entry points above call (red team, eighth session: `_engine_run_backward` called
+    # directly). A speed bump, not the wall: a reverse pass by hand is always possible; the judge's CPU bound is the wall
+    import torch.autograd.graph
+
+    if hasattr(torch.autograd.graph, "_engine_run_backward"):
+        torch.autograd.graph._engine_run_backward = refuser("torch.autograd.graph._engine_run_backward")
+
+    class NoEngine:
+        def __getattr__(self, name):
+            raise SandboxError(f"the autograd engine ({name}): {NO_GRADIENTS}")
+
+    torch.autograd.Variable._execution_engine = NoEngine()
 
 
 def build(ckpt: dict, research_dir: Path):
@@ -152,7 +164,7 @@ def main(argv=None) -> int:
         research_dir = Path.cwd() / "src"
         sandbox = restrict([research_dir, *hello.get("read", [])], deny_tcp=True, scope_signals=True,
                            cuda=ckpt["device"] == "cuda")
-        install_sandbox(research_dir / "research", sockets=True)
+        install_sandbox(research_dir / "research", sockets=True, any_process=True)
         no_gradients()
         # the CPU time spent so far is the harness's; from here on it is the research code's (the judge bounds it)
         rep.write((json.dumps({"stage": "research", "cpu_s": time.process_time()}) + "\n").encode())

@@ -50,9 +50,11 @@ SOCKET_EVENTS = frozenset({"socket.__new__", "socket.bind", "socket.connect", "s
                            "socket.sendmsg"})
 
 
-def install(research_dir: Path, sockets: bool = False) -> None:
+def install(research_dir: Path, sockets: bool = False, any_process: bool = False) -> None:
     """Refuse, from now on, processes started from research code (once per process); sockets=True: refuse every
-    socket too (the scorer's model host, src/harness/host.py, which has no use for one)."""
+    socket too, and any_process=True every process whoever asks (the scorer's model host, src/harness/host.py,
+    which needs neither: red team of 2026-12-07, eighth session, forked from a thread running code compiled under
+    a non-research file name, and the child's CPU time was not the host's)."""
     if _installed:
         return
     root = str(Path(research_dir).resolve()) + "/"
@@ -76,14 +78,14 @@ def install(research_dir: Path, sockets: bool = False) -> None:
 
     def hook(event: str, args: tuple) -> None:
         if event in PROCESS_EVENTS:
-            where = research_on_stack()
+            where = "the model host" if any_process else research_on_stack()
             if where:
                 raise SandboxError(f"the training process may not start processes of its own ({event} from "
                                    f"{where}): their compute would run outside the budget; use the threads of "
                                    "the process (counted) or make the step cheaper")
         elif sockets and event in SOCKET_EVENTS:
             raise SandboxError(f"the model host may not use sockets ({event}): it talks to the scorer only")
-        elif event == "ctypes.dlsym" and len(args) > 1 and str(args[1]) in PROCESS_SYMBOLS:
+        elif event == "ctypes.dlsym" and len(args) > 1 and str(args[1]) in PROCESS_SYMBOLS:  # whoever asks
             raise SandboxError(f"the training process may not reach the C function {args[1]!r} through ctypes: "
                                "processes started that way would run outside the budget")
 

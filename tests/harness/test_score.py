@@ -313,3 +313,30 @@ def test_a_model_that_computes_more_than_its_logits_while_scored_is_stopped(proj
     lavish = {"cpu_s": 1000 * cost["cpu_s"], "tokens": cost["tokens"]}
     v = score_with(project, after("    def forward(self, idx", FIT.format(n=1500)), cost=lavish)
     assert v["status"] == "tampered" and "first reply" in v["reason"], v
+
+
+@pytest.mark.slow
+def test_a_host_starts_no_process_whoever_asks(project):
+    """Red team 2026-12-07 (eighth session): code compiled under a non-research file name, run on a thread, forked a
+    child that trained where the judge's CPU count of the host does not reach (the training process's hook looks for
+    research code on the stack; a host refuses every process). Here the fork's outcome decides the logits: a fork
+    that went through makes the model fail."""
+    code = ("import threading as _th\n"
+            "_RESULT = []\n"
+            "_SRC = ('import os\\n'\n"
+            "        'def attempt(out):\\n'\n"
+            "        '    try:\\n'\n"
+            "        '        pid = os.fork()\\n'\n"
+            "        '        if pid == 0:\\n'\n"
+            "        '            os._exit(0)\\n'\n"
+            "        '        out.append(\"forked\")\\n'\n"
+            "        '    except Exception as e:\\n'\n"
+            "        '        out.append(type(e).__name__)\\n')\n"
+            "_NS = {}\n"
+            "exec(compile(_SRC, '/usr/lib/python3/_helper.py', 'exec'), _NS)\n"
+            "_T = _th.Thread(target=_NS['attempt'], args=(_RESULT,))\n"
+            "_T.start()\n"
+            "_T.join()\n")
+    check = "        if _RESULT != ['SandboxError']:\n            raise RuntimeError(f'fork: {_RESULT}')\n" + LOGITS
+    v = score_with(project, lambda t: replace(LOGITS, check)(after_imports(code)(t)))
+    assert v["status"] == "ok", v
