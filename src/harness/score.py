@@ -110,7 +110,16 @@ class HostBudget(NamedTuple):
             return None
         if not (math.isfinite(cpu) and cpu > 0 and tokens > 0 and math.isfinite(floor)):
             return None
-        return HostBudget(LOAD_S + LOAD_S_PER_M * nominal_params / 1e6, max(cpu / tokens, floor))
+        return HostBudget(load_allowance(nominal_params), max(cpu / tokens, floor))
+
+    def reply_s(self, tokens: int, first: bool) -> float:
+        """What one reply of `tokens` may cost (the first also builds the model)."""
+        return HOST_FACTOR * self.per_token_s * tokens + CALL_SLACK_S + (self.load_s if first else 0.0)
+
+
+def load_allowance(nominal_params: int) -> float:
+    """CPU seconds for building the model (research imports, construction, weights), from the config's nominal size."""
+    return LOAD_S + LOAD_S_PER_M * nominal_params / 1e6
 
 
 class Tampered(Exception):
@@ -367,8 +376,7 @@ class Host:
         """The CPU seconds the reply it is computing may cost (HostBudget), or None when it is not bounded."""
         if self.budget is None or self.research_cpu0 is None:
             return None
-        load = self.budget.load_s if not self.calls else 0.0
-        return HOST_FACTOR * self.budget.per_token_s * self.pending + CALL_SLACK_S + load
+        return self.budget.reply_s(self.pending, first=not self.calls)
 
     def check(self) -> None:
         """Tampered when the reply it is computing (the first with the model's construction) has cost more CPU than
@@ -405,7 +413,7 @@ class Host:
             return
         rates = sorted(c / t for t, c in costs[1:])
         median = rates[len(rates) // 2]
-        load = LOAD_S + LOAD_S_PER_M * nominal_params / 1e6
+        load = load_allowance(nominal_params)
         for i, (tokens, cpu) in enumerate(costs):
             allowed = CALL_FACTOR * median * tokens + CALL_SLACK_S + (load if i == 0 else 0.0)
             if cpu > allowed:
@@ -616,9 +624,7 @@ def max_reply_share(h: Host) -> Optional[float]:
     """The largest share of its allowance any reply of the host used (None when unbounded)."""
     if h.budget is None or not h.calls:
         return None
-    shares = [c / (HOST_FACTOR * h.budget.per_token_s * t + CALL_SLACK_S + (h.budget.load_s if i == 0 else 0.0))
-              for i, (t, c) in enumerate(h.call_costs())]
-    return max(shares)
+    return max(c / h.budget.reply_s(t, first=i == 0) for i, (t, c) in enumerate(h.call_costs()))
 
 
 def host_figures(hosts: list[Host]) -> dict:
