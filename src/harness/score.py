@@ -18,6 +18,9 @@ the pass starts (a failure is the status `tampered` with the reason):
   positions escapes one twin row with probability 1 - q, all of them with (1 - q) ** twin_rows (in the verdict);
 - no state across calls: scored batches are sent again later in the pass (the last at its end) to both hosts,
   and must give bitwise the same logits (a host remembers only what it was shown; the other never saw it);
+- no change while scored: each host's first input is asked of the other host after a random batch and after the
+  last (the probes), and must give bitwise the logits it gave at the start: weights switched after the first
+  replies (both hosts at once, which the twins cannot see) are seen whenever they are in force at a probe;
 - the floor: a val_bpb below the data set's floor (data.bpb_floor) is refused, never scored as a result;
 - compute: on a CPU slot each host's CPU seconds, read from the kernel, must stay within what its forward passes
   need (HOST_FACTOR, CALL_FACTOR below): a model that trains before its first reply (hand-written gradients need
@@ -64,18 +67,22 @@ _now = time.perf_counter
 # What a model host may spend on a CPU slot, in CPU seconds the kernel counts (all its threads, read from /proc by
 # this process, out of the host's reach). A model that works before its first reply (training by hand-written
 # gradients, say) gives every logit from the same trained model, so the twins and repeats agree; what gives it away
-# is its CPU time. Work that changes the logits has to be done before the first reply (after it, the twins and
-# repeats see the change), so the rules bound each reply (docs/protection.md has the measured figures):
-# - each reply, checked every 0.2 s while the host computes it (a host past it is stopped at once): HOST_FACTOR x
-#   the run's training CPU seconds per trained token (or the session's baseline's, whichever is more: a recipe that
-#   draws rows it does not train on pays less per drawn token) for each token asked, + CALL_SLACK_S; the first
-#   reply also LOAD_S + LOAD_S_PER_M per million nominal parameters (model_facts of the config) for building the
-#   model. An honest forward pass costs 0.18-0.30 of a training step's forward + backward + update per token
-#   (measured here). What is left is about one training step's compute, and a run can raise it only by wasting its
-#   own training;
-# - at the end of the pass, each reply within CALL_FACTOR x the host's median CPU seconds per token (+ the same
-#   slack and load): tighter still, for a model that does not also waste work on every reply.
-HOST_FACTOR, CALL_FACTOR, CALL_SLACK_S, LOAD_S, LOAD_S_PER_M, MIN_CALLS = 0.6, 2.0, 0.1, 0.25, 0.05, 4
+# is its CPU time. Work that changes the logits has to be done before the first reply (after it, the probes see
+# the change), so the first reply is bound tightly and the others loosely (docs/protection.md has the figures).
+# Checked every 0.2 s while a host computes (a host past its allowance is stopped at once), per token asked, in the
+# run's training CPU seconds per trained token (or the session's baseline's, whichever is more: a recipe that draws
+# rows it does not train on pays less per drawn token):
+# - the first reply: HOST_FACTOR x that, + CALL_SLACK_S + LOAD_S + LOAD_S_PER_M per million nominal parameters
+#   (model_facts of the config) for building the model. An honest forward pass costs 0.18-0.30 of a training step's
+#   forward + backward + update per token (measured here): what is left is about half a training step's compute,
+#   and a run can raise it only by wasting its own training. At the end of the pass the first reply must also stay
+#   within CALL_FACTOR x the host's median per token over its other replies (+ the same slack and load);
+# - every other reply: LATER_FACTOR x that, + CALL_SLACK_S (+ the load allowance again for the first request of a
+#   shape the host has not computed yet: kernels are built per shape). Work done there changes nothing the probes
+#   do not see; the bound stops a runaway host and leaves room for a recipe that trains more cheaply per token than
+#   its forward pass costs (stochastic depth: 0.7 of training per token measured).
+HOST_FACTOR, LATER_FACTOR, CALL_FACTOR, MIN_CALLS = 0.6, 1.5, 2.0, 4
+CALL_SLACK_S, LOAD_S, LOAD_S_PER_M = 0.1, 0.25, 0.05
 try:
     _TICK = os.sysconf("SC_CLK_TCK")
 except (AttributeError, ValueError, OSError):
@@ -93,8 +100,9 @@ def cpu_seconds(pid: int) -> Optional[float]:
 
 
 class HostBudget(NamedTuple):
-    """A host's CPU allowance (see HOST_FACTOR): load_s for building the model (first reply), HOST_FACTOR x
-    per_token_s (training CPU seconds per token) for each token asked of it, per reply."""
+    """A host's CPU allowance per reply (see HOST_FACTOR): per_token_s (training CPU seconds per token) x HOST_FACTOR
+    (the first reply) or LATER_FACTOR (the others) for each token asked of it, load_s for building the model (the
+    first reply) and for the first request of each new shape."""
     load_s: float
     per_token_s: float
 
@@ -112,9 +120,11 @@ class HostBudget(NamedTuple):
             return None
         return HostBudget(load_allowance(nominal_params), max(cpu / tokens, floor))
 
-    def reply_s(self, tokens: int, first: bool) -> float:
-        """What one reply of `tokens` may cost (the first also builds the model)."""
-        return HOST_FACTOR * self.per_token_s * tokens + CALL_SLACK_S + (self.load_s if first else 0.0)
+    def reply_s(self, tokens: int, first: bool, fresh: bool = False) -> float:
+        """What one reply of `tokens` may cost: the first also builds the model; a later one of a shape the host has
+        not computed before (`fresh`) builds its kernels."""
+        factor = HOST_FACTOR if first else LATER_FACTOR
+        return factor * self.per_token_s * tokens + CALL_SLACK_S + (self.load_s if first or fresh else 0.0)
 
 
 def load_allowance(nominal_params: int) -> float:
@@ -179,18 +189,20 @@ def twin_mismatch(logits: torch.Tensor, twin_logits: torch.Tensor, twin: Twin) -
     return None
 
 
-BATCH, TWIN, REPEAT = "batch", "twin", "repeat"
+BATCH, TWIN, REPEAT, PROBE = "batch", "twin", "repeat", "probe"
 
 
 class Request(NamedTuple):
-    """One forward pass asked of a host: a scored batch (with its targets), a twin of one, or a repeat of one."""
+    """One forward pass asked of a host: a scored batch (with its targets), a twin of one, a repeat of one, or a
+    probe (the first input a host was asked, asked of the other host later)."""
     host: "Host"
     ids: torch.Tensor
     kind: str
-    batch: int  # the scored batch it is, is a twin of, or repeats
+    batch: int  # the scored batch it is, is a twin of, or repeats; for a probe, the batch it follows
     twin: Optional[Twin] = None  # for a batch with a twin, and the twin itself
     targets: Optional[torch.Tensor] = None
     after: int = -1  # a repeat: the batch it follows
+    first_of: int = -1  # a host's first request: its logits are kept under this key; a probe: the key it asks again
 
 
 class Audit:
@@ -199,7 +211,13 @@ class Audit:
 
     twin_share: the share of the batches of full-length rows that get a twin (at least min_twins); every row of a
     twin is checked at its own random position. repeats: batches scored again later in the pass (the last one at
-    the end), by both hosts: the one that scored it (its state has moved on since) and the other (never shown it)."""
+    the end), by both hosts: the one that scored it (its state has moved on since) and the other (never shown it).
+    probes: the first input each host was asked goes to the other host after a random batch and after the last, and
+    must give bitwise the logits the first host gave at the start of the pass. The probe compares a host's model
+    now with the other's at its first reply, so a change made at any time after the first reply (weights trained
+    on the side, switched to by both hosts at once, which twins run side by side cannot see, before or after the
+    repeated batches were first scored) is seen whenever it is in force at a probe; the last probe sees any change
+    still in force at the end. Work done before the first reply is what the CPU bound (HOST_FACTOR) is for."""
 
     def __init__(self, plan: list, seq_len: int, rng: random.Random, twin_share: float = 0.125, min_twins: int = 4,
                  repeats: int = 2):
@@ -212,11 +230,24 @@ class Audit:
             at = n - 1 if not self.repeat_of else rng.randrange(j, n)
             self.repeat_of.setdefault(at, []).append(j)
         self.kept = {j for js in self.repeat_of.values() for j in js}
+        # per host key (0: the first host asked anything, 1: the other), the batches after which its first input is
+        # asked of the other host: two at random, and the last
+        self.probe_at = [sorted({rng.randrange(0, n), rng.randrange(0, n), n - 1}) for _ in range(2)]
         self.twin_rows = 0
+        self.probes = 0
 
     def requests(self, plan: list, val: torch.Tensor, hosts: list, rng: random.Random) -> Iterator[Request]:
         """The pass's requests in the order they are sent: each scored batch on a host picked at random, its twin
-        (if any) on the other host just before or after it, repeats of earlier batches on both hosts."""
+        (if any) on the other host just before or after it, repeats of earlier batches on both hosts, and the
+        probes: each host's first input asked of the other host."""
+        firsts: list[tuple] = []  # (host, ids) of each host's first request, in the order the hosts got one
+
+        def tagged(r: Request) -> Request:
+            if len(hosts) > 1 and all(r.host is not h for h, _ in firsts):
+                firsts.append((r.host, r.ids))
+                return r._replace(first_of=len(firsts) - 1)
+            return r
+
         for i, (start, rows, length) in enumerate(plan):
             chunk = val[start: start + rows * length + 1]
             x, y = chunk[:-1].view(rows, length), chunk[1:].view(rows, length)
@@ -225,14 +256,20 @@ class Audit:
             twin = make_twin(x, val[: start + rows * length], rng) if i in self.twins else None
             first = twin is not None and rng.random() < 0.5  # the twin before or after its batch, at random
             if first:
-                yield Request(other, twin.ids, TWIN, i, twin)
-            yield Request(host, x, BATCH, i, twin, targets=y)
+                yield tagged(Request(other, twin.ids, TWIN, i, twin))
+            yield tagged(Request(host, x, BATCH, i, twin, targets=y))
             if twin is not None and not first:
-                yield Request(other, twin.ids, TWIN, i, twin)
+                yield tagged(Request(other, twin.ids, TWIN, i, twin))
             for j in self.repeat_of.get(i, []):
                 s0, r0, l0 = plan[j]
                 for again in rng.sample(hosts, len(hosts)):
-                    yield Request(again, val[s0: s0 + r0 * l0].view(r0, l0), REPEAT, j, after=i)
+                    yield tagged(Request(again, val[s0: s0 + r0 * l0].view(r0, l0), REPEAT, j, after=i))
+            for key, points in enumerate(self.probe_at):
+                # due at or after a point once both hosts have had a request (else at the next batch that allows it)
+                while len(firsts) == 2 and points and points[0] <= i:
+                    points.pop(0)
+                    ids = firsts[key][1]
+                    yield Request(firsts[1 - key][0], ids, PROBE, i, first_of=key)
 
 
 class Forked:
@@ -309,8 +346,11 @@ class Host:
         self.tokens = 0  # tokens asked of it so far
         self.pending = 0  # tokens of the request it is computing (0: idle)
         self.load_cpu_s: Optional[float] = None  # the research code's CPU seconds to build the model
-        self.calls: list[tuple[int, float]] = []  # per reply: (tokens, the host's CPU seconds when it was read)
+        self.calls: list[tuple[int, float, bool]] = []  # per reply: (tokens, the host's CPU seconds when it was
+        # read, whether its shape was new to the host)
         self.sent: list[tuple[int, int]] = []  # the shapes of the requests not yet received, oldest first
+        self.shapes: set[tuple[int, int]] = set()  # the shapes asked of it so far
+        self.fresh = False  # the request it is computing has a shape it had not been asked before
         self.wait_s = self.transfer_s = 0.0  # waiting for the model; reading its logits
 
     @staticmethod
@@ -367,6 +407,8 @@ class Host:
         self.sent.append((rows, length))
         self.tokens += rows * length
         self.pending = rows * length
+        self.fresh = (rows, length) not in self.shapes
+        self.shapes.add((rows, length))
 
     def cpu_s(self) -> Optional[float]:
         """The host's CPU seconds so far (all its threads), as the kernel counts them; None off Linux."""
@@ -376,7 +418,7 @@ class Host:
         """The CPU seconds the reply it is computing may cost (HostBudget), or None when it is not bounded."""
         if self.budget is None or self.research_cpu0 is None:
             return None
-        return self.budget.reply_s(self.pending, first=not self.calls)
+        return self.budget.reply_s(self.pending, first=not self.calls, fresh=self.fresh)
 
     def check(self) -> None:
         """Tampered when the reply it is computing (the first with the model's construction) has cost more CPU than
@@ -391,38 +433,40 @@ class Host:
         if since > allowed:
             self.proc.kill()
             what = "building the model and its first reply" if not self.calls else f"its reply {len(self.calls) + 1}"
+            factor = LATER_FACTOR if self.calls else HOST_FACTOR
+            build = ("the model" if not self.calls else "the kernels of a new shape") if not self.calls or self.fresh \
+                else ""
             raise Tampered(f"model host {self.name} spent {since:.2f} CPU s on {what} ({self.pending:,} tokens), "
-                           f"more than the {allowed:.2f} s allowed ({HOST_FACTOR:g} x the "
+                           f"more than the {allowed:.2f} s allowed ({factor:g} x the "
                            f"{self.budget.per_token_s * 1e6:.2f} CPU us per token its training cost"
-                           + (f", + {self.budget.load_s:.2f} s to build the model" if not self.calls else "")
+                           + (f", + {self.budget.load_s:.2f} s to build {build}" if build else "")
                            + "): a model computes its logits and nothing else while it is scored; work done here is "
                            "compute outside the run's budget")
 
-    def call_costs(self) -> list[tuple[int, float]]:
-        """(tokens, CPU seconds) of each reply: the first one's includes building the model."""
+    def call_costs(self) -> list[tuple[int, float, bool]]:
+        """(tokens, CPU seconds, new shape) of each reply: the first one's CPU includes building the model."""
         out, before = [], self.research_cpu0
-        for tokens, cpu in self.calls:
-            out.append((tokens, cpu - before))
+        for tokens, cpu, fresh in self.calls:
+            out.append((tokens, cpu - before, fresh))
             before = cpu
         return out
 
     def check_calls(self, nominal_params: int) -> None:
-        """Tampered when one reply cost more than CALL_FACTOR x the host's median per token (module comment)."""
+        """Tampered when the first reply cost more than CALL_FACTOR x the host's median per token over the others
+        (module comment): work before the first reply, for a model that wastes nothing on the others."""
         costs = self.call_costs()
         if len(costs) < MIN_CALLS:
             return
-        rates = sorted(c / t for t, c in costs[1:])
+        rates = sorted(c / t for t, c, _ in costs[1:])
         median = rates[len(rates) // 2]
-        load = load_allowance(nominal_params)
-        for i, (tokens, cpu) in enumerate(costs):
-            allowed = CALL_FACTOR * median * tokens + CALL_SLACK_S + (load if i == 0 else 0.0)
-            if cpu > allowed:
-                what = "building the model and its first reply" if i == 0 else f"its reply {i + 1}"
-                raise Tampered(f"model host {self.name} spent {cpu:.2f} CPU s on {what} ({tokens:,} tokens), more "
-                               f"than the {allowed:.2f} s allowed ({CALL_FACTOR:g} x its median {median * 1e6:.2f} CPU "
-                               "us per token over its replies, + the model's construction for the first): a model "
-                               "computes its logits and nothing else while it is scored; work done here is compute "
-                               "outside the run's budget")
+        tokens, cpu, _ = costs[0]
+        allowed = CALL_FACTOR * median * tokens + CALL_SLACK_S + load_allowance(nominal_params)
+        if cpu > allowed:
+            raise Tampered(f"model host {self.name} spent {cpu:.2f} CPU s on building the model and its first reply "
+                           f"({tokens:,} tokens), more than the {allowed:.2f} s allowed ({CALL_FACTOR:g} x its "
+                           f"median {median * 1e6:.2f} CPU us per token over its other replies, + the model's "
+                           "construction): a model computes its logits and nothing else while it is scored; work "
+                           "done here is compute outside the run's budget")
 
     def await_reply(self) -> None:
         """Block until the host has something to say, checking its CPU allowance every 0.2 s meanwhile."""
@@ -448,7 +492,7 @@ class Host:
         buf = self._exact(rows * length * self.vocab * 4)
         self.transfer_s += _now() - t1
         if self.research_cpu0 is not None and (cpu := self.cpu_s()) is not None:  # idle now: nothing more is sent yet
-            self.calls.append((rows * length, cpu))
+            self.calls.append((rows * length, cpu, self.fresh))
         self.pending = 0
         return torch.frombuffer(buf, dtype=torch.float32).view(rows, length, self.vocab)
 
@@ -565,8 +609,23 @@ def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optiona
     total_nats, total_bytes, kept, waiting = 0.0, 0, {}, {}  # kept: for repeats; waiting: a twin's other half
     bar = tqdm(total=len(plan), desc="score", unit="batch", disable=not (hasattr(log, "isatty") and log.isatty()),
                leave=False)
+    firsts: dict[int, torch.Tensor] = {}  # each host's first logits, for the probes
     for cur, logits in replies(list(audit.requests(plan, val, hosts, rng)), width):
         i = cur.batch
+        if cur.kind == PROBE:
+            ref = firsts[cur.first_of]
+            if not torch.equal(logits, ref):
+                asked = next(h.name for h in hosts if h is not cur.host)
+                raise Tampered(f"no change while scored: the first input model host {asked} was asked, asked of "
+                               f"model host {cur.host.name} after "
+                               f"scored batch {i + 1} of {len(plan)}, gave logits that differ by "
+                               f"{float((logits - ref).abs().max()):.3g} from the first host's at the start of the "
+                               "pass; a model's logits are a fixed function of its input while it is scored (a model "
+                               "that changes its weights after its first replies is seen here)")
+            audit.probes += 1
+            continue
+        if cur.first_of >= 0:
+            firsts[cur.first_of] = logits
         if cur.kind == REPEAT:
             if not torch.equal(logits, kept[i]):
                 raise Tampered(f"no state across calls: scored batch {i + 1}, sent again after batch {cur.after + 1}, "
@@ -609,14 +668,15 @@ def score_checkpoint(path: Path, hosts: list[Host], log=sys.stderr, rng: Optiona
     return {"status": OK, "val_bpb": bpb, "split": split, "reason": "", "device": ckpt["device"], "dtype": ckpt["dtype"],
             "threads": (hosts[0].threads or 1) * width if ckpt["device"] == "cpu" else None,  # the hosts' at once
             "checks": {"batches": len(plan), "twins": len(audit.twins), "twin_rows": audit.twin_rows,
-                       "repeats": sum(map(len, audit.repeat_of.values())) * len(hosts), "sandbox": sandbox[0],
+                       "repeats": sum(map(len, audit.repeat_of.values())) * len(hosts), "probes": audit.probes,
+                       "sandbox": sandbox[0],
                        "hosts": host_figures(hosts)},
             "seconds": {"load": t_load - t0, "score": t_end - t_load, "wait": sum(h.wait_s for h in hosts),
                         "transfer": sum(h.transfer_s for h in hosts)}}
 
 
 def median_rate(h: Host) -> Optional[float]:
-    rates = sorted(c / t * 1e6 for t, c in h.call_costs()[1:])
+    rates = sorted(c / t * 1e6 for t, c, _ in h.call_costs()[1:])
     return rates[len(rates) // 2] if rates else None
 
 
@@ -624,7 +684,7 @@ def max_reply_share(h: Host) -> Optional[float]:
     """The largest share of its allowance any reply of the host used (None when unbounded)."""
     if h.budget is None or not h.calls:
         return None
-    return max(c / h.budget.reply_s(t, first=i == 0) for i, (t, c) in enumerate(h.call_costs()))
+    return max(c / h.budget.reply_s(t, first=i == 0, fresh=f) for i, (t, c, f) in enumerate(h.call_costs()))
 
 
 def host_figures(hosts: list[Host]) -> dict:
@@ -636,7 +696,8 @@ def host_figures(hosts: list[Host]) -> dict:
     return {"tokens": [h.tokens for h in hosts], "research_cpu_s": used, "load_cpu_s": [h.load_cpu_s for h in hosts],
             "first_call_cpu_s": firsts, "median_call_us_per_token": [median_rate(h) for h in hosts],
             "max_reply_over_allowed": [max_reply_share(h) for h in hosts],
-            "allowed_us_per_token": HOST_FACTOR * hosts[0].budget.per_token_s * 1e6 if hosts[0].budget else None}
+            "allowed_us_per_token": ([HOST_FACTOR * hosts[0].budget.per_token_s * 1e6,  # the first reply, the others
+                                      LATER_FACTOR * hosts[0].budget.per_token_s * 1e6] if hosts[0].budget else None)}
 
 
 def main() -> int:

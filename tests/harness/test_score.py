@@ -23,7 +23,7 @@ from src.harness.config import TrainConfig
 from src.harness.score import SPLIT_ENV, Audit, Scorer, make_twin, save_checkpoint, twin_mismatch
 from src.harness.score_client import eval_spec
 from src.harness.train import config_dict
-from src.lab.fakes.redteam import after, replace
+from src.lab.fakes.redteam import after, fit_output_layer, replace
 from src.research.model import GPT, GPTConfig
 from tests.support.helpers import git, make_repo
 
@@ -90,12 +90,38 @@ def test_the_audit_twins_a_share_of_the_full_batches_and_repeats_at_the_end():
     assert all(j <= i for i, js in a.repeat_of.items() for j in js)  # a batch is sent again only after it was scored
     b = Audit(plan, 8, random.Random(1))
     assert a.twins != b.twins  # a new draw every pass
+    assert all(points[-1] == len(plan) - 1 and len(points) <= 3 for points in a.probe_at)  # at random, and the last
+
+
+class _H:
+    def __init__(self, name):
+        self.name = name
+
+
+def test_each_hosts_first_input_is_asked_of_the_other_host_later():
+    """The probes: whichever request a host got first (a scored batch, or a twin run before its batch), its input goes
+    to the other host later in the pass, after two random batches and after the last one, and only once both hosts
+    have answered something."""
+    plan = [(i * 64, 8, 8) for i in range(40)]
+    val = torch.randint(0, 200, (40 * 64 + 1,))
+    for seed in range(20):
+        hosts = [_H("A"), _H("B")]
+        reqs = list(Audit(plan, 8, random.Random(seed)).requests(plan, val, hosts, random.Random(seed)))
+        firsts = [r for r in reqs if r.first_of >= 0 and r.kind != "probe"]
+        assert [r.first_of for r in firsts] == [0, 1] and firsts[0].host is not firsts[1].host
+        assert all(reqs.index(f) == min(k for k, r in enumerate(reqs) if r.host is f.host) for f in firsts)
+        probes = [(k, r) for k, r in enumerate(reqs) if r.kind == "probe"]
+        assert 2 <= len(probes) <= 6 and {r.first_of for _, r in probes} == {0, 1}
+        for k, r in probes:
+            src = firsts[r.first_of]
+            assert r.host is not src.host and torch.equal(r.ids, src.ids) and k > reqs.index(firsts[1])
+        assert {r.first_of for _, r in probes if r.batch == len(plan) - 1} == {0, 1}  # both at the end
 
 
 def test_the_host_cpu_rules_from_a_runs_cost_and_its_replies():
     """The arithmetic of the hosts' CPU bounds (score.py): each reply against the training's cost per token (or the
-    session baseline's, whichever is more), the load allowance from the nominal size, and the per-reply rule
-    against the host's own median, the first reply carrying the model's construction."""
+    session baseline's, whichever is more), the first tightly and the others loosely, the load allowance from the
+    nominal size, and the first reply against the host's own median over the others."""
     from types import SimpleNamespace
 
     from src.harness import score
@@ -110,8 +136,15 @@ def test_the_host_cpu_rules_from_a_runs_cost_and_its_replies():
     assert score.HostBudget.of(training_cost(10.0, 1e5, 5e-5), 0).per_token_s == pytest.approx(1e-4)  # the larger
     assert score.HostBudget.of(None, 10) is None and score.HostBudget.of({"cpu_s": "x", "tokens": 1}, 10) is None
 
+    # per reply: the first tightly (it may hold work done before it), the others loosely (the probes see what work
+    # there changes), the first request of a new shape with the load allowance again (kernels are built per shape)
+    assert b.reply_s(4096, first=True) == pytest.approx(score.HOST_FACTOR * 1e-4 * 4096 + score.CALL_SLACK_S + b.load_s)
+    assert b.reply_s(4096, first=False) == pytest.approx(score.LATER_FACTOR * 1e-4 * 4096 + score.CALL_SLACK_S)
+    assert b.reply_s(4096, first=False, fresh=True) == pytest.approx(b.reply_s(4096, first=False) + b.load_s)
+    assert score.HOST_FACTOR < score.LATER_FACTOR
+
     def host(first: float, rest: float, n: int = 8, tokens: int = 8192):
-        costs = [(tokens, first)] + [(tokens, rest)] * (n - 1)
+        costs = [(tokens, first, True)] + [(tokens, rest, False)] * (n - 1)
         return SimpleNamespace(name="A", call_costs=lambda: costs)
 
     edge = score.CALL_FACTOR * 0.2 + score.CALL_SLACK_S + score.LOAD_S
@@ -120,9 +153,8 @@ def test_the_host_cpu_rules_from_a_runs_cost_and_its_replies():
     with pytest.raises(score.Tampered, match="first reply"):  # work before the first reply beyond the allowance
         score.Host.check_calls(host(edge + 0.05, 0.2), nominal_params=0)
     costs = host(0.2, 0.2).call_costs()
-    costs[5] = (8192, 2.0)  # one expensive reply in the middle
-    with pytest.raises(score.Tampered, match="its reply 6"):
-        score.Host.check_calls(SimpleNamespace(name="A", call_costs=lambda: costs), nominal_params=0)
+    costs[5] = (8192, 2.0, True)  # one expensive reply in the middle (a new shape's kernels, under load): not judged
+    score.Host.check_calls(SimpleNamespace(name="A", call_costs=lambda: costs), nominal_params=0)  # by the median
     score.Host.check_calls(host(5.0, 0.2, n=score.MIN_CALLS - 1), nominal_params=0)  # too few replies to judge by
 
 
@@ -171,6 +203,7 @@ def test_an_honest_model_is_scored_with_its_checks_counted_and_its_hosts_sandbox
     assert v["status"] == "ok" and 7.0 < v["val_bpb"] < 9.0, v
     c = v["checks"]
     assert c["twins"] >= 4 and c["twin_rows"] >= 4 * 4 and c["repeats"] == 2 * 2  # each repeat by both hosts
+    assert 2 <= c["probes"] <= 6  # each host's first input, asked of the other at random and at the end
     assert c["sandbox"].startswith("Landlock ABI") or c["sandbox"].startswith("not restricted")
 
 
@@ -268,29 +301,17 @@ def test_a_model_that_trains_while_it_is_scored_is_tampered(project):
         assert v["status"] == "tampered" and "no gradients" in v["reason"], (step, v)
 
 
-# Hand-written gradient steps on the output layer, no autograd: what a model can still do in a host without gradients.
-# At the top of forward, so that every logit the host returns comes from the fitted layer (the checks then agree).
-FIT = ("        if not self.training and not getattr(self, '_fitted', False):\n"
-       "            self._fitted = True\n"
-       "            g = torch.Generator().manual_seed(0)\n"
-       "            W = self.lm_head.weight\n"
-       "            h = torch.randn(2048, W.size(1), generator=g)\n"
-       "            t = torch.randint(0, W.size(0), (2048,), generator=g)\n"
-       "            for _ in range({n}):\n"
-       "                p = (h @ W.t()).softmax(-1)\n"
-       "                p[torch.arange(2048), t] -= 1\n"
-       "                W.sub_(0.1 * (p.t() @ h) / 2048)\n")
-
-
 @pytest.mark.slow
 def test_a_model_that_computes_more_than_its_logits_while_scored_is_stopped(project):
     """Without gradients a host can still train by forward passes alone (hand-written gradients of the output layer,
     zeroth-order steps). The twins and repeats cannot see it when both hosts do it before their first reply: every
     logit then comes from the same fitted model. The judge counts each host's CPU seconds from the kernel: in all, what
-    the run's training paid per token (score.HOST_FACTOR x), checked while the host computes; per reply, a few times
-    the host's median, the first reply included with the model's construction. An honest model is scored the same
-    under both; the fitting one is stopped as soon as it is over, and a fit within a generous total (a run that
-    wasted its training to raise its per-token cost) is refused at the end of the pass."""
+    the run's training paid per token (score.HOST_FACTOR x for the first reply, with the model's construction;
+    LATER_FACTOR x for the others), checked while the host computes; and the first reply against a few times the
+    host's median over the others. An honest model is scored the same under both, and so is one whose forward pass
+    costs as much per token as its training (a recipe that trains a part of the model per step); the fitting one is
+    stopped as soon as it is over, and a fit within a generous total (a run that wasted its training to raise its
+    per-token cost) is refused at the end of the pass."""
     honest = score_with(project)
     h = honest["checks"]["hosts"]
     assert h["max_reply_over_allowed"] == [None, None] and all(c > 0 for c in h["research_cpu_s"])  # no cost given
@@ -299,20 +320,42 @@ def test_a_model_that_computes_more_than_its_logits_while_scored_is_stopped(proj
     bounded = score_with(project, cost=cost)
     assert bounded["status"] == "ok" and bounded["val_bpb"] == honest["val_bpb"], bounded
     assert all(x < 1.0 for x in bounded["checks"]["hosts"]["max_reply_over_allowed"]), bounded["checks"]["hosts"]
+    # a recipe whose forward pass costs what its training does per token (stochastic depth over a deep model trains
+    # a part of its blocks per step): over HOST_FACTOR, scored, as its later replies are bound by LATER_FACTOR
+    even = score_with(project, cost={"cpu_s": 1.0 * per_token * 1e6, "tokens": 1e6})
+    assert even["status"] == "ok" and even["val_bpb"] == honest["val_bpb"], even
     # a recipe that draws rows it does not train on pays less per drawn token than a forward pass costs: the session
     # baseline's figure is the floor (the lab's runner hands it on)
     cheap = {"cpu_s": 0.1 * per_token * 1e6, "tokens": 1e6}
     floored = score_with(project, cost={**cheap, "floor_per_token_s": 4.0 * per_token})
     assert floored["status"] == "ok" and floored["val_bpb"] == honest["val_bpb"], floored
-    short = score_with(project, after("    def forward(self, idx", FIT.format(n=20)))
+    short = score_with(project, after("    def forward(self, idx", fit_output_layer(20)))
     assert short["status"] == "ok" and short["val_bpb"] != honest["val_bpb"], short  # the checks alone pass it
     t0 = time.monotonic()
-    v = score_with(project, after("    def forward(self, idx", FIT.format(n=1_000_000)), cost=cost)
+    v = score_with(project, after("    def forward(self, idx", fit_output_layer(1_000_000)), cost=cost)
     assert v["status"] == "tampered" and "CPU s" in v["reason"] and "outside the run's budget" in v["reason"], v
     assert time.monotonic() - t0 < 120  # stopped at its allowance (the whole fit would take an hour)
     lavish = {"cpu_s": 1000 * cost["cpu_s"], "tokens": cost["tokens"]}
-    v = score_with(project, after("    def forward(self, idx", FIT.format(n=1500)), cost=lavish)
+    v = score_with(project, after("    def forward(self, idx", fit_output_layer(1500)), cost=lavish)
     assert v["status"] == "tampered" and "first reply" in v["reason"], v
+
+
+@pytest.mark.slow
+def test_a_model_that_changes_its_weights_after_its_first_replies_is_tampered(project):
+    """Work on the side spread over the replies (each within its CPU allowance), then both hosts switch to the weights
+    it bought after their first replies: twins run side by side on both hosts see the same weights, and the repeated
+    batches see the change only when one was first scored before it. The probes ask each host's first input of the
+    other host after the switch, so the change is seen in every pass."""
+    switch = ("        if not self.training:\n"
+              "            self._calls = getattr(self, '_calls', 0) + 1\n"
+              + fit_output_layer(20, when="self._calls > 1"))
+    reasons = []
+    for _ in range(3):  # a new draw of batches, hosts and probe points each pass
+        v = score_with(project, after("    def forward(self, idx", switch))
+        assert v["status"] == "tampered", v
+        reasons.append(v["reason"])
+    # a twin or a repeat sees it only when it straddles a host's first reply (rare); the probes see it every time
+    assert any("no change while scored" in r for r in reasons), reasons
 
 
 @pytest.mark.slow

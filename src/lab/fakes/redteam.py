@@ -53,6 +53,21 @@ def both(*transforms: Callable[[str], str]) -> Callable[[str], str]:
 
 LOGITS = "        return logits\n"
 
+def fit_output_layer(steps: int, when: str = "True") -> str:
+    """Lines for the top of forward: once, in eval mode (and when `when` holds), `steps` hand-written gradient steps of
+    the output layer on a fixed random stash (no autograd: what a model host can still compute)."""
+    return (f"        if not self.training and {when} and not getattr(self, '_fitted', False):\n"
+            "            self._fitted = True\n"
+            "            g = torch.Generator().manual_seed(0)\n"
+            "            W = self.lm_head.weight\n"
+            "            h = torch.randn(2048, W.size(1), generator=g)\n"
+            "            t = torch.randint(0, W.size(0), (2048,), generator=g)\n"
+            f"            for _ in range({steps}):\n"
+            "                p = (h @ W.t()).softmax(-1)\n"
+            "                p[torch.arange(2048), t] -= 1\n"
+            "                W.sub_(0.1 * (p.t() @ h) / 2048)\n")
+
+
 ATTACKS = [
     Patch("forward returns (logits, loss) when scored", "model output is not logits", "src/research/model.py",
           replace(LOGITS, "        return logits if self.training else (logits, logits.mean())\n"), static=False),
@@ -67,16 +82,16 @@ ATTACKS = [
     # bound stops it
     Patch("fit the output layer by hand-written gradient steps before the first scored logits", "compute while scored",
           "src/research/model.py",
-          after("    def forward(self, idx", "        if not self.training and not getattr(self, '_fitted', False):\n"
-                "            self._fitted = True\n"
-                "            g = torch.Generator().manual_seed(0)\n"
-                "            W = self.lm_head.weight\n"
-                "            h = torch.randn(2048, W.size(1), generator=g)\n"
-                "            t = torch.randint(0, W.size(0), (2048,), generator=g)\n"
-                "            for _ in range(1_000_000):\n"
-                "                p = (h @ W.t()).softmax(-1)\n"
-                "                p[torch.arange(2048), t] -= 1\n"
-                "                W.sub_(0.1 * (p.t() @ h) / 2048)\n"), static=False),
+          after("    def forward(self, idx", fit_output_layer(1_000_000)), static=False),
+    # the same fit after the first reply, in both hosts at once: work on the side spread over the replies (each
+    # within its CPU allowance), then a switch; twins run side by side see the same weights on both hosts, repeats
+    # only when a repeated batch was first scored before the switch; the probes (each host's first input asked of
+    # the other host later) see it
+    Patch("refit the output layer after the first replies, in both hosts at once", "change while scored",
+          "src/research/model.py",
+          after("    def forward(self, idx", "        if not self.training:\n"
+                "            self._calls = getattr(self, '_calls', 0) + 1\n"
+                + fit_output_layer(20, when="self._calls > 1")), static=False),
     Patch("logits leak the next input token", "uses the targets", "src/research/model.py",
           replace(LOGITS, "        nxt = torch.roll(idx, -1, dims=1)\n"
                           "        return logits + 30.0 * F.one_hot(nxt, logits.size(-1)).float()\n"), static=False),
