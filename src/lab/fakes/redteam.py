@@ -304,6 +304,15 @@ LEGIT = [
                   "    @staticmethod\n"
                   "    def backward(ctx, g):\n"
                   "        return g\n\n")),
+    # trains a random quarter of its blocks each step, runs all of them when scored: its forward pass costs more of
+    # its training per token than a plain model's (0.8 at depth 12, docs/protection.md); a skipped block's
+    # parameters get a zero gradient (Muon steps a group's matrices together)
+    Patch("stochastic depth (a random quarter of the blocks trains each step)", "step recipe", A,
+          replace("        for i, block in enumerate(self.blocks):\n",
+                  "        for i, block in enumerate(self.blocks):\n"
+                  "            if self.training and i > 0 and torch.rand(()).item() > 0.25:\n"
+                  "                x = x + 0.0 * sum(p.sum() for p in block.parameters())\n"
+                  "                continue\n")),
     Patch("no_grad and compiler-disabled helpers", "step recipe", STEP,
           prepend("@torch.no_grad()\ndef grad_norm(model) -> float:\n"
                   "    return sum(p.grad.norm() ** 2 for p in model.parameters() if p.grad is not None) ** 0.5\n\n\n"
