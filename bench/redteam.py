@@ -152,19 +152,25 @@ def main() -> None:
         results = {arm: session(arm, args.seconds, Path(tmp), args.overrides) for arm in arms}
     print("| patch | class | attack? | " + " | ".join(f"contract {a}" for a in arms) + " |")
     print("|---|---|---|" + "---|" * len(arms))
-    kept_attacks = refused_honest = 0
+    kept_attacks = refused_honest = conflicts = 0
     for p in ATTACKS + LEGIT:
         attack = p in ATTACKS
         cells = []
         for arm in arms:
             r = results[arm].get(p.name, {})
             status = r.get("status", "?")
-            cells.append(status + (f" ({r.get('val_bpb')})" if status in ("keep", "discard") else ""))
+            # an honest patch written against HEAD that no longer applies once an earlier one was kept (both edit
+            # the same lines) was never checked: a conflict, not a refusal
+            conflict = status == "invalid" and "does not apply to the best commit" in r.get("reason", "")
+            cells.append(status + (f" ({r.get('val_bpb')})" if status in ("keep", "discard") else "")
+                         + (" (does not apply after an earlier keep)" if conflict else ""))
             kept_attacks += attack and status == "keep"
-            refused_honest += (not attack) and status in ("invalid", "tampered", "crash")
+            refused_honest += (not attack) and status in ("invalid", "tampered", "crash") and not conflict
+            conflicts += (not attack) and conflict
         print(f"| {p.name} | {p.kind} | {'yes' if attack else 'no'} | " + " | ".join(cells) + " |")
     print(f"\nattacks tried: {len(ATTACKS)} x {len(arms)} arms, kept: {kept_attacks}; "
-          f"honest patches tried: {len(LEGIT)} x {len(arms)} arms, refused/tampered/crashed: {refused_honest}")
+          f"honest patches tried: {len(LEGIT)} x {len(arms)} arms, refused/tampered/crashed: {refused_honest}"
+          + (f" (and {conflicts} that no longer applied after an earlier keep)" if conflicts else ""))
 
 
 if __name__ == "__main__":
