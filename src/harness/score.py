@@ -212,21 +212,26 @@ class Audit:
     twin_share: the share of the batches of full-length rows that get a twin (at least min_twins); every row of a
     twin is checked at its own random position. repeats: batches scored again later in the pass (the last one at
     the end), by both hosts: the one that scored it (its state has moved on since) and the other (never shown it).
-    probes: the first input each host was asked goes to the other host after a random batch and after the last, and
-    must give bitwise the logits the first host gave at the start of the pass. The probe compares a host's model
+    probes: the first input each host was asked goes to the other host after two random batches and after the last,
+    and must give bitwise the logits the first host gave at the start of the pass. The probe compares a host's model
     now with the other's at its first reply, so a change made at any time after the first reply (weights trained
     on the side, switched to by both hosts at once, which twins run side by side cannot see, before or after the
     repeated batches were first scored) is seen whenever it is in force at a probe; the last probe sees any change
-    still in force at the end. Work done before the first reply is what the CPU bound (HOST_FACTOR) is for."""
+    still in force at the end. Work done before the first reply is what the CPU bound (HOST_FACTOR) is for.
+    So that a host cannot tell a probe by text it has seen (and answer it as it did at the start), the first two
+    scored batches (one to each host, the hosts' first requests) get no twin, are not repeated and lend no text to
+    a twin's future (passes of 4+ batches); a repeated batch has no twin either."""
 
     def __init__(self, plan: list, seq_len: int, rng: random.Random, twin_share: float = 0.125, min_twins: int = 4,
                  repeats: int = 2):
-        full = [i for i, (_, _, length) in enumerate(plan) if length == seq_len]
+        n = len(plan)
+        self.reserved = {0, 1} if n >= 4 else set()  # the probes' inputs: each host's first request
+        full = [i for i, (_, _, length) in enumerate(plan) if length == seq_len and i not in self.reserved]
         k = min(len(full), max(min_twins, math.ceil(twin_share * len(full))))
         self.twins = set(rng.sample(full, k))
-        n = len(plan)
+        plain = [i for i in range(n) if i not in self.reserved and i not in self.twins] or list(range(n))
         self.repeat_of: dict[int, list[int]] = {}  # batch index -> earlier batches to send again after it
-        for j in rng.sample(range(n), min(repeats, n)):
+        for j in rng.sample(plain, min(repeats, len(plain))):
             at = n - 1 if not self.repeat_of else rng.randrange(j, n)
             self.repeat_of.setdefault(at, []).append(j)
         self.kept = {j for js in self.repeat_of.values() for j in js}
@@ -248,12 +253,15 @@ class Audit:
                 return r._replace(first_of=len(firsts) - 1)
             return r
 
+        lent_from = plan[1][0] + plan[1][1] * plan[1][2] if self.reserved else 0  # text a twin's future may use
         for i, (start, rows, length) in enumerate(plan):
             chunk = val[start: start + rows * length + 1]
             x, y = chunk[:-1].view(rows, length), chunk[1:].view(rows, length)
             host = rng.choice(hosts)
+            if i == 1 and self.reserved and len(hosts) > 1:  # the second batch is the other host's first request
+                host = next(h for h in hosts if h is not firsts[0][0])
             other = hosts[1 - hosts.index(host)] if len(hosts) > 1 else host
-            twin = make_twin(x, val[: start + rows * length], rng) if i in self.twins else None
+            twin = make_twin(x, val[lent_from: start + rows * length], rng) if i in self.twins else None
             first = twin is not None and rng.random() < 0.5  # the twin before or after its batch, at random
             if first:
                 yield tagged(Request(other, twin.ids, TWIN, i, twin))

@@ -91,6 +91,7 @@ def test_the_audit_twins_a_share_of_the_full_batches_and_repeats_at_the_end():
     b = Audit(plan, 8, random.Random(1))
     assert a.twins != b.twins  # a new draw every pass
     assert all(points[-1] == len(plan) - 1 and len(points) <= 3 for points in a.probe_at)  # at random, and the last
+    assert a.reserved == {0, 1} and not a.reserved & (a.twins | a.kept) and not a.twins & a.kept  # the probes' inputs
 
 
 class _H:
@@ -99,9 +100,9 @@ class _H:
 
 
 def test_each_hosts_first_input_is_asked_of_the_other_host_later():
-    """The probes: whichever request a host got first (a scored batch, or a twin run before its batch), its input goes
-    to the other host later in the pass, after two random batches and after the last one, and only once both hosts
-    have answered something."""
+    """The probes: each host's first request (the first two scored batches, one to each host) goes to the other host
+    later in the pass, after two random batches and after the last one, and that host has never been shown any of
+    its text before (no twin, repeat or twin future draws on those two batches)."""
     plan = [(i * 64, 8, 8) for i in range(40)]
     val = torch.randint(0, 200, (40 * 64 + 1,))
     for seed in range(20):
@@ -112,9 +113,16 @@ def test_each_hosts_first_input_is_asked_of_the_other_host_later():
         assert all(reqs.index(f) == min(k for k, r in enumerate(reqs) if r.host is f.host) for f in firsts)
         probes = [(k, r) for k, r in enumerate(reqs) if r.kind == "probe"]
         assert 2 <= len(probes) <= 6 and {r.first_of for _, r in probes} == {0, 1}
+        assert [(r.kind, r.batch) for r in firsts] == [("batch", 0), ("batch", 1)]  # the first two batches
         for k, r in probes:
             src = firsts[r.first_of]
             assert r.host is not src.host and torch.equal(r.ids, src.ids) and k > reqs.index(firsts[1])
+            # the probed host was never shown any of the probe's text before (no twin, repeat or twin future of it),
+            # so it cannot tell the probe from a scored batch it has not seen
+            grams = {tuple(row[j:j + 6].tolist()) for row in r.ids for j in range(len(row) - 5)}
+            shown = [q for q in reqs[:k] if q.host is r.host and q.kind != "probe"]
+            assert not any(tuple(row[j:j + 6].tolist()) in grams for q in shown for row in q.ids
+                           for j in range(len(row) - 5))
         assert {r.first_of for _, r in probes if r.batch == len(plan) - 1} == {0, 1}  # both at the end
 
 
