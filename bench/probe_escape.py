@@ -24,6 +24,8 @@ from pathlib import Path
 
 from sessions import table, worktree
 
+# Run inside each arm's checkout, so written out in full (an older commit has neither the tests' helpers nor
+# src/lab/fakes/redteam.py's fit_output_layer, whose fit this repeats).
 INNER = r'''
 import collections, dataclasses, json, sys, tempfile
 from pathlib import Path

@@ -18,8 +18,8 @@ the pass starts (a failure is the status `tampered` with the reason):
   positions escapes one twin row with probability 1 - q, all of them with (1 - q) ** twin_rows (in the verdict);
 - no state across calls: scored batches are sent again later in the pass (the last at its end) to both hosts,
   and must give bitwise the same logits (a host remembers only what it was shown; the other never saw it);
-- no change while scored: each host's first input is asked of the other host after a random batch and after the
-  last (the probes), and must give bitwise the logits it gave at the start: weights switched after the first
+- no change while scored: each host's first input is asked of the other host after two random batches and after
+  the last (the probes), and must give bitwise the logits it gave at the start: weights switched after the first
   replies (both hosts at once, which the twins cannot see) are seen whenever they are in force at a probe;
 - the floor: a val_bpb below the data set's floor (data.bpb_floor) is refused, never scored as a result;
 - compute: on a CPU slot each host's CPU seconds, read from the kernel, must stay within what its forward passes
@@ -80,7 +80,7 @@ _now = time.perf_counter
 # - every other reply: LATER_FACTOR x that, + CALL_SLACK_S (+ the load allowance again for the first request of a
 #   shape the host has not computed yet: kernels are built per shape). Work done there changes nothing the probes
 #   do not see; the bound stops a runaway host and leaves room for a recipe that trains more cheaply per token than
-#   its forward pass costs (stochastic depth: 0.7 of training per token measured).
+#   its forward pass costs (stochastic depth over 12 blocks: 0.7-0.8 of training per token measured).
 HOST_FACTOR, LATER_FACTOR, CALL_FACTOR, MIN_CALLS = 0.6, 1.5, 2.0, 4
 CALL_SLACK_S, LOAD_S, LOAD_S_PER_M = 0.1, 0.25, 0.05
 try:
@@ -246,6 +246,7 @@ class Audit:
         (if any) on the other host just before or after it, repeats of earlier batches on both hosts, and the
         probes: each host's first input asked of the other host."""
         firsts: list[tuple] = []  # (host, ids) of each host's first request, in the order the hosts got one
+        due = [list(points) for points in self.probe_at]  # the probes not sent yet, per key
 
         def tagged(r: Request) -> Request:
             if len(hosts) > 1 and all(r.host is not h for h, _ in firsts):
@@ -272,7 +273,7 @@ class Audit:
                 s0, r0, l0 = plan[j]
                 for again in rng.sample(hosts, len(hosts)):
                     yield tagged(Request(again, val[s0: s0 + r0 * l0].view(r0, l0), REPEAT, j, after=i))
-            for key, points in enumerate(self.probe_at):
+            for key, points in enumerate(due):
                 # due at or after a point once both hosts have had a request (else at the next batch that allows it)
                 while len(firsts) == 2 and points and points[0] <= i:
                     points.pop(0)
@@ -442,8 +443,7 @@ class Host:
             self.proc.kill()
             what = "building the model and its first reply" if not self.calls else f"its reply {len(self.calls) + 1}"
             factor = LATER_FACTOR if self.calls else HOST_FACTOR
-            build = ("the model" if not self.calls else "the kernels of a new shape") if not self.calls or self.fresh \
-                else ""
+            build = "the model" if not self.calls else ("the kernels of a new shape" if self.fresh else "")
             raise Tampered(f"model host {self.name} spent {since:.2f} CPU s on {what} ({self.pending:,} tokens), "
                            f"more than the {allowed:.2f} s allowed ({factor:g} x the "
                            f"{self.budget.per_token_s * 1e6:.2f} CPU us per token its training cost"

@@ -329,7 +329,8 @@ def test_a_model_that_computes_more_than_its_logits_while_scored_is_stopped(proj
     assert bounded["status"] == "ok" and bounded["val_bpb"] == honest["val_bpb"], bounded
     assert all(x < 1.0 for x in bounded["checks"]["hosts"]["max_reply_over_allowed"]), bounded["checks"]["hosts"]
     # a recipe whose forward pass costs what its training does per token (stochastic depth over a deep model trains
-    # a part of its blocks per step): over HOST_FACTOR, scored, as its later replies are bound by LATER_FACTOR
+    # a part of its blocks per step): scored (on this tiny model the slack alone covers a reply; the factors'
+    # arithmetic is test_the_host_cpu_rules_from_a_runs_cost_and_its_replies, the depth-12 run docs/LOG.md)
     even = score_with(project, cost={"cpu_s": 1.0 * per_token * 1e6, "tokens": 1e6})
     assert even["status"] == "ok" and even["val_bpb"] == honest["val_bpb"], even
     # a recipe that draws rows it does not train on pays less per drawn token than a forward pass costs: the session
